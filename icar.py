@@ -1,0 +1,366 @@
+"""icar: data and every Transformer of "How do Transformers perform In-Context
+Autoregressive Learning?" (Sander, Giryes, Suzuki, Blondel, Peyre, ICML 2024), in NumPy
+that autograd can differentiate.
+
+A sequence follows s_{t+1} = W s_t (+ sigma eps_t) with a fresh context matrix W per
+sequence. Every model maps inputs s_1..s_T of shape [n, T, d] to a prediction of s_{t+1}
+at every position t (causal), so both the all-prefix loss and the last-token loss are one
+line (`mse(f, s[:, 1:])` and `mse(f[:, -1:], s[:, -1:])`).
+
+Index (names of paper.md):
+    sample_sequences     context-matrix families: "unitary", "orthogonal" (commuting
+                         2x2 rotations), "haar" (non-commuting O(d)), "angle" (d = 1,
+                         theta ~ U[0, 2 pi / mu], Fig. 6)
+    augment              tokens e_t = (0, s_t, s_{t-1}) of M1 and M4 (augmented)
+    augmented_linear     M1, one layer of linear attention on augmented tokens; full
+                         (W_KQ, W_V) or block (A, B) parameters
+    diagonal_heads       M2, diagonal multi-head linear attention with positional matrix P;
+                         the query is the second-to-last token
+    pe_only              M3, only P is trained (d = 1 in the paper, C = I here for any d)
+    transformer          M4, the experiments' Transformer (augmented and non-augmented)
+    init_params          initial parameters of each model, from a np.random.Generator
+    mse                  squared error ||f - y||^2, summed over d, averaged over the rest
+
+Conventions: positions are 0-based in code. Row r of P holds the weights used by the query
+at position r (prefix length r + 1), so p_T of paper.md is P[r, r] and p_{T-1} is P[r, r-1].
+Parameters are real; data may be complex ("unitary", "angle"), and conj() is applied where
+paper.md writes a star. Constants and masks come from the array module that owns the data
+(`array_module`), so the same code runs on GPU arrays.
+"""
+import numbers
+
+import autograd.numpy as np
+import numpy
+from autograd.tracer import Box
+
+FAMILIES = ("unitary", "orthogonal", "haar", "angle")
+MODELS = ("augmented_linear", "diagonal_heads", "pe_only", "transformer")
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
+    return value
+
+
+def _check_shape(name, array, shape):
+    if tuple(numpy.shape(array)) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(numpy.shape(array))}, expected {tuple(shape)} "
+                         f"to match the data")
+
+
+def _check_data(s, name="s"):
+    if numpy.ndim(s) != 3 or min(numpy.shape(s)) < 1:
+        raise ValueError(f"{name} must have shape [n, T, d] with n, T, d >= 1, "
+                         f"got shape {tuple(numpy.shape(s))}")
+    return numpy.shape(s)
+
+
+def array_module(x):
+    """The array module (numpy, or cupy for GPU arrays) that owns x, seen through autograd boxes."""
+    while isinstance(x, Box):
+        x = x._value
+    if isinstance(x, numpy.ndarray) or numpy.isscalar(x):
+        return numpy
+    return x.__array_namespace__()
+
+
+# ----------------------------------------------------------------------------- data
+
+def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
+    """Sample n sequences s_1..s_{T+1} of s_{t+1} = W s_t + sigma eps_t.
+
+    Returns (s, W): s [n, T+1, d], W [n, d, d]; complex for "unitary" and "angle".
+    s1="random": unit-modulus eigen-coordinates with uniform phases ("unitary", "angle"),
+    2-D blocks of norm sqrt(2) with uniform phase ("orthogonal"), uniform on the sphere
+    ("haar"). s1="fixed": all ones ("unitary", "angle", "orthogonal") or 1/sqrt(d) ("haar").
+    """
+    if not isinstance(rng, numpy.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    n, T, d = _check_int("n", n, 1), _check_int("T", T, 2), _check_int("d", d, 1)
+    _check_choice("family", family, FAMILIES)
+    _check_choice("s1", s1, ("random", "fixed"))
+    if not (isinstance(sigma, numbers.Real) and numpy.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if family == "orthogonal" and d % 2:
+        raise ValueError(f"family 'orthogonal' needs an even d, got d={d}")
+    if family == "angle":
+        if d != 1:
+            raise ValueError(f"family 'angle' needs d=1, got d={d}")
+        if not (isinstance(mu, numbers.Real) and numpy.isfinite(mu) and mu > 0):
+            raise ValueError(f"family 'angle' needs a finite mu > 0, got mu={mu!r}")
+    elif mu is not None:
+        raise ValueError(f"mu is only used by family 'angle', got mu={mu!r} for {family!r}")
+
+    if family in ("unitary", "angle"):
+        top = 2 * numpy.pi / (mu if family == "angle" else 1.0)
+        lam = numpy.exp(1j * rng.uniform(0, top, (n, d)))                       # [n, d]
+        W = lam[:, :, None] * numpy.eye(d)                                       # [n, d, d]
+        phase = rng.uniform(0, 2 * numpy.pi, (n, d)) if s1 == "random" else numpy.zeros((n, d))
+        x = numpy.exp(1j * phase)                                                # [n, d]
+    elif family == "orthogonal":
+        theta = rng.uniform(0, 2 * numpy.pi, (n, d // 2))                        # [n, d/2]
+        c, s = numpy.cos(theta), numpy.sin(theta)
+        R = numpy.stack([numpy.stack([c, -s], -1), numpy.stack([s, c], -1)], -2)  # [n, d/2, 2, 2]
+        W = numpy.zeros((n, d, d))
+        for k in range(d // 2):  # place the 2x2 blocks on the diagonal (a loop over blocks, not data)
+            W[:, 2 * k:2 * k + 2, 2 * k:2 * k + 2] = R[:, k]
+        phase = (rng.uniform(0, 2 * numpy.pi, (n, d // 2)) if s1 == "random"
+                 else numpy.full((n, d // 2), numpy.pi / 4))
+        x = numpy.sqrt(2) * numpy.stack([numpy.cos(phase), numpy.sin(phase)], -1).reshape(n, d)
+    else:  # haar: QR of a Gaussian matrix, signs fixed so that Q is Haar-distributed
+        Q, R = numpy.linalg.qr(rng.standard_normal((n, d, d)))                   # [n, d, d]
+        W = Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
+        if s1 == "random":
+            x = rng.standard_normal((n, d))
+            x /= numpy.linalg.norm(x, axis=1, keepdims=True)
+        else:
+            x = numpy.full((n, d), 1 / numpy.sqrt(d))
+
+    s = numpy.empty((n, T + 1, d), dtype=W.dtype)
+    s[:, 0] = x
+    noise = sigma * _noise(rng, (n, T, d), W.dtype) if sigma > 0 else None
+    for t in range(T):  # the recursion is sequential; the batch is not
+        s[:, t + 1] = (W @ s[:, t, :, None])[..., 0]                              # [n, d]
+        if noise is not None:
+            s[:, t + 1] += noise[:, t]
+    return s, W
+
+
+def _noise(rng, shape, dtype):
+    if numpy.issubdtype(dtype, numpy.complexfloating):  # E|eps_i|^2 = 1 in both cases
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / numpy.sqrt(2)
+    return rng.standard_normal(shape)
+
+
+def augment(s):
+    """Tokens e_t = (0_d, s_t, s_{t-1}) with s_0 = 0: [n, T, d] -> [n, T, 3d]."""
+    n, T, d = _check_data(s)
+    xp = array_module(s)
+    zeros = xp.zeros((n, 1, d), dtype=s.dtype)
+    prev = np.concatenate([zeros, s[:, :-1]], axis=1)                           # [n, T, d]
+    return np.concatenate([xp.zeros((n, T, d), dtype=s.dtype), s, prev], axis=2)  # [n, T, 3d]
+
+
+def mse(f, y):
+    """Squared error ||f - y||^2 summed over the last axis, averaged over the others."""
+    r = f - y
+    return np.mean(np.sum(np.real(r * np.conj(r)), axis=-1))
+
+
+def causal_mask(xp, T):
+    """[T, T] lower-triangular ones: query position r sees keys t <= r."""
+    return xp.tril(xp.ones((T, T)))
+
+
+def _swap(x):
+    return np.swapaxes(x, -1, -2)
+
+
+# ----------------------------------------------------------------------------- M1
+
+def augmented_linear(params, e):
+    """M1: one layer of linear causal attention on augmented tokens e [n, T, 3d] -> [n, T, d].
+
+    Full form {"W_KQ", "W_V"} ([3d, 3d] each):
+        f_r = block_1[ sum_{t<=r} (W_V e_t)(e_t^* W_KQ e_r) ].
+    Block form {"A", "B"} ([d, d] each): f_r = B (sum_{t<=r} s_t s_{t-1}^*) A s_r, which is
+    the full form with W_KQ's (3, 2) block = A and W_V's (1, 2) block = B.
+    """
+    n, T, D = _check_data(e, "e")
+    if D % 3:
+        raise ValueError(f"augmented tokens must have size 3d, got {D}")
+    d = D // 3
+    mask = causal_mask(array_module(e), T)                                       # [T, T]
+    if set(params) == {"W_KQ", "W_V"}:
+        _check_shape("W_KQ", params["W_KQ"], (D, D))
+        _check_shape("W_V", params["W_V"], (D, D))
+        q = e @ _swap(params["W_KQ"])                           # [n, T, 3d] rows W_KQ e_r
+        scores = (q @ _swap(np.conj(e))) * mask                 # [n, T, T]: e_t^* W_KQ e_r
+        v = e @ _swap(params["W_V"])                            # [n, T, 3d]
+        return (scores @ v)[..., :d]                            # [n, T, T] @ [n, T, 3d] -> [n, T, d]
+    if set(params) == {"A", "B"}:
+        _check_shape("A", params["A"], (d, d))
+        _check_shape("B", params["B"], (d, d))
+        s, prev = e[..., d:2 * d], e[..., 2 * d:]               # [n, T, d] each
+        q = s @ _swap(params["A"])                              # [n, T, d] rows A s_r
+        scores = (q @ _swap(np.conj(prev))) * mask              # [n, T, T]: s_{t-1}^* A s_r
+        return (scores @ s) @ _swap(params["B"])                # [n, T, d]
+    raise ValueError(f"augmented_linear parameters must be {{'W_KQ', 'W_V'}} (full) or "
+                     f"{{'A', 'B'}} (block), got {sorted(params)}")
+
+
+# ----------------------------------------------------------------------------- M2, M3
+
+def diagonal_heads(params, s):
+    """M2: diagonal multi-head linear attention, s [n, T, d] -> [n, T, d].
+
+    Heads h have key-query diag(A_h) and value diag(B_h) (A, B [H, d], C = B^T A) and P
+    [T, T] weighs key t for query position r:
+        f_{r,i} = sum_{t<=r} P[r, t] s_{t,i} sum_j C_ij conj(s_{r-1,j}) s_{t,j},
+    with s_{-1} = 0, so the first position always predicts 0.
+    """
+    n, T, d = _check_data(s)
+    H = numpy.shape(params["A"])[0] if numpy.ndim(params["A"]) == 2 else 0
+    _check_int("H (rows of A)", H, 1)
+    _check_shape("A", params["A"], (H, d))
+    _check_shape("B", params["B"], (H, d))
+    _check_shape("P", params["P"], (T, T))
+    xp = array_module(s)
+    query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)
+    q = query[:, None] * params["A"][None, :, None, :]          # [n, H, T, d]
+    scores = q @ _swap(s)[:, None]                              # [n, H, T, d] @ [n, 1, d, T] -> [n, H, T, T]
+    scores = scores * (params["P"] * causal_mask(xp, T))        # [n, H, T, T]
+    heads = scores @ s[:, None]                                 # [n, H, T, d]
+    return np.sum(heads * params["B"][None, :, None, :], axis=1)  # [n, T, d]
+
+
+def pe_only(params, s):
+    """M3: only P [T, T] is trained; f_{r,i} = conj(s_{r-1,i}) sum_{t<=r} P[r, t] s_{t,i}^2.
+
+    This is M2 with C = I (paper.md uses d = 1, C = 1).
+    """
+    n, T, d = _check_data(s)
+    _check_shape("P", params["P"], (T, T))
+    xp = array_module(s)
+    query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)
+    return query * ((params["P"] * causal_mask(xp, T)) @ (s * s))  # [T, T] @ [n, T, d] -> [n, T, d]
+
+
+# ----------------------------------------------------------------------------- M4
+
+TRANSFORMER_DEFAULTS = dict(
+    d_in=5,             # token size (3d for augmented tokens)
+    d_out=5,            # size of the predicted state
+    T=50,               # longest sequence (rows of the position embeddings)
+    layers=1,           # L
+    heads=1,            # H, each of head size = embed
+    repeat=1,           # r: the input is repeated r times, embed = r * d_in
+    attention="linear",  # token scores: "linear" (masked, no normalisation) or "softmax"
+    positional=False,   # multiply by softmax((Q p_r).(K p_t) / sqrt(embed)) of learned positions
+    layernorm=True,     # LayerNorm on each attention output
+    residual=True,      # h <- h + LayerNorm(attention(h)), else h <- LayerNorm(attention(h))
+)
+
+
+def transformer_config(**overrides):
+    """A complete, checked M4 configuration: TRANSFORMER_DEFAULTS with overrides."""
+    unknown = set(overrides) - set(TRANSFORMER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown transformer option(s) {sorted(unknown)}; "
+                         f"allowed: {', '.join(TRANSFORMER_DEFAULTS)}")
+    cfg = dict(TRANSFORMER_DEFAULTS, **overrides)
+    for key in ("d_in", "d_out", "T", "layers", "heads", "repeat"):
+        _check_int(key, cfg[key], 1)
+    _check_choice("attention", cfg["attention"], ("linear", "softmax"))
+    for key in ("positional", "layernorm", "residual"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key} must be True or False, got {cfg[key]!r}")
+    return cfg
+
+
+def _softmax(z, mask):
+    z = z - np.max(z, axis=-1, keepdims=True)  # mask after the shift keeps exp finite
+    w = np.exp(z) * mask
+    return w / np.sum(w, axis=-1, keepdims=True)
+
+
+def _layernorm(x, g, b, eps=1e-5):
+    mu = np.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = np.mean(np.real(xc * np.conj(xc)), axis=-1, keepdims=True)
+    return xc / np.sqrt(var + eps) * g + b
+
+
+def transformer(params, x, cfg):
+    """M4: the experiments' Transformer, tokens x [n, T, d_in] -> predictions [n, T, d_out].
+
+    Per layer, with embed E = repeat * d_in and H heads of size E:
+        q, k, v = h W_Q + b_Q, h W_K + b_K, h W_V + b_V           each [n, H, T, E]
+        a = mask * (q . conj(k)) / sqrt(E)                         ("linear")
+          = softmax_{t<=r}(Re(q . conj(k)) / sqrt(E))             ("softmax")
+        a = a * softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E))        (if positional)
+        h = [h +] LayerNorm(sum_heads(a @ v) W_O + b_O)
+    then f = h W_out + b_out.
+    """
+    n, T, d_in = _check_data(x, "x")
+    if d_in != cfg["d_in"] or T > cfg["T"]:
+        raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, "
+                         f"d = {cfg['d_in']}")
+    xp = array_module(x)
+    E = cfg["repeat"] * d_in
+    mask = causal_mask(xp, T)                                   # [T, T]
+    h = np.concatenate([x] * cfg["repeat"], axis=-1)            # [n, T, E]
+    for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
+        hh = h[:, None]                                         # [n, 1, T, E]
+        q = hh @ layer["W_Q"] + layer["b_Q"][:, None]           # [n, 1, T, E] @ [H, E, E] -> [n, H, T, E]
+        k = hh @ layer["W_K"] + layer["b_K"][:, None]
+        v = hh @ layer["W_V"] + layer["b_V"][:, None]
+        scores = (q @ _swap(np.conj(k))) / numpy.sqrt(E)        # [n, H, T, T]
+        if cfg["attention"] == "linear":
+            a = scores * mask
+        else:
+            a = _softmax(np.real(scores), mask)
+        if cfg["positional"]:
+            p = params["pos"][:T]                               # [T, E]
+            pq = p @ layer["W_Q"] + layer["b_Q"][:, None]       # [H, T, E]
+            pk = p @ layer["W_K"] + layer["b_K"][:, None]
+            a = a * _softmax((pq @ _swap(pk)) / numpy.sqrt(E), mask)  # [n, H, T, T] * [H, T, T]
+        out = np.sum(a @ v, axis=1) @ layer["W_O"] + layer["b_O"]  # [n, T, E]
+        if cfg["layernorm"]:
+            out = _layernorm(out, layer["ln_g"], layer["ln_b"])
+        h = h + out if cfg["residual"] else out
+    return h @ params["W_out"] + params["b_out"]                # [n, T, d_out]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def init_params(model, rng, d=None, T=None, H=None, form="block", cfg=None, scale=0.1):
+    """Initial parameters of `model` from rng: a dict of real float64 arrays.
+
+    augmented_linear: d, form "block" (A, B [d, d]) or "full" (W_KQ, W_V [3d, 3d]);
+    diagonal_heads: d, T, H (A, B [H, d], P [T, T]); pe_only: T (P [T, T], zeros, as the
+    authors start); transformer: cfg from transformer_config. Entries are N(0, scale^2),
+    except transformer weights, N(0, 1/fan_in) with zero biases and unit LayerNorm gain.
+    """
+    _check_choice("model", model, MODELS)
+    if not isinstance(rng, numpy.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if not (isinstance(scale, numbers.Real) and numpy.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    if model == "augmented_linear":
+        d = _check_int("d", d, 1)
+        _check_choice("form", form, ("block", "full"))
+        size = d if form == "block" else 3 * d
+        names = ("A", "B") if form == "block" else ("W_KQ", "W_V")
+        return {k: scale * rng.standard_normal((size, size)) for k in names}
+    if model == "diagonal_heads":
+        d, T, H = _check_int("d", d, 1), _check_int("T", T, 1), _check_int("H", H, 1)
+        return {"A": scale * rng.standard_normal((H, d)), "B": scale * rng.standard_normal((H, d)),
+                "P": scale * rng.standard_normal((T, T))}
+    if model == "pe_only":
+        return {"P": numpy.zeros((_check_int("T", T, 1),) * 2)}
+    if cfg is None:
+        raise ValueError("model 'transformer' needs cfg=transformer_config(...)")
+    cfg = transformer_config(**cfg)
+    E, Hh = cfg["repeat"] * cfg["d_in"], cfg["heads"]
+
+    def dense(*shape):
+        return rng.standard_normal(shape) / numpy.sqrt(shape[-2])
+
+    layers = [{"W_Q": dense(Hh, E, E), "W_K": dense(Hh, E, E), "W_V": dense(Hh, E, E),
+               "b_Q": numpy.zeros((Hh, E)), "b_K": numpy.zeros((Hh, E)), "b_V": numpy.zeros((Hh, E)),
+               "W_O": dense(E, E), "b_O": numpy.zeros(E),
+               "ln_g": numpy.ones(E), "ln_b": numpy.zeros(E)} for _ in range(cfg["layers"])]
+    params = {"layers": layers, "W_out": dense(E, cfg["d_out"]), "b_out": numpy.zeros(cfg["d_out"])}
+    if cfg["positional"]:
+        params["pos"] = rng.standard_normal((cfg["T"], E))
+    return params
