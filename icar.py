@@ -27,11 +27,13 @@ Parameters are real; data may be complex ("unitary", "angle"), and conj() is app
 paper.md writes a star. Constants and masks come from the array module that owns the data
 (`array_module`), so the same code runs on GPU arrays.
 """
+import importlib
 import numbers
 
 import autograd.numpy as np
 import numpy
-from autograd.tracer import Box
+from autograd.extend import defvjp_argnums, primitive
+from autograd.tracer import Box, getval
 
 FAMILIES = ("unitary", "orthogonal", "haar", "angle")
 MODELS = ("augmented_linear", "diagonal_heads", "pe_only", "transformer")
@@ -70,6 +72,8 @@ def array_module(x):
         x = x._value
     if isinstance(x, numpy.ndarray) or numpy.isscalar(x):
         return numpy
+    if not hasattr(x, "__array_namespace__"):  # CuPy < 14: the package that defines the type
+        return importlib.import_module(type(x).__module__.partition(".")[0])
     return x.__array_namespace__()
 
 
@@ -232,7 +236,9 @@ def pe_only(params, s):
     _check_shape("P", params["P"], (T, T))
     xp = array_module(s)
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)
-    return query * ((params["P"] * causal_mask(xp, T)) @ (s * s))  # [T, T] @ [n, T, d] -> [n, T, d]
+    s2 = np.reshape(np.transpose(s * s, (1, 0, 2)), (T, n * d))  # [T, n*d]: one product for the batch
+    Ps2 = (params["P"] * causal_mask(xp, T)) @ s2               # [T, T] @ [T, n*d] -> [T, n*d]
+    return query * np.transpose(np.reshape(Ps2, (T, n, d)), (1, 0, 2))  # [n, T, d]
 
 
 # ----------------------------------------------------------------------------- M4
@@ -268,7 +274,9 @@ def transformer_config(**overrides):
 
 
 def _softmax(z, mask):
-    z = z - np.max(z, axis=-1, keepdims=True)  # mask after the shift keeps exp finite
+    # the shift by the row maximum leaves the softmax unchanged, so it is a constant for
+    # autograd (no gradient pass through max); masking after the shift keeps exp finite
+    z = z - np.max(getval(z), axis=-1, keepdims=True)
     w = np.exp(z) * mask
     return w / np.sum(w, axis=-1, keepdims=True)
 
@@ -278,6 +286,80 @@ def _layernorm(x, g, b, eps=1e-5):
     xc = x - mu
     var = np.mean(np.real(xc * np.conj(xc)), axis=-1, keepdims=True)
     return xc / np.sqrt(var + eps) * g + b
+
+
+CHUNK_ENTRIES = {"cpu": 2 ** 18, "device": 2 ** 27}  # 1 MB of float32 stays in a CPU core's cache
+
+
+def _batch_chunks(n, entries_per_row, xp):
+    """Slices of a batch of n rows, each holding about CHUNK_ENTRIES entries (at least one row)."""
+    step = max(1, CHUNK_ENTRIES["cpu" if xp is numpy else "device"] // entries_per_row)
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _real_if(x, target):
+    """x, without its imaginary part where the target (an argument) is real."""
+    return x.real if numpy.iscomplexobj(x) and not numpy.iscomplexobj(target) else x
+
+
+@primitive
+def _linear_attention(zG, z, w):
+    """Linear causal attention of every head, one batch slice at a time:
+        y[:, (r, h)] = sum_t w[r, h, t] (zG[:, (r, h)] . conj(z_t)) z_t,
+    zG [n, T*H, D] (rows z_r G_h), z [n, T, D], w [T, H or 1, T] (0 for t > r) -> [n, T*H, D].
+    Equal to the plain products ((zG @ z^*) * w) @ z; a slice's [m, T, H, T] weights are
+    formed in cache and recomputed in the backward pass rather than stored."""
+    n, T, D = z.shape
+    xp = array_module(z)
+    y = xp.empty(zG.shape, dtype=numpy.result_type(zG.dtype, z.dtype, w.dtype))
+    zt = xp.ascontiguousarray(_swap(xp.conj(z)))                # [n, D, T]
+    for c in _batch_chunks(n, zG.shape[1] * T, xp):
+        scores = zG[c] @ zt[c]                                  # [m, T*H, D] @ [m, D, T] -> [m, T*H, T]
+        a = (scores.reshape(-1, T, zG.shape[1] // T, T) * w).reshape(scores.shape)  # [m, T*H, T]
+        xp.matmul(a, z[c], out=y[c])                            # [m, T*H, T] @ [m, T, D] -> [m, T*H, D]
+    return y
+
+
+def _linear_attention_vjp(argnums, y, args, kwargs):
+    """The gradients autograd would derive from the plain products, one slice at a time."""
+    zG, z, w = args
+    n, T, D = z.shape
+    H = zG.shape[1] // T
+    xp = array_module(z)
+
+    def vjp(g):                                                 # g [n, T*H, D]
+        g_zG = xp.empty(zG.shape, dtype=numpy.result_type(g.dtype, z.dtype, w.dtype))
+        g_z = xp.empty(z.shape, dtype=numpy.result_type(g.dtype, zG.dtype, w.dtype))
+        g_w = 0
+        zc = xp.conj(z)                                         # [n, T, D]
+        zt, zct = (xp.ascontiguousarray(_swap(v)) for v in (z, zc))  # [n, D, T] each
+        for c in _batch_chunks(n, H * T * T, xp):
+            scores = (zG[c] @ zct[c]).reshape(-1, T, H, T)      # [m, T, H, T]
+            g_a = (g[c] @ zt[c]).reshape(-1, T, H, T)           # [m, T, H, T]
+            g_scores = (g_a * w).reshape(-1, T * H, T)          # [m, T*H, T]
+            if 0 in argnums:
+                xp.matmul(g_scores, zc[c], out=g_zG[c])         # [m, T*H, T] @ [m, T, D]
+            if 1 in argnums:
+                a = (scores * w).reshape(-1, T * H, T)
+                g_z[c] = _swap(a) @ g[c] + xp.conj(_swap(g_scores) @ zG[c])  # [m, T, D]
+            if 2 in argnums:
+                g_a *= scores                                   # [m, T, H, T], in place: g_a is spent
+                g_w = g_w + (g_a[0] if len(g_a) == 1 else xp.sum(g_a, axis=0))  # [T, H, T]
+        if 2 in argnums and w.shape[1] == 1:                    # w was broadcast over heads
+            g_w = xp.sum(g_w, axis=1, keepdims=True)
+        grads = {0: g_zG, 1: g_z, 2: g_w}
+        return tuple(_real_if(grads[i], args[i]) for i in argnums)
+    return vjp
+
+
+defvjp_argnums(_linear_attention, _linear_attention_vjp)
+
+
+def _fold(W, b, r):
+    """Weights W [H, E, E] and biases b [H, E] acting on h = [x] * r, as [H, E/r + 1, E]
+    acting on (x, 1): h W + b = (x, 1) [sum of the r row blocks of W; b]."""
+    H, E, _ = W.shape
+    return np.concatenate([np.sum(np.reshape(W, (H, r, E // r, E)), axis=1), b[:, None]], axis=1)
 
 
 def transformer(params, x, cfg):
@@ -290,31 +372,45 @@ def transformer(params, x, cfg):
         a = a * softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E))        (if positional)
         h = [h +] LayerNorm(sum_heads(a @ v) W_O + b_O)
     then f = h W_out + b_out.
+
+    Computed without forming q, k, v: they are affine in z = (h, 1) (z = (x, 1) in the first
+    layer, where h = [x] * repeat), so q . conj(k) = z_r G_h conj(z_t) with
+    G_h = [W_Q; b_Q]_h [W_K; b_K]_h^T / sqrt(E), and a_h @ v_h = (a_h @ z) [W_V; b_V]_h: the
+    products over the [n, T, H, T] attention weights contract over dim z (d_in + 1 in the
+    first layer) instead of E, and each is one matrix product per sequence for all heads.
     """
     n, T, d_in = _check_data(x, "x")
     if d_in != cfg["d_in"] or T > cfg["T"]:
         raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, "
                          f"d = {cfg['d_in']}")
     xp = array_module(x)
-    E = cfg["repeat"] * d_in
-    mask = causal_mask(xp, T)                                   # [T, T]
+    E, H = cfg["repeat"] * d_in, cfg["heads"]
+    mask = causal_mask(xp, T).astype(numpy.finfo(x.dtype).dtype)  # [T, T] in the data's precision
+    ones = xp.ones((n, T, 1), dtype=x.dtype)
     h = np.concatenate([x] * cfg["repeat"], axis=-1)            # [n, T, E]
-    for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
-        hh = h[:, None]                                         # [n, 1, T, E]
-        q = hh @ layer["W_Q"] + layer["b_Q"][:, None]           # [n, 1, T, E] @ [H, E, E] -> [n, H, T, E]
-        k = hh @ layer["W_K"] + layer["b_K"][:, None]
-        v = hh @ layer["W_V"] + layer["b_V"][:, None]
-        scores = (q @ _swap(np.conj(k))) / numpy.sqrt(E)        # [n, H, T, T]
-        if cfg["attention"] == "linear":
-            a = scores * mask
-        else:
-            a = _softmax(np.real(scores), mask)
+    for i, layer in enumerate(params["layers"]):  # layers differ in parameters, a short fixed loop
+        z = np.concatenate([x if i == 0 else h, ones], axis=-1)  # [n, T, D], D = d_in + 1 or E + 1
+        D, r = z.shape[-1], cfg["repeat"] if i == 0 else 1
+        W_Q, W_K, b_Q, b_K = layer["W_Q"], layer["W_K"], layer["b_Q"], layer["b_K"]
+        Wq, Wk, Wv = _fold(W_Q, b_Q, r), _fold(W_K, b_K, r), _fold(layer["W_V"], layer["b_V"], r)  # [H, D, E]
+        G = (Wq @ _swap(Wk)) / E ** 0.5                          # [H, D, D]
+        zG = z @ np.reshape(np.transpose(G, (1, 0, 2)), (D, H * D))  # [n, T, D] @ [D, H*D] -> [n, T, H*D]
+        zG = np.reshape(zG, (n, T * H, D))                      # [n, T*H, D]: row (r, h) = z_r G_h
         if cfg["positional"]:
             p = params["pos"][:T]                               # [T, E]
-            pq = p @ layer["W_Q"] + layer["b_Q"][:, None]       # [H, T, E]
-            pk = p @ layer["W_K"] + layer["b_K"][:, None]
-            a = a * _softmax((pq @ _swap(pk)) / numpy.sqrt(E), mask)  # [n, H, T, T] * [H, T, T]
-        out = np.sum(a @ v, axis=1) @ layer["W_O"] + layer["b_O"]  # [n, T, E]
+            pq = p @ W_Q + b_Q[:, None]                         # [H, T, E]
+            pk = p @ W_K + b_K[:, None]
+            pos = np.transpose(_softmax((pq @ _swap(pk)) / E ** 0.5, mask), (1, 0, 2))  # [T, H, T], 0 for t > r
+        if cfg["attention"] == "linear":  # the positional weights already hold the mask
+            y = _linear_attention(zG, z, pos if cfg["positional"] else mask[:, None])  # [n, T*H, D]
+        else:
+            scores = np.reshape(zG @ _swap(np.conj(z)), (n, T, H, T))  # [n, T, H, T]: query r, head h, key t
+            a = _softmax(np.real(scores), mask[:, None])        # [n, T, H, T]
+            if cfg["positional"]:
+                a = a * pos                                     # [n, T, H, T] * [T, H, T]
+            y = np.reshape(a, (n, T * H, T)) @ z                # [n, T*H, T] @ [n, T, D] -> [n, T*H, D]
+        U = np.reshape(Wv @ layer["W_O"], (H * D, E))           # [H, D, E] @ [E, E] -> [H*D, E]
+        out = np.reshape(y, (n, T, H * D)) @ U + layer["b_O"]   # [n, T, E] = sum_h (a_h @ v_h) W_O + b_O
         if cfg["layernorm"]:
             out = _layernorm(out, layer["ln_g"], layer["ln_b"])
         h = h + out if cfg["residual"] else out

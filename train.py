@@ -1,0 +1,962 @@
+"""train: train every model of icar.py, compare it with the baselines of paper.md, and probe
+which in-context algorithm it learned.
+
+    python train.py EXPERIMENT [--key value ...] [--preset quick|paper] [--resume] [--quiet]
+    python train.py EXPERIMENT --help        every option with its quick and paper value
+
+Experiments (names of paper.md):
+    augmented   M4 on augmented tokens (0, s_t, s_{t-1}), linear attention, Haar W (Fig. 5)
+    nonaug      M4 on raw tokens, linear token scores times softmax positional scores (Fig. 7)
+    block       M1, augmented linear attention, block (A, B) or full (W_KQ, W_V) form (R1)
+    diagonal    M2, diagonal heads with a positional matrix P, on sampled data (R2, R3)
+    pe-only     M3, only P is trained, narrow angles, plain GD (R4, Fig. 6)
+    population  GD on (A, B, P) through theory.population_loss, no sampling (Fig. 3)
+    bench       the speed benchmark
+The `quick` preset (default) runs in seconds to a couple of minutes on 2 cores; `paper` uses
+the authors' sizes (paper.md, marked [code]). Every option overrides the preset.
+
+Sweeps: `--sweep KEY=V1,V2,...`, repeatable; one run per point of the product grid, in
+runs/NAME/KEY=V,.../, then a summary table (and summary.json). The sweeps of paper.md:
+    python train.py augmented --sweep layers=1,2,3,4 --sweep attention=linear,softmax --sweep sigma=0,0.1
+    python train.py nonaug --sweep heads=1,2,4,8,16,32,64 --sweep attention=linear,softmax --sweep sigma=0,0.1
+    python train.py pe-only --sweep mu=50,100,200,300                        (Fig. 6)
+The augmented summary puts each depth L next to k = L steps of GD with the optimal step.
+
+What a run computes and saves in runs/NAME/ (each file written atomically):
+    config.json     every setting, the seed, package versions
+    checkpoint.npz  every `checkpoint_every` steps: parameters, optimiser and RNG state
+    params.npz      the trained parameters (nested names joined by "/")
+    metrics.npz     loss curves; test loss per position next to `baselines` (oracle W, least
+                    squares, k-step GD with the optimal step, last value, zero); the `probe`
+                    of the in-context mapping; for M1 and M4 augmented, `weight_blocks`
+
+Positions are 0-based: the prediction at position r (of s_{r+2} in paper.md's 1-based
+states) has seen r transitions (s_t, s_{t+1}).
+
+The probe differentiates with respect to the current state in its role as the query of the
+in-context mapping, f_r = Gamma(context) x_r, holding the context (which also contains s_r)
+fixed; the total derivative d f_r / d s_r would add d Gamma / d s_r terms (for M1 with
+A = I, B = eta I: eta (s_{r-1}^* s_r) I). `query_predictor` says where x_r enters each model.
+
+Resume: the checkpoint holds parameters, optimiser state, the minibatch generator and the
+current epoch's permutation; the data are sampled again from the seed. A resumed run ends
+bit-identical to an uninterrupted one. Only checkpoint_every and log_every may change.
+A non-finite training loss stops the run at once (Diverged; exit status 1) and keeps the
+last checkpoint, whose loss was finite. Bad settings: ValueError; exit status 2.
+
+Library: run, sweep, load, config, baselines, optimal_gd_step, probe, weight_blocks,
+query_predictor, tree_map, adam_init, adam_update, gd_update, main.
+"""
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import autograd.numpy as np
+import numpy
+from autograd import grad, value_and_grad
+
+import icar
+
+EXPERIMENTS = ("augmented", "nonaug", "block", "diagonal", "pe-only", "population", "bench")
+
+# ----------------------------------------------------------------------------- configuration
+
+# option: (type, help). Each experiment uses the options its preset names.
+OPTIONS = {
+    "seed": (int, "seed of every generator: data, initialisation, minibatch order"),
+    "d": (int, "state dimension"),
+    "T": (int, "input positions per sequence (T + 1 states)"),
+    "family": (str, "context-matrix family of W"),
+    "s1": (str, "first state: random, or fixed (all ones, 1/sqrt(d) for haar)"),
+    "sigma": (float, "noise level of s_{t+1} = W s_t + sigma eps_t"),
+    "mu": (float, "narrow-angle law theta ~ U[0, 2 pi / mu]"),
+    "n_train": (int, "training sequences"),
+    "n_test": (int, "test sequences (evaluation, baselines)"),
+    "n_probe": (int, "test sequences for the Jacobian probe (0: no probe)"),
+    "layers": (int, "Transformer layers L"),
+    "heads": (int, "attention heads H"),
+    "attention": (str, "token attention: linear (no normalisation) or softmax"),
+    "form": (str, "M1 parameters: block (A, B) or full (W_KQ, W_V)"),
+    "init_scale": (float, "standard deviation of the initial parameters"),
+    "loss": (str, "all: every prefix; last: the last position only"),
+    "optimizer": (str, "adam or gd (plain gradient descent)"),
+    "lr": (float, "learning rate"),
+    "steps": (int, "optimiser steps"),
+    "batch": (int, "minibatch size, shuffled each epoch (0: full batch)"),
+    "target_loss": (float, "stop once the training loss is below this (0: never)"),
+    "gd_steps": (int, "baselines: GD with 1..gd_steps steps"),
+    "dtype": (str, "float64 or float32 (complex128 / complex64 for complex data)"),
+    "backend": (str, "array module of the parameters and data"),
+    "checkpoint_every": (int, "steps between checkpoints"),
+    "log_every": (int, "steps between test-loss evaluations and progress lines"),
+}
+CHOICES = {"family": icar.FAMILIES, "s1": ("random", "fixed"), "attention": ("linear", "softmax"),
+           "form": ("block", "full"), "loss": ("all", "last"), "optimizer": ("adam", "gd"),
+           "dtype": ("float64", "float32"), "backend": ("numpy",)}
+AT_LEAST_ZERO = {"sigma", "batch", "target_loss", "n_probe", "seed"}  # others: > 0
+NOT_RESULT = {"checkpoint_every", "log_every"}  # may change on --resume
+
+_DATA = dict(seed=0, sigma=0.0, n_test=512, n_probe=128, dtype="float64", backend="numpy",
+             target_loss=0.0, gd_steps=4)
+_M4 = dict(_DATA, d=5, T=20, family="haar", s1="fixed", n_train=2048, layers=1, loss="all",
+           optimizer="adam", lr=1e-2, steps=300, batch=256, checkpoint_every=100, log_every=20)
+# the authors' M4 training [code]: 50 inputs, 2^14 / 2^10 sequences, Adam 1e-2, batch 1024,
+# 200 epochs of 16 steps
+_M4_PAPER = dict(T=50, n_train=2 ** 14, n_test=2 ** 10, steps=3200, batch=1024,
+                 checkpoint_every=200, log_every=50)
+PRESETS = {
+    "augmented": {"quick": dict(_M4, heads=1, attention="linear"), "paper": _M4_PAPER},
+    "nonaug": {"quick": dict(_M4, heads=8, attention="linear", steps=600),
+               "paper": dict(_M4_PAPER, heads=64)},
+    # R1: last-token loss at fixed T, random phases; no published size, the paper preset uses
+    # Fig. 3's d and T
+    "block": {"quick": dict(_DATA, d=4, T=10, family="unitary", s1="random", n_train=4096,
+                            form="block", init_scale=0.1, loss="last", optimizer="adam",
+                            lr=1e-2, steps=500, batch=0, checkpoint_every=100, log_every=50),
+              "paper": dict(d=10, T=20, n_train=2 ** 14, n_test=2 ** 10, steps=3000)},
+    "diagonal": {"quick": dict(_DATA, d=4, T=8, family="unitary", s1="random", n_train=2048,
+                               heads=4, init_scale=0.1, loss="all", optimizer="adam", lr=1e-2,
+                               steps=500, batch=0, checkpoint_every=100, log_every=50),
+                 "paper": dict(d=10, T=20, heads=10, n_train=2 ** 14, n_test=2 ** 10,
+                               steps=3000)},
+    # Fig. 6 [code]: T = 30, 1000 sequences, P from 0, GD lr 0.5, stop at loss 1e-3
+    "pe-only": {"quick": dict(_DATA, d=1, T=30, family="angle", mu=50.0, s1="random",
+                              n_train=1000, loss="all", optimizer="gd", lr=0.5, steps=3000,
+                              batch=0, target_loss=1e-3, checkpoint_every=500, log_every=100),
+                "paper": dict(steps=200000, checkpoint_every=10000, log_every=1000)},
+    # Fig. 3 [code]: left unitary H = 10 (lr 1e-2, 100 steps), right orthogonal H = 8
+    # (lr 1e-3, 100,000 steps); d = 10, T = 20
+    "population": {"quick": dict(seed=0, d=10, T=20, heads=10, family="unitary", lr=1e-2,
+                                 steps=100),
+                   "paper": dict(heads=8, family="orthogonal", lr=1e-3, steps=100000)},
+}
+
+
+def config(experiment, preset="quick", **overrides):
+    """The checked settings of `experiment`: its preset with overrides (ValueError if bad)."""
+    icar._check_choice("experiment", experiment, [e for e in EXPERIMENTS if e != "bench"])
+    icar._check_choice("preset", preset, ("quick", "paper"))
+    cfg = dict(PRESETS[experiment]["quick"])
+    if preset == "paper":
+        cfg.update(PRESETS[experiment]["paper"])
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {experiment!r}; "
+                         f"allowed: {', '.join(sorted(cfg))}")
+    for key, value in overrides.items():
+        kind = OPTIONS[key][0]
+        ok = (isinstance(value, kind) if kind is str else
+              isinstance(value, _numbers_of(kind)) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"option {key} must be {kind.__name__}, got {value!r}")
+        cfg[key] = kind(value)
+    for key, value in cfg.items():
+        if key in CHOICES:
+            icar._check_choice(key, value, CHOICES[key])
+        elif OPTIONS[key][0] is not str:
+            low_ok = value >= 0 if key in AT_LEAST_ZERO else value > 0
+            if not (math.isfinite(value) and low_ok):
+                raise ValueError(f"option {key} must be a finite number "
+                                 f"{'>= 0' if key in AT_LEAST_ZERO else '> 0'}, got {value!r}")
+    if experiment == "population":
+        icar._check_choice("family", cfg["family"], ("unitary", "orthogonal"))
+    if cfg.get("batch", 0) > cfg.get("n_train", 0):
+        raise ValueError(f"batch {cfg['batch']} exceeds n_train {cfg['n_train']}; allowed: "
+                         f"0 (full batch) to n_train")
+    if experiment in ("augmented", "nonaug", "block") and cfg["family"] == "angle":
+        raise ValueError("family 'angle' (d = 1) is only for pe-only; allowed here: "
+                         "unitary, orthogonal, haar")
+    return cfg
+
+
+def _numbers_of(kind):
+    """Accepted Python types for an int or float option (an int is a valid float)."""
+    return (int, numpy.integer) if kind is int else (int, float, numpy.integer, numpy.floating)
+
+
+# ----------------------------------------------------------------------------- optimisers
+
+def tree_map(f, *trees):
+    """Apply f leafwise to parameter trees (nested dicts and lists of arrays)."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: tree_map(f, *(t[k] for t in trees)) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [tree_map(f, *leaves) for leaves in zip(*trees)]
+    return f(*trees)
+
+
+def gd_update(params, grads, lr):
+    """One step of plain gradient descent."""
+    return tree_map(lambda p, g: p - lr * g, params, grads)
+
+
+def adam_init(params):
+    """Adam state: zero moments allocated by each parameter's own array module."""
+    zeros = tree_map(lambda p: icar.array_module(p).zeros_like(p), params)
+    return {"m": zeros, "v": tree_map(lambda z: z.copy(), zeros), "t": 0}
+
+
+def adam_update(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """One Adam step (Kingma & Ba); returns (params, state)."""
+    t = state["t"] + 1
+    m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
+    v = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t  # bias corrections, Python floats
+    params = tree_map(lambda p, m, v: p - lr * (m / c1) / ((v / c2) ** 0.5 + eps), params, m, v)
+    return params, {"m": m, "v": v, "t": t}
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_config(cfg, experiment):
+    """icar.transformer_config of the M4 experiments."""
+    if experiment == "augmented":
+        return icar.transformer_config(d_in=3 * cfg["d"], d_out=cfg["d"], T=cfg["T"],
+                                       layers=cfg["layers"], heads=cfg["heads"], repeat=1,
+                                       attention=cfg["attention"], positional=False, residual=True)
+    return icar.transformer_config(d_in=cfg["d"], d_out=cfg["d"], T=cfg["T"], layers=cfg["layers"],
+                                   heads=cfg["heads"], repeat=2, attention=cfg["attention"],
+                                   positional=True, residual=False)
+
+
+def init_model(experiment, cfg, rng):
+    """Initial float64 parameters of the experiment's model."""
+    if experiment in ("augmented", "nonaug"):
+        return icar.init_params("transformer", rng, cfg=model_config(cfg, experiment))
+    if experiment == "block":
+        return icar.init_params("augmented_linear", rng, d=cfg["d"], form=cfg["form"],
+                                scale=cfg["init_scale"])
+    if experiment == "diagonal":
+        return icar.init_params("diagonal_heads", rng, d=cfg["d"], T=cfg["T"], H=cfg["heads"],
+                                scale=cfg["init_scale"])
+    return icar.init_params("pe_only", rng, T=cfg["T"])
+
+
+def predictor(experiment, cfg):
+    """predict(params, s) -> f: s [n, T, d] inputs -> [n, T, d] predictions of s[:, 1:]."""
+    if experiment == "augmented":
+        mcfg = model_config(cfg, experiment)
+        return lambda params, s: icar.transformer(params, icar.augment(s), mcfg)
+    if experiment == "nonaug":
+        mcfg = model_config(cfg, experiment)
+        return lambda params, s: icar.transformer(params, s, mcfg)
+    if experiment == "block":
+        return lambda params, s: icar.augmented_linear(params, icar.augment(s))
+    if experiment == "diagonal":
+        return icar.diagonal_heads
+    return icar.pe_only
+
+
+def _swap(x):
+    return np.swapaxes(x, -1, -2)
+
+
+def _transformer_two_streams(params, x, xq, cfg):
+    """M4 where position r's own stream starts from xq_r: keys and values at every position
+    come from the ordinary stream of x, queries and the residual stream from xq.
+    At xq = x this is icar.transformer; output position r depends on xq only through xq_r."""
+    n, T, d_in = x.shape
+    E = cfg["repeat"] * d_in
+    mask = icar.causal_mask(icar.array_module(x), T)                        # [T, T]
+    h = np.concatenate([x] * cfg["repeat"], axis=-1)                        # [n, T, E]
+    g = np.concatenate([xq] * cfg["repeat"], axis=-1)                       # [n, T, E]
+    for layer in params["layers"]:
+        k = h[:, None] @ layer["W_K"] + layer["b_K"][:, None]               # [n, H, T, E]
+        v = h[:, None] @ layer["W_V"] + layer["b_V"][:, None]
+        new = []
+        for stream in (h, g):  # the two streams share keys and values
+            q = stream[:, None] @ layer["W_Q"] + layer["b_Q"][:, None]      # [n, H, T, E]
+            scores = (q @ _swap(np.conj(k))) / numpy.sqrt(E)                # [n, H, T, T]
+            a = scores * mask if cfg["attention"] == "linear" else icar._softmax(np.real(scores), mask)
+            if cfg["positional"]:
+                p = params["pos"][:T]                                       # [T, E]
+                pq = p @ layer["W_Q"] + layer["b_Q"][:, None]               # [H, T, E]
+                pk = p @ layer["W_K"] + layer["b_K"][:, None]
+                a = a * icar._softmax((pq @ _swap(pk)) / numpy.sqrt(E), mask)
+            out = np.sum(a @ v, axis=1) @ layer["W_O"] + layer["b_O"]       # [n, T, E]
+            if cfg["layernorm"]:
+                out = icar._layernorm(out, layer["ln_g"], layer["ln_b"])
+            new.append(stream + out if cfg["residual"] else out)
+        h, g = new
+    return g @ params["W_out"] + params["b_out"]                            # [n, T, d_out]
+
+
+def query_predictor(experiment, cfg, params, s):
+    """predict(x) -> [n, T, d]: the model on context s [n, T, d] with the current state at each
+    position r replaced by x_r only where it acts as the query of the in-context mapping.
+
+    M1: f_r = B (sum_{t<=r} s_t s_{t-1}^*) A x_r (full form: x_r in the query token only).
+    M4: x_r feeds position r's queries and residual stream; keys and values keep s_r.
+    M2, M3 (query s_{r-1}): x_r replaces the value of the newest token t = r for query r.
+    predict(s) is the model's ordinary prediction; predict is linear in x for M1, M2, M3.
+    """
+    if experiment in ("augmented", "nonaug"):
+        mcfg = model_config(cfg, experiment)
+        if experiment == "augmented":
+            e = icar.augment(s)                                             # [n, T, 3d]
+            zeros = icar.array_module(s).zeros_like(s)
+            return lambda x: _transformer_two_streams(
+                params, e, e + np.concatenate([zeros, x - s, zeros], axis=-1), mcfg)
+        return lambda x: _transformer_two_streams(params, s, x, mcfg)
+    n, T, d = s.shape
+    xp = icar.array_module(s)
+    mask = icar.causal_mask(xp, T)                                          # [T, T]
+    prev = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), s[:, :-1]], axis=1)  # [n, T, d]
+    if experiment == "block" and "A" in params:
+        def predict(x):
+            scores = ((x @ _swap(params["A"])) @ _swap(np.conj(prev))) * mask  # [n, T, T]
+            return (scores @ s) @ _swap(params["B"])                            # [n, T, d]
+        return predict
+    if experiment == "block":
+        e = icar.augment(s)                                                      # [n, T, 3d]
+        def predict(x):
+            eq = np.concatenate([xp.zeros_like(s), x, prev], axis=-1)            # [n, T, 3d]
+            scores = ((eq @ _swap(params["W_KQ"])) @ _swap(np.conj(e))) * mask   # [n, T, T]
+            return (scores @ (e @ _swap(params["W_V"])))[..., :d]                # [n, T, d]
+        return predict
+    eye = xp.eye(T)                                                              # [T, T]
+    if experiment == "diagonal":
+        q = np.conj(prev)[:, None] * params["A"][None, :, None, :]               # [n, H, T, d]
+        scores = (q @ _swap(s)[:, None]) * (params["P"] * mask)                  # [n, H, T, T]
+        newest = np.sum(scores * eye, axis=-1)[..., None]                        # [n, H, T, 1]
+        def predict(x):
+            heads = scores @ s[:, None] + newest * (x - s)[:, None]              # [n, H, T, d]
+            return np.sum(heads * params["B"][None, :, None, :], axis=1)         # [n, T, d]
+        return predict
+    weights = params["P"] * mask                                                 # [T, T]
+    def predict(x):  # pe-only
+        newest = np.sum(weights * eye, axis=-1)[:, None] * s                      # [n, T, d]: P[r, r] s_r
+        return np.conj(prev) * (weights @ (s * s) + newest * (x - s))            # [n, T, d]
+    return predict
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def _context_sums(x):
+    """C_r = sum_{t<r} x_{t+1} x_t^*, S_r = sum_{t<r} x_t x_t^*: the r transitions seen at
+    position r. x [n, T, d] -> C, S [n, T, d, d]."""
+    n, T, d = x.shape
+    zero = numpy.zeros((n, 1, d, d), dtype=x.dtype)
+    C = numpy.cumsum(x[:, 1:, :, None] * numpy.conj(x[:, :-1, None, :]), axis=1)  # [n, T-1, d, d]
+    S = numpy.cumsum(x[:, :-1, :, None] * numpy.conj(x[:, :-1, None, :]), axis=1)
+    return numpy.concatenate([zero, C], axis=1), numpy.concatenate([zero, S], axis=1)
+
+
+def _apply(M, x):
+    return (M @ x[..., None])[..., 0]                          # [n, T, d, d] @ [n, T, d] -> [n, T, d]
+
+
+def _position_loss(f, y):
+    """[n, T, d] -> [T]: squared error summed over d, averaged over sequences."""
+    return numpy.mean(numpy.sum(numpy.abs(f - y) ** 2, axis=-1), axis=0)
+
+
+def _gd_prediction(C, S, x, eta, k):
+    """W_k x_r after k GD steps from 0, step eta [T], on L(W) = 1/2 sum_t ||s_{t+1} - W s_t||^2:
+    W_k = eta C sum_{j<k} (I - eta S)^j, applied to vectors (no matrix powers)."""
+    eta = eta[None, :, None]                                         # [1, T, 1]
+    v, total = x, x
+    for _ in range(k - 1):  # the k steps of an iterative algorithm, not a loop over data
+        v = v - eta * _apply(S, v)                                   # [n, T, d]
+        total = total + v
+    return eta * _apply(C, total)                                    # [n, T, d]
+
+
+def optimal_gd_step(s, k=1):
+    """Per position r, the step eta [T] minimising the test error of k GD steps on s [n, T+1, d].
+
+    k = 1: the closed form eta = sum Re<C x_r, y_r> / sum ||C x_r||^2. k > 1: golden-section
+    search on [0, 2 / median lambda_max(S_r)] (the step that keeps GD stable for a typical
+    context), 40 iterations (interval 1e-8 of its start).
+    """
+    x, y = numpy.asarray(s[:, :-1]), numpy.asarray(s[:, 1:])
+    C, S = _context_sums(x)
+    if k == 1:
+        g = _apply(C, x)                                             # [n, T, d]
+        num = numpy.sum(numpy.real(numpy.conj(g) * y), axis=(0, 2))
+        den = numpy.sum(numpy.abs(g) ** 2, axis=(0, 2))
+        return numpy.divide(num, den, out=numpy.zeros_like(num), where=den > 0)
+    lam = numpy.median(numpy.linalg.eigvalsh(S)[..., -1], axis=0)   # [T]
+    lo, hi = numpy.zeros_like(lam), numpy.where(lam > 0, 2 / numpy.where(lam > 0, lam, 1), 0.0)
+
+    def loss(eta):
+        return _position_loss(_gd_prediction(C, S, x, eta, k), y)
+
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(40):
+        left = fa < fb  # the minimum lies in [lo, b]: b becomes the new hi, a the new b
+        lo, hi = numpy.where(left, lo, a), numpy.where(left, b, hi)
+        new = numpy.where(left, hi - ratio * (hi - lo), lo + ratio * (hi - lo))
+        f_new = loss(new)
+        a, fa, b, fb = (numpy.where(left, new, b), numpy.where(left, f_new, fb),
+                        numpy.where(left, a, new), numpy.where(left, fa, f_new))
+    return (lo + hi) / 2
+
+
+def least_squares(s, rtol=1e-10):
+    """W_hat_r = C_r S_r^+ at every position: s [n, T+1, d] -> [n, T, d, d]. rtol: relative
+    cut-off of the pseudo-inverse (S_r has rank min(r, d) in exact arithmetic)."""
+    C, S = _context_sums(numpy.asarray(s[:, :-1]))
+    return C @ numpy.linalg.pinv(S, rtol=rtol, hermitian=True)
+
+
+def baselines(s, W, gd_steps=4):
+    """Per-position test losses [T] on sequences s [n, T+1, d] with context matrices W [n, d, d]:
+    "oracle" (W s_r), "least_squares", "gd1".."gd{gd_steps}" (k GD steps from 0 with the
+    optimal step per position), "last_value" (s_r), "zero"."""
+    s, W = numpy.asarray(s), numpy.asarray(W)
+    x, y = s[:, :-1], s[:, 1:]
+    out = {"oracle": _position_loss(_apply(W[:, None], x), y),
+           "least_squares": _position_loss(_apply(least_squares(s), x), y)}
+    C, S = _context_sums(x)
+    for k in range(1, gd_steps + 1):
+        out[f"gd{k}"] = _position_loss(_gd_prediction(C, S, x, optimal_gd_step(s, k), k), y)
+    out["last_value"] = _position_loss(x, y)
+    out["zero"] = _position_loss(numpy.zeros_like(y), y)
+    return out
+
+
+# ----------------------------------------------------------------------------- probes
+
+def probe(predict, s, W=None, eta=None):
+    """The in-context mapping Gamma_hat = d f_r / d x_r, by autograd, at x = s[:, :T].
+
+    predict(x) -> [n, T, d] must depend on x only through x_r at position r (as the
+    `query_predictor`s do). Derivatives are taken along real directions of x, one reverse
+    pass per output coordinate and per real/imaginary part; for a model holomorphic in x
+    (M1, M2, M3 in the query slot) this is the complex Jacobian. Returns "Gamma" [n, T, d, d]
+    and, per position [T], the relative Frobenius error "err_*" and the cosine "cos_*" (real
+    part of the Frobenius inner product) to the true W (if given, [n, d, d]), least squares
+    (ls) and one-step GD (gd1) with step eta [T] (default: the optimal step on s); NaN where
+    the reference is 0.
+    """
+    x0 = s[:, :-1]
+    n, T, d = x0.shape
+    real = not numpy.iscomplexobj(x0)
+    u0 = icar.array_module(x0).zeros(x0.shape, dtype=numpy.real(x0[:1, :1, :1]).dtype)
+    rows = []
+    for i in range(d):
+        parts = [grad(lambda u: np.sum(np.real(predict(x0 + u)[..., i])))(u0)]
+        if not real:
+            parts.append(grad(lambda u: np.sum(np.imag(predict(x0 + u)[..., i])))(u0))
+        rows.append(parts[0] if real else parts[0] + 1j * parts[1])     # [n, T, d]: d f_i / d x
+    Gamma = numpy.stack([numpy.asarray(r) for r in rows], axis=2)       # [n, T, d, d]
+    host = numpy.asarray(s)
+    C, _ = _context_sums(host[:, :-1])
+    eta = optimal_gd_step(host, 1) if eta is None else numpy.asarray(eta)
+    refs = {"ls": least_squares(host), "gd1": eta[None, :, None, None] * C}
+    if W is not None:
+        refs = dict(W=numpy.broadcast_to(numpy.asarray(W)[:, None], Gamma.shape), **refs)
+    out = {"Gamma": Gamma}
+    norm_G = numpy.linalg.norm(Gamma, axis=(2, 3))                       # [n, T]
+    for name, R in refs.items():
+        norm_R = numpy.linalg.norm(R, axis=(2, 3))                       # [n, T]
+        with numpy.errstate(invalid="ignore", divide="ignore"):
+            err = numpy.linalg.norm(Gamma - R, axis=(2, 3)) / norm_R
+            cos = numpy.real(numpy.sum(numpy.conj(R) * Gamma, axis=(2, 3))) / (norm_R * norm_G)
+        zero = numpy.all(norm_R == 0, axis=0)
+        out["err_" + name] = numpy.where(zero, numpy.nan, numpy.mean(err, axis=0))
+        out["cos_" + name] = numpy.where(zero, numpy.nan, numpy.mean(cos, axis=0))
+    return out
+
+
+def weight_blocks(experiment, params, d):
+    """Key-query and value matrices in M1's layout, with the share of their squared Frobenius
+    mass in the blocks one GD step uses (key-query: key s_{t-1} x query s_r; value: s_t).
+
+    M1: W_KQ, W_V [3d, 3d] (block form embedded at W_KQ's (3, 2), W_V's (1, 2) blocks).
+    M4 augmented, per layer and head: W_KQ = W_K W_Q^T (rows: key coordinates, columns:
+    query coordinates), value map V = (W_V W_O W_out)^T [d, 3d] read through the final
+    read-out, ignoring LayerNorm and later layers. Returns KQ [L, H, 3d, 3d], V [L, H, *, 3d],
+    share_KQ and share_V [L, H].
+    """
+    params = tree_map(numpy.asarray, params)
+    if experiment == "block":
+        if "A" in params:
+            KQ, V = numpy.zeros((3 * d, 3 * d)), numpy.zeros((3 * d, 3 * d))
+            KQ[2 * d:, d:2 * d], V[:d, d:2 * d] = params["A"], params["B"]
+        else:
+            KQ, V = params["W_KQ"], params["W_V"]
+        KQ, V = KQ[None, None], V[None, None]
+    else:
+        layers = params["layers"]
+        KQ = numpy.stack([lay["W_K"] @ numpy.swapaxes(lay["W_Q"], -1, -2) for lay in layers])
+        V = numpy.stack([numpy.swapaxes(lay["W_V"] @ lay["W_O"] @ params["W_out"], -1, -2)
+                         for lay in layers])
+    mass = lambda M: numpy.sum(M ** 2, axis=(-1, -2))                   # noqa: E731
+    return {"KQ": KQ, "V": V,
+            "share_KQ": mass(KQ[..., 2 * d:, d:2 * d]) / mass(KQ),
+            "share_V": mass(V[..., :d, d:2 * d]) / mass(V)}
+
+
+# ----------------------------------------------------------------------------- files
+
+def _atomic_write(path, write):
+    """write(file) into path + '.tmp', then rename: a reader sees the old or the new file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}/").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flatten(sub, f"{prefix}{i}/").items()}
+    return {prefix[:-1]: numpy.asarray(tree)}
+
+
+def _unflatten(flat):
+    tree = {}
+    for key, value in flat.items():
+        node, parts = tree, key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def lists(node):  # dicts keyed 0..k-1 were lists
+        if not isinstance(node, dict):
+            return node
+        node = {k: lists(v) for k, v in node.items()}
+        if node and all(k.isdigit() for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+    return lists(tree)
+
+
+def _save_npz(path, arrays):
+    _atomic_write(path, lambda f: numpy.savez(f, **arrays))
+
+
+def _load_npz(path):
+    with numpy.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _save_json(path, obj):
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+def _versions():
+    out = {"python": platform.python_version()}
+    for package in ("numpy", "autograd"):
+        out[package] = importlib.metadata.version(package)
+    return out
+
+
+def load(run_dir):
+    """The result of `run` read back from runs/NAME: config, params, metrics, dir."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    metrics = {k: (float(v) if v.ndim == 0 else v)
+               for k, v in _load_npz(os.path.join(run_dir, "metrics.npz")).items()}
+    params = _unflatten(_load_npz(os.path.join(run_dir, "params.npz")))
+    return {"config": cfg, "params": params, "metrics": metrics, "dir": run_dir}
+
+
+# ----------------------------------------------------------------------------- training
+
+class Diverged(ValueError):
+    """A non-finite training loss; the last finite checkpoint is kept."""
+
+
+class _Progress:
+    """One updating line on a terminal, plain periodic lines otherwise, nothing when quiet."""
+
+    def __init__(self, total, quiet, stream=sys.stderr):
+        self.total, self.quiet, self.stream = total, quiet, stream
+        self.tty = stream.isatty()
+        self.first = None  # (step, time) of the first report: rates exclude start-up
+
+    def show(self, step, train, test, final=False):
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        rate = done / elapsed if elapsed > 0 else float("nan")
+        left = (self.total - step) / rate if rate > 0 else float("nan")
+        line = (f"step {step}/{self.total}  train {train:.4g}  test {test:.4g}  "
+                f"{rate:.1f} steps/s  left {left:.0f} s")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(78) + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _to_dtype(x, dtype):
+    complex_dtype = {"float64": numpy.complex128, "float32": numpy.complex64}[dtype]
+    return x.astype(complex_dtype if numpy.iscomplexobj(x) else dtype)
+
+
+def _sample(cfg, rng, n):
+    mu = cfg.get("mu") if cfg["family"] == "angle" else None  # mu belongs to the angle law only
+    return icar.sample_sequences(rng, n, cfg["T"], cfg["d"], cfg["family"], sigma=cfg["sigma"],
+                                 s1=cfg["s1"], mu=mu)
+
+
+def _checkpoint(path, step, params, opt, rng, perm, pos, history):
+    arrays = {f"params/{k}": v for k, v in _flatten(params).items()}
+    if opt is not None:
+        arrays.update({f"opt/{k}": v for k, v in _flatten({"m": opt["m"], "v": opt["v"]}).items()})
+        arrays["opt_t"] = numpy.asarray(opt["t"])
+    arrays.update(step=numpy.asarray(step), rng=numpy.asarray(json.dumps(rng.bit_generator.state)),
+                  perm=numpy.asarray(perm, dtype=numpy.int64), pos=numpy.asarray(pos),
+                  **{f"history/{k}": numpy.asarray(v) for k, v in history.items()})
+    _save_npz(path, arrays)
+
+
+def _restore(path, xp):
+    z = _load_npz(path)
+    def group(name, move=xp.asarray):
+        return _unflatten({k[len(name) + 1:]: move(v) for k, v in z.items() if k.startswith(name + "/")})
+
+    opt = None
+    if "opt_t" in z:
+        opt = dict(group("opt"), t=int(z["opt_t"]))
+    rng = numpy.random.default_rng()
+    rng.bit_generator.state = json.loads(str(z["rng"]))
+    history = {k: list(v) for k, v in group("history", move=numpy.asarray).items()}
+    return int(z["step"]), group("params"), opt, rng, z["perm"], int(z["pos"]), history
+
+
+def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
+        **overrides):
+    """Train `experiment` with its preset and overrides; evaluate, probe, save in runs_dir/name.
+
+    Returns {"config", "params", "metrics", "dir"} as `load` reads them back. Raises ValueError
+    for bad settings, Diverged (a ValueError) on a non-finite training loss. Metrics:
+        train_loss [steps + 1]; test_step, test_loss (every log_every steps); steps_done
+        test_loss_position [T]; baseline_<name> [T] (see `baselines`)
+        probe_Gamma [n_probe, T, d, d], probe_err_<ref>, probe_cos_<ref> [T] (see `probe`)
+        weights_KQ, weights_V, weights_share_KQ, weights_share_V (block, augmented)
+    population: train_loss [steps + 1], min_loss.
+    """
+    cfg = config(experiment, preset, **overrides)
+    run_dir = os.path.join(runs_dir, name or experiment)
+    os.makedirs(run_dir, exist_ok=True)
+    saved = dict(cfg, experiment=experiment, preset=preset, versions=_versions())
+    config_path = os.path.join(run_dir, "config.json")
+    ckpt = os.path.join(run_dir, "checkpoint.npz")
+    if resume:
+        if not os.path.exists(ckpt):
+            raise ValueError(f"--resume: no checkpoint in {run_dir}; run without --resume first")
+        with open(config_path) as f:
+            old = json.load(f)
+        changed = sorted(k for k in set(old) | set(saved) if k not in NOT_RESULT | {"versions"}
+                         and old.get(k) != saved.get(k))
+        if changed:
+            raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in "
+                             f"{run_dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
+    elif os.path.exists(ckpt):
+        os.remove(ckpt)
+    _save_json(config_path, saved)
+    if experiment == "population":
+        metrics, params = _population(cfg)
+    else:
+        metrics, params = _train(experiment, cfg, ckpt, resume, quiet)
+    _save_npz(os.path.join(run_dir, "params.npz"), _flatten(params))
+    _save_npz(os.path.join(run_dir, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
+    return load(run_dir)  # what was saved, on the host
+
+
+def _population(cfg):
+    import theory  # the layer above icar; imported here so that the other experiments work alone
+    rng = numpy.random.default_rng(cfg["seed"])
+    params, losses = theory.train_population(cfg["heads"], cfg["d"], cfg["T"], cfg["family"],
+                                             cfg["lr"], cfg["steps"], rng)
+    return {"train_loss": numpy.asarray(losses),
+            "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
+
+
+def _train(experiment, cfg, ckpt, resume, quiet):
+    xp = numpy  # the only backend so far; data and parameters move with one xp.asarray
+    data_rng, init_rng, order_rng = (numpy.random.default_rng(s) for s in
+                                     numpy.random.SeedSequence(cfg["seed"]).spawn(3))
+    s_train, _ = _sample(cfg, data_rng, cfg["n_train"])
+    s_test, W_test = _sample(cfg, data_rng, cfg["n_test"])
+    s_train, s_test = (xp.asarray(_to_dtype(s, cfg["dtype"])) for s in (s_train, s_test))
+    predict = predictor(experiment, cfg)
+    first = 1 if experiment in ("diagonal", "pe-only") else 0  # position 0 has no query there
+
+    def objective(params, s):
+        f = predict(params, s[:, :-1])                                      # [n, T, d]
+        if cfg["loss"] == "last":
+            return icar.mse(f[:, -1:], s[:, -1:])
+        return icar.mse(f[:, first:], s[:, 1 + first:])
+
+    step_fn = value_and_grad(objective)
+    n, batch = cfg["n_train"], cfg["batch"] or cfg["n_train"]
+    if resume:
+        step, params, opt, order_rng, perm, pos, history = _restore(ckpt, xp)
+    else:
+        params = tree_map(lambda p: xp.asarray(p.astype(cfg["dtype"])),
+                          init_model(experiment, cfg, init_rng))
+        opt = adam_init(params) if cfg["optimizer"] == "adam" else None
+        step, perm, pos = 0, numpy.arange(n), n
+        history = {"train_loss": [], "test_step": [], "test_loss": []}
+    progress = _Progress(cfg["steps"], quiet)
+    last_checkpoint = step
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        while True:
+            if batch < n and pos + batch > n:  # a new epoch: reshuffle
+                perm, pos = order_rng.permutation(n), 0
+            idx = perm[pos:pos + batch] if batch < n else slice(None)
+            loss, grads = step_fn(params, s_train[idx])
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise Diverged(f"training loss is {loss} at step {step}: the learning rate "
+                               f"{cfg['lr']} is likely too large; the last finite checkpoint "
+                               f"(step {last_checkpoint}) is kept in {ckpt}")
+            done = step == cfg["steps"] or loss < cfg["target_loss"]
+            if step % cfg["checkpoint_every"] == 0 or done:  # the state before step's records
+                _checkpoint(ckpt, step, params, opt, order_rng, perm, pos, history)
+                last_checkpoint = step
+            history["train_loss"].append(loss)
+            if step % cfg["log_every"] == 0 or done:
+                history["test_step"].append(step)
+                history["test_loss"].append(float(objective(params, s_test)))
+                progress.show(step, loss, history["test_loss"][-1], final=done)
+            if done:
+                break
+            if batch < n:
+                pos += batch
+            if opt is None:
+                params = gd_update(params, grads, cfg["lr"])
+            else:
+                params, opt = adam_update(params, grads, opt, cfg["lr"])
+            step += 1
+    metrics = {k: numpy.asarray(v) for k, v in history.items()}
+    metrics["steps_done"] = step
+    metrics.update(_evaluate(experiment, cfg, params, predict, s_test, W_test))
+    return metrics, params
+
+
+def _evaluate(experiment, cfg, params, predict, s_test, W_test):
+    """Test loss per position, baselines, probe and weight blocks (host arrays)."""
+    host = numpy.asarray(s_test)
+    out = {"test_loss_position": _position_loss(numpy.asarray(predict(params, s_test[:, :-1])),
+                                                host[:, 1:])}
+    out.update({"baseline_" + k: v for k, v in baselines(host, W_test, cfg["gd_steps"]).items()})
+    if cfg["n_probe"]:
+        s = s_test[:cfg["n_probe"]]
+        found = probe(query_predictor(experiment, cfg, params, s[:, :-1]), s, W_test[:cfg["n_probe"]],
+                      eta=optimal_gd_step(host, 1))
+        out.update({"probe_" + k: v for k, v in found.items()})
+    if experiment in ("block", "augmented"):
+        out.update({"weights_" + k: v for k, v in weight_blocks(experiment, params, cfg["d"]).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- sweeps, report
+
+def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
+          **overrides):
+    """One run per point of the product of grid {option: [values]}, in runs_dir/name/K=V,.../.
+
+    Returns (results, table): the list of run results and the summary text (also saved as
+    summary.json next to the runs).
+    """
+    if not grid:
+        raise ValueError("sweep needs at least one option with values")
+    clash = set(grid) & set(overrides)
+    if clash:
+        raise ValueError(f"option(s) {sorted(clash)} are both swept and fixed; give each once")
+    keys = list(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    for point in points:  # check every setting before the first run starts
+        config(experiment, preset, **overrides, **point)
+    base = os.path.join(runs_dir, name or experiment)
+    results = []
+    for point in points:
+        sub = ",".join(f"{k}={v}" for k, v in point.items())
+        if not quiet:
+            print(f"-- {experiment} {sub}", file=sys.stderr)
+        results.append(run(experiment, preset, base, sub, resume, quiet, **overrides, **point))
+    rows = [_summary_row(experiment, r) for r in results]
+    _save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
+    columns = list(rows[0])
+    table = "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
+                      ["  ".join(f"{_fmt(row[c]):>14}" for c in columns) for row in rows])
+    return results, table
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _loss_positions(cfg, experiment):
+    """The positions the training loss averages over."""
+    if cfg["loss"] == "last":
+        return slice(-1, None)
+    return slice(1 if experiment in ("diagonal", "pe-only") else 0, None)
+
+
+def _summary_row(experiment, result):
+    cfg, m = result["config"], result["metrics"]
+    row = {k: cfg[k] for k in ("layers", "heads", "attention", "sigma") if k in cfg}
+    if experiment == "population":
+        row["loss"] = float(m["train_loss"][-1])
+        return row
+    at = _loss_positions(cfg, experiment)
+    row["test_loss"] = float(numpy.mean(m["test_loss_position"][at]))
+    if experiment == "augmented" and f"baseline_gd{cfg['layers']}" in m:
+        row["gd_k=L"] = float(numpy.mean(m[f"baseline_gd{cfg['layers']}"][at]))
+    row["gd1"] = float(numpy.mean(m["baseline_gd1"][at]))
+    row["least_squares"] = float(numpy.mean(m["baseline_least_squares"][at]))
+    return row
+
+
+def report(result):
+    """A printable table of one run: test loss per position next to the baselines and probe."""
+    cfg, m = result["config"], result["metrics"]
+    if cfg["experiment"] == "population":
+        return (f"population {cfg['family']} d={cfg['d']} H={cfg['heads']} T={cfg['T']}: final "
+                f"loss {m['train_loss'][-1]:.6g} (minimum {m['min_loss']:.6g})\nsaved in {result['dir']}")
+    T = cfg["T"]
+    cols = sorted({r for r in (1, 2, 5, 10, 20, 49, 99) if r < T} | {T - 1})
+    names = ["test_loss_position"] + [k for k in m if k.startswith("baseline_")]
+    names += [k for k in m if k.startswith(("probe_err", "probe_cos"))]
+    lines = [f"{cfg['experiment']}: {int(m['steps_done'])} steps, final train loss "
+             f"{m['train_loss'][-1]:.4g}, test loss {m['test_loss'][-1]:.4g}",
+             "per position (transitions seen):",
+             f"{'':>24}" + "".join(f"{r:>10}" for r in cols)]
+    for k in names:
+        label = "model" if k == "test_loss_position" else k.replace("baseline_", "")
+        lines.append(f"{label:>24}" + "".join(f"{m[k][r]:>10.4g}" for r in cols))
+    if "weights_share_KQ" in m:
+        lines.append("share of squared mass in the one-GD-step blocks, per layer and head: "
+                     f"key-query {numpy.round(m['weights_share_KQ'], 3).tolist()}, "
+                     f"value {numpy.round(m['weights_share_V'], 3).tolist()}")
+    lines.append(f"saved in {result['dir']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+USAGE = """usage: python train.py EXPERIMENT [--key value ...]
+experiments: augmented, nonaug, block, diagonal, pe-only, population, bench
+common flags: --preset quick|paper  --name NAME  --runs_dir DIR  --resume  --quiet
+              --sweep KEY=V1,V2,...  (repeatable)
+python train.py EXPERIMENT --help lists its options with their defaults."""
+
+
+def _help(experiment):
+    quick = config(experiment, "quick")
+    paper = config(experiment, "paper")
+    lines = [f"usage: python train.py {experiment} [--key value ...]", "",
+             f"{'option':<18}{'quick':>11}{'paper':>11}  meaning"]
+    for key in (k for k in OPTIONS if k in quick):
+        kind, text = OPTIONS[key]
+        allowed = f" ({', '.join(CHOICES[key])})" if key in CHOICES else f" [{kind.__name__}]"
+        lines.append(f"--{key:<16}{_fmt(quick[key]):>11}{_fmt(paper[key]):>11}  {text}{allowed}")
+    lines += ["", "--preset quick|paper (quick)  --name NAME (the experiment)  --runs_dir DIR (runs)",
+              "--resume: continue from runs/NAME/checkpoint.npz  --quiet: no progress",
+              "--sweep KEY=V1,V2,...: one run per point of the product grid"]
+    return "\n".join(lines)
+
+
+def _parse_value(key, text, cfg):
+    if key not in cfg:
+        raise ValueError(f"unknown option --{key}; allowed: {', '.join('--' + k for k in cfg)}")
+    kind = OPTIONS[key][0]
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"option --{key} needs {kind.__name__}, got {text!r}") from None
+
+
+def _parse(experiment, args):
+    """args -> (run keywords, overrides, sweep grid)."""
+    flags = {"preset": "quick", "name": None, "runs_dir": "runs", "resume": False, "quiet": False}
+    raw, grid = {}, {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ValueError(f"expected --option, got {arg!r}")
+        key = arg[2:].replace("-", "_")
+        if key in ("resume", "quiet"):
+            flags[key] = True
+            i += 1
+            continue
+        if i + 1 >= len(args):
+            raise ValueError(f"option --{key} needs a value")
+        value = args[i + 1]
+        if key in ("preset", "name", "runs_dir"):
+            flags[key] = value
+        elif key == "sweep":
+            if "=" not in value:
+                raise ValueError(f"--sweep needs KEY=V1,V2,..., got {value!r}")
+            k, values = value.split("=", 1)
+            grid[k.replace("-", "_")] = values.split(",")
+        else:
+            raw[key] = value
+        i += 2
+    icar._check_choice("preset", flags["preset"], ("quick", "paper"))
+    cfg = config(experiment, flags["preset"])
+    overrides = {k: _parse_value(k, v, cfg) for k, v in raw.items()}
+    grid = {k: [_parse_value(k, v, cfg) for v in vs] for k, vs in grid.items()}
+    return flags, overrides, grid
+
+
+def main(argv=None):
+    """Command line; returns the exit status (2: bad arguments, 1: diverged)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(f"train.py: name an experiment ({', '.join(EXPERIMENTS)}); --help for more",
+              file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    experiment, args = argv[0], argv[1:]
+    if experiment == "bench":
+        return bench(args)
+    try:
+        icar._check_choice("experiment", experiment, EXPERIMENTS)
+        if "-h" in args or "--help" in args:
+            print(_help(experiment))
+            return 0
+        flags, overrides, grid = _parse(experiment, args)
+        if grid:
+            _, table = sweep(experiment, grid, **flags, **overrides)
+            print(table)
+        else:
+            print(report(run(experiment, **flags, **overrides)))
+    except Diverged as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- benchmark
+
+def bench(argv):
+    """The speed benchmark (python train.py bench)."""
+    print("benchmark not built", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
