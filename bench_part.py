@@ -1,11 +1,12 @@
 """The speed benchmark: time one training step of each paper-size workload.
 
-    python bench_part.py [--repeats 5] [--micro 32] [--workloads nonaug,augmented,...] [--json FILE]
+    python bench_part.py [--repeats 5] [--micro 0] [--workloads nonaug,augmented,...] [--json FILE]
 
 Workloads (the authors' sizes, paper.md [code]):
     nonaug      M4 on raw tokens: batch 1024, 50 positions, d = 5 repeated twice (embed 10),
                 64 heads, linear token scores times softmax positional scores, LayerNorm, no
-                residual; Adam; float32; the gradient accumulated over micro-batches
+                residual; Adam; float32 (--micro m: the gradient accumulated over slices of
+                m sequences, as loss_and_grad_microbatched does)
     augmented   M4 on augmented tokens (size 15 = 3d): batch 1024, 50 positions, 1 head,
                 linear attention, LayerNorm, residual; Adam; float32
     population  Fig. 3 right: GD on (A, B, P) through theory's population loss, d = 10,
@@ -27,6 +28,7 @@ entries count as computed. icar.transformer's own formulation executes fewer: se
 transformer_flops(executed=True).
 """
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -75,8 +77,8 @@ def loss_and_grad_microbatched(loss_fn, params, batch, micro):
     sequences and combined with weights (slice size / batch size).
 
     loss_fn(params, s) must average over the first axis of s (as icar.mse does), so that
-    the combination is the full-batch loss and gradient up to rounding; memory is that of
-    one slice, and each slice's [micro, T, H, T] attention weights stay in cache.
+    the combination is the full-batch loss and gradient up to rounding; the memory the
+    gradient takes is that of one slice.
     """
     micro = icar._check_int("micro", micro, 1)
     n = batch.shape[0]
@@ -144,6 +146,23 @@ def population_flops(d, H, T):
 
 
 # ----------------------------------------------------------------------------- measurement
+
+def tune_allocator():
+    """Let glibc's malloc keep freed memory for the next step; True where it took effect.
+
+    By default glibc serves blocks over 128 kB with fresh pages from the system (raising
+    that threshold only after freeing such a block) and returns freed memory at the top of
+    its heap, so each training step pays page faults on its temporaries: a fresh process
+    runs the pe-only step about twice as slowly. Up to 32 MB blocks come from the heap and
+    up to 1 GB of freed memory is kept after this call. Elsewhere (no glibc) it does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
 
 def matmul_rate(dtype, size=1024, repeats=5):
     """This machine's matrix-multiply rate (GFLOP/s): median over repeats of [size, size] @
@@ -214,7 +233,7 @@ def _transformer_workload(name, dtype, micro, rng):
         x = s[:, :-1] if name == "nonaug" else icar.augment(s[:, :-1])
         return icar.mse(icar.transformer(params, x, cfg), s[:, 1:])
 
-    step = _Trainer(loss, params, s, "adam", 1e-2, micro)
+    step = _Trainer(loss, params, s, "adam", 1e-2, micro or None)
     flops = transformer_flops(cfg, n, T)
     notes = (f"batch {n}, T {T}, embed {cfg['repeat'] * cfg['d_in']}, {cfg['heads']} heads, "
              f"Adam, {numpy.dtype(dtype).name}, micro-batch {micro or n}; executed "
@@ -242,20 +261,22 @@ def _pe_only_workload(rng):
     return step, pe_only_flops(n, T, 1), f"{n} sequences, T {T}, complex128, GD lr 0.5"
 
 
-def run_benchmark(workloads=WORKLOADS, repeats=5, micro=32, dtype="float32", population_steps=2000,
-                  out=None):
+def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", population_steps=2000,
+                  tune=True, out=None):
     """Time each workload, printing a line each to `out` (default sys.stdout); return the
     results as a dict (see the module docstring)."""
     out = sys.stdout if out is None else out
     for w in workloads:
         icar._check_choice("workload", w, WORKLOADS)
-    repeats = icar._check_int("repeats", repeats, 1)
+    repeats, micro = icar._check_int("repeats", repeats, 1), icar._check_int("micro", micro, 0)
     load_before = os.getloadavg()
+    tuned = tune_allocator() if tune else False
     rates = {k: matmul_rate(k) for k in ("float32", "float64")}
     result = {"matmul_gflops": rates, "cpus": os.cpu_count(), "numpy": numpy.__version__,
-              "repeats": repeats, "workloads": {}}
+              "repeats": repeats, "allocator_tuned": tuned, "workloads": {}}
     print(f"matrix multiply: {rates['float32']:.1f} GFLOP/s float32, {rates['float64']:.1f} "
-          f"float64; {os.cpu_count()} CPUs; load average {load_before[0]:.2f}", file=out)
+          f"float64; {os.cpu_count()} CPUs; load average {load_before[0]:.2f}; allocator "
+          f"{'tuned' if tuned else 'as is'}", file=out)
     rng = numpy.random.default_rng(0)
     for name in workloads:
         if name in ("nonaug", "augmented"):
@@ -297,16 +318,19 @@ def bench(argv):
     parser = argparse.ArgumentParser(prog="bench", description="time one training step of each "
                                      "paper-size workload")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per workload (median)")
-    parser.add_argument("--micro", type=int, default=32, help="micro-batch of the M4 workloads")
+    parser.add_argument("--micro", type=int, default=0,
+                        help="micro-batch of the M4 workloads (0: the whole batch)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                         help="precision of the M4 workloads")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    parser.add_argument("--no-tune-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (see tune_allocator)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     args = parser.parse_args(argv)
     try:
         result = run_benchmark([w for w in args.workloads.split(",") if w], args.repeats,
-                               args.micro, args.dtype)
+                               args.micro, args.dtype, tune=not args.no_tune_allocator)
     except ValueError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2

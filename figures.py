@@ -56,32 +56,36 @@ PUBLISHED = {
 
 # ----------------------------------------------------------------------------- files
 
-def atomic_write(path, data):
-    """Write bytes or text to path through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
+def _temporary(folder, suffix):
+    """A new file in folder (for a later os.replace), readable as umask allows, like open()."""
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+def _atomic(path, write):
+    """write(binary file) into a temporary file next to path, then rename it onto path."""
+    fd, tmp = _temporary(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_write(path, data):
+    """Write bytes or text to path atomically: a reader sees the old file or the new one."""
+    _atomic(path, lambda f: f.write(data.encode() if isinstance(data, str) else data))
 
 
 def save_npz(path, arrays):
     """Atomic np.savez of a dict of arrays."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    _atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def cached(runs_dir, name, compute, retrain):
@@ -97,16 +101,10 @@ def cached(runs_dir, name, compute, retrain):
 
 def save_figure(fig, out_dir, name):
     """Save fig as OUT/NAME.png and OUT/NAME.pdf (atomically); returns the PNG path."""
-    os.makedirs(out_dir, exist_ok=True)
     for ext in ("png", "pdf"):
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix="." + ext)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=ext, dpi=120 if ext == "png" else None)
-            os.replace(tmp, os.path.join(out_dir, f"{name}.{ext}"))
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        _atomic(os.path.join(out_dir, f"{name}.{ext}"),
+                lambda f: fig.savefig(f, format=ext, dpi=120 if ext == "png" else None,
+                                      metadata={"CreationDate": None} if ext == "pdf" else None))
     plt.close(fig)
     return os.path.join(out_dir, f"{name}.png")
 
@@ -211,9 +209,10 @@ def trajectories_3d(rng, n, T):
 
 
 def rotation_axis(W):
-    """Unit axis u of each rotation W [n, 3, 3] (W u = u), from its antisymmetric part."""
-    u = np.stack([W[:, 2, 1] - W[:, 1, 2], W[:, 0, 2] - W[:, 2, 0], W[:, 1, 0] - W[:, 0, 1]], 1)
-    return u / np.linalg.norm(u, axis=1, keepdims=True)                          # [n, 3]
+    """Unit axis u of each rotation W [n, 3, 3]: the null vector of W - I (W u = u), which
+    stays well defined up to rotations by pi, unlike the antisymmetric part of W."""
+    _, _, Vt = np.linalg.svd(W - np.eye(3))                                     # [n, 3, 3]
+    return Vt[:, -1]                                                            # [n, 3]
 
 
 def plot_fig1(s, W, out_dir, name="fig1"):
@@ -553,7 +552,7 @@ def plot_r1(Ts, d, eta, loss, out_dir, name="r1"):
     axes[0].plot(Ts, eta, "o", color="C3", label="trained tr(BA)/d")
     axes[0].set_ylabel("step size $\\eta$")
     axes[1].plot(grid, d * (d - 1) / (grid + d - 2), "-", color="0.3", label="$L^* = d(d-1)/(T+d-2)$")
-    axes[1].plot(Ts, loss, "o", color="C3", label="trained M1, test loss")
+    axes[1].plot(Ts, loss, "o", color="C3", mfc="none", ms=10, label="trained M1, test loss")
     axes[1].plot(Ts, [theory.gd_loss(int(T), d, eta=float(e)) for T, e in zip(Ts, eta)], "x",
                  color="C0", label="$L(\\eta)$ at the trained step")
     axes[1].set_ylabel("last-token test loss")
@@ -711,7 +710,8 @@ def plot_fig5(main, by_layers, out_dir, name="fig5"):
     for ax, key, what in ((axes[0, 1], "KQ", "key-query $W_K W_Q^T$"), (axes[0, 2], "V", "value $(W_V W_O W_{out})^T$")):
         M = main["weights_" + key][0, 0]
         heatmap(ax, M, f"layer 1 {what}\nshare in the GD block: {float(main['weights_share_' + key][0, 0]):.2f}",
-                "coordinate of $(0, s_t, s_{t-1})$", "output coordinate" if key == "V" else "key coordinate")
+                ("query" if key == "KQ" else "value") + " coordinate of $(0, s_t, s_{t-1})$",
+                "output coordinate" if key == "V" else "key coordinate of $(0, s_t, s_{t-1})$")
         for x in (d - 0.5, 2 * d - 0.5):
             ax.axvline(x, color="k", linewidth=0.6)
             if key == "KQ":
@@ -748,15 +748,18 @@ def probe_rows(fig, metrics):
     last = len(metrics["probe_err_W"]) - 1
     errs = {k: float(metrics[f"probe_err_{k}"][last]) for k in ("W", "ls", "gd1")}
     return [row(fig, f"probe at the last position: relative distance to {k}", v) for k, v in errs.items()] + [
-        row(fig, "probe: nearest estimate at the last position", min(errs, key=errs.get))]
+        row(fig, "probe: nearest estimate(s) at the last position",
+            ", ".join(k for k, v in errs.items() if v <= min(errs.values()) + 1e-9))]
 
 
 FIG5_LAYERS = (1, 2, 3, 4)
+# train.py's quick preset stops deeper models too early to show the depth trend
+FIG5_OVERRIDES = {"quick": dict(steps=1000), "paper": {}}
 
 
 def run_fig5(ctx):
-    by_layers = {L: train_cached(ctx, "augmented", f"fig5-L{L}-{ctx.preset}", layers=L, seed=ctx.seed)
-                 for L in FIG5_LAYERS}
+    by_layers = {L: train_cached(ctx, "augmented", f"fig5-L{L}-{ctx.preset}", layers=L, seed=ctx.seed,
+                                 **FIG5_OVERRIDES[ctx.preset]) for L in FIG5_LAYERS}
     main = by_layers[1]["metrics"]
     rows = [row("fig5", f"L={L}: test MSE, mean over positions", mean_loss(res["metrics"]),
                 mean_loss(res["metrics"], f"baseline_gd{L}"), f"{L}-step GD, optimal step (same test set)")
@@ -841,6 +844,10 @@ def run_fig7(ctx):
 
 # ----------------------------------------------------------------------------- fig1, fig4 runners
 
+class MissingExtras(ValueError):
+    """An optional dependency of one figure is not installed."""
+
+
 def run_fig1(ctx):
     s, W = trajectories_3d(np.random.default_rng(ctx.seed), 3, 30)
     return plot_fig1(s, W, ctx.out), fig1_rows(s, W), "rotations: Haar O(3) times det(W)"
@@ -856,10 +863,6 @@ def run_fig4(ctx):
              f"{len(data['err_real'])} windows")
     rows = fig4_rows(data["err_real"], data["err_shuffled"])
     return plot_fig4(data["err_real"], data["err_shuffled"], ctx.out, label), rows, label
-
-
-class MissingExtras(ValueError):
-    """An optional dependency of one figure is not installed."""
 
 
 # ----------------------------------------------------------------------------- command line

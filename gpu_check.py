@@ -28,10 +28,7 @@ import icar
 import theory
 import train
 
-try:  # the adapter lives in train.py
-    from train import cupy_backend, enable_autograd_for
-except ImportError:
-    from gpu_part import cupy_backend, enable_autograd_for
+from train import cupy_backend, enable_autograd_for
 
 TOL = 1e-10
 

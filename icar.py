@@ -27,8 +27,10 @@ Parameters are real; data may be complex ("unitary", "angle"), and conj() is app
 paper.md writes a star. Constants and masks come from the array module that owns the data
 (`array_module`), so the same code runs on GPU arrays.
 """
+import concurrent.futures
 import importlib
 import numbers
+import os
 
 import autograd.numpy as np
 import numpy
@@ -157,7 +159,9 @@ def augment(s):
 def mse(f, y):
     """Squared error ||f - y||^2 summed over the last axis, averaged over the others."""
     r = f - y
-    return np.mean(np.sum(np.real(r * np.conj(r)), axis=-1))
+    sq = np.real(r * np.conj(r)) if numpy.iscomplexobj(r) else r * r
+    # divided by a Python int: mean's gradient divides by a NumPy integer, which turns float32 into float64
+    return np.sum(sq) / (numpy.size(r) // numpy.shape(r)[-1])
 
 
 def causal_mask(xp, T):
@@ -282,13 +286,17 @@ def _softmax(z, mask):
 
 
 def _layernorm(x, g, b, eps=1e-5):
-    mu = np.mean(x, axis=-1, keepdims=True)
-    xc = x - mu
-    var = np.mean(np.real(xc * np.conj(xc)), axis=-1, keepdims=True)
-    return xc / np.sqrt(var + eps) * g + b
+    # means over the last axis as products with [E, 1] averaging weights: their gradients are
+    # single products, where mean's broadcast and divide take several passes
+    avg = array_module(x).full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=numpy.finfo(x.dtype).dtype)
+    xc = x - x @ avg                                            # [n, T, E] - [n, T, 1]
+    sq = np.real(xc * np.conj(xc)) if numpy.iscomplexobj(xc) else xc * xc
+    return xc * (sq @ avg + eps) ** -0.5 * g + b                # [n, T, E]
 
 
 CHUNK_ENTRIES = {"cpu": 2 ** 18, "device": 2 ** 27}  # 1 MB of float32 stays in a CPU core's cache
+THREADS = os.cpu_count() or 1  # NumPy releases the GIL inside products and elementwise loops
+_POOLS = {}
 
 
 def _batch_chunks(n, entries_per_row, xp):
@@ -297,9 +305,21 @@ def _batch_chunks(n, entries_per_row, xp):
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
+def _over_slices(fn, slices, threaded):
+    """[fn(group) for each group of consecutive slices], in order: THREADS groups, each in its
+    own thread, where `threaded` (NumPy arrays that autograd does not trace), else one group."""
+    k = min(THREADS, len(slices)) if threaded else 1
+    if k <= 1:
+        return [fn(slices)]
+    if k not in _POOLS:
+        _POOLS[k] = concurrent.futures.ThreadPoolExecutor(k)
+    size = -(-len(slices) // k)
+    return list(_POOLS[k].map(fn, [slices[i:i + size] for i in range(0, len(slices), size)]))
+
+
 def _real_if(x, target):
     """x, without its imaginary part where the target (an argument) is real."""
-    return x.real if numpy.iscomplexobj(x) and not numpy.iscomplexobj(target) else x
+    return np.real(x) if numpy.iscomplexobj(x) and not numpy.iscomplexobj(target) else x
 
 
 @primitive
@@ -312,42 +332,61 @@ def _linear_attention(zG, z, w):
     n, T, D = z.shape
     xp = array_module(z)
     y = xp.empty(zG.shape, dtype=numpy.result_type(zG.dtype, z.dtype, w.dtype))
-    zt = xp.ascontiguousarray(_swap(xp.conj(z)))                # [n, D, T]
-    for c in _batch_chunks(n, zG.shape[1] * T, xp):
-        scores = zG[c] @ zt[c]                                  # [m, T*H, D] @ [m, D, T] -> [m, T*H, T]
-        a = (scores.reshape(-1, T, zG.shape[1] // T, T) * w).reshape(scores.shape)  # [m, T*H, T]
-        xp.matmul(a, z[c], out=y[c])                            # [m, T*H, T] @ [m, T, D] -> [m, T*H, D]
+    zt, w = xp.ascontiguousarray(_swap(xp.conj(z))), xp.ascontiguousarray(w)  # [n, D, T], [T, H, T]
+
+    def run(slices):
+        for c in slices:
+            scores = zG[c] @ zt[c]                              # [m, T*H, D] @ [m, D, T] -> [m, T*H, T]
+            a = (scores.reshape(-1, T, zG.shape[1] // T, T) * w).reshape(scores.shape)  # [m, T*H, T]
+            xp.matmul(a, z[c], out=y[c])                        # [m, T*H, T] @ [m, T, D] -> [m, T*H, D]
+    _over_slices(run, _batch_chunks(n, zG.shape[1] * T, xp), xp is numpy)
     return y
 
 
+def _swapped(x):
+    """x with its last two axes swapped, copied to contiguous memory (faster products) unless
+    x is traced by autograd (higher derivatives)."""
+    x = _swap(x)
+    return x if isinstance(x, Box) else array_module(x).ascontiguousarray(x)
+
+
 def _linear_attention_vjp(argnums, y, args, kwargs):
-    """The gradients autograd would derive from the plain products, one slice at a time."""
+    """The gradients autograd derives from the plain products, one slice at a time, in
+    autograd operations so that they can be differentiated again."""
     zG, z, w = args
     n, T, D = z.shape
     H = zG.shape[1] // T
-    xp = array_module(z)
 
     def vjp(g):                                                 # g [n, T*H, D]
-        g_zG = xp.empty(zG.shape, dtype=numpy.result_type(g.dtype, z.dtype, w.dtype))
-        g_z = xp.empty(z.shape, dtype=numpy.result_type(g.dtype, zG.dtype, w.dtype))
-        g_w = 0
+        # autograd's functions only where a value is traced: they cost microseconds a call
+        xp = np if any(isinstance(v, Box) for v in (g, zG, z, w)) else array_module(z)
         zc = xp.conj(z)                                         # [n, T, D]
-        zt, zct = (xp.ascontiguousarray(_swap(v)) for v in (z, zc))  # [n, D, T] each
-        for c in _batch_chunks(n, H * T * T, xp):
-            scores = (zG[c] @ zct[c]).reshape(-1, T, H, T)      # [m, T, H, T]
-            g_a = (g[c] @ zt[c]).reshape(-1, T, H, T)           # [m, T, H, T]
-            g_scores = (g_a * w).reshape(-1, T * H, T)          # [m, T*H, T]
-            if 0 in argnums:
-                xp.matmul(g_scores, zc[c], out=g_zG[c])         # [m, T*H, T] @ [m, T, D]
-            if 1 in argnums:
-                a = (scores * w).reshape(-1, T * H, T)
-                g_z[c] = _swap(a) @ g[c] + xp.conj(_swap(g_scores) @ zG[c])  # [m, T, D]
-            if 2 in argnums:
-                g_a *= scores                                   # [m, T, H, T], in place: g_a is spent
-                g_w = g_w + (g_a[0] if len(g_a) == 1 else xp.sum(g_a, axis=0))  # [T, H, T]
-        if 2 in argnums and w.shape[1] == 1:                    # w was broadcast over heads
-            g_w = xp.sum(g_w, axis=1, keepdims=True)
-        grads = {0: g_zG, 1: g_z, 2: g_w}
+        zt, zct = _swapped(z), _swapped(zc)                     # [n, D, T] each
+        wc = w if xp is np else xp.ascontiguousarray(w)         # [T, H, T]
+
+        def run(slices):
+            parts, g_w = {0: [], 1: []}, 0.0
+            for c in slices:
+                scores = xp.reshape(zG[c] @ zct[c], (-1, T, H, T))  # [m, T, H, T]
+                g_a = xp.reshape(g[c] @ zt[c], (-1, T, H, T))       # [m, T, H, T]
+                g_scores = xp.reshape(g_a * wc, (-1, T * H, T))     # [m, T*H, T]
+                if 0 in argnums:
+                    parts[0].append(g_scores @ zc[c])               # [m, T*H, T] @ [m, T, D]
+                if 1 in argnums:
+                    a = xp.reshape(scores * wc, (-1, T * H, T))
+                    parts[1].append(_swap(a) @ g[c] + xp.conj(_swap(g_scores) @ zG[c]))  # [m, T, D]
+                if 2 in argnums:
+                    g_aS = g_a * scores                             # [m, T, H, T]
+                    g_w = g_w + (g_aS[0] if len(g_aS) == 1 else xp.sum(g_aS, axis=0))  # [T, H, T]
+            return parts, g_w
+        results = _over_slices(run, _batch_chunks(n, H * T * T, array_module(z)), xp is numpy)
+        grads = {i: xp.concatenate([p for parts, _ in results for p in parts[i]], axis=0)
+                 for i in (0, 1) if i in argnums}
+        if 2 in argnums:
+            g_w = 0.0
+            for _, part in results:
+                g_w = g_w + part                                # [T, H, T]
+            grads[2] = xp.sum(g_w, axis=1, keepdims=True) if w.shape[1] == 1 else g_w  # w broadcast over heads
         return tuple(_real_if(grads[i], args[i]) for i in argnums)
     return vjp
 
@@ -378,6 +417,8 @@ def transformer(params, x, cfg):
     G_h = [W_Q; b_Q]_h [W_K; b_K]_h^T / sqrt(E), and a_h @ v_h = (a_h @ z) [W_V; b_V]_h: the
     products over the [n, T, H, T] attention weights contract over dim z (d_in + 1 in the
     first layer) instead of E, and each is one matrix product per sequence for all heads.
+    Linear attention runs through _linear_attention, which forms those weights one
+    cache-sized slice of the batch at a time and never stores them.
     """
     n, T, d_in = _check_data(x, "x")
     if d_in != cfg["d_in"] or T > cfg["T"]:

@@ -23,7 +23,7 @@ import autograd.numpy as anp
 import icar
 import theory
 import train
-from gpu_part import cupy_backend, enable_autograd_for
+from train import cupy_backend, enable_autograd_for
 
 
 # ============================================================================ the stand-in

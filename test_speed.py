@@ -108,6 +108,9 @@ def test_transformer_float32_stays_float32():
                                                                  cfg), s[:, 1:].astype(numpy.float32)))(params)
     assert loss.dtype == numpy.float32
     assert {leaf.dtype for leaf in [g["W_out"], g["pos"]] + list(g["layers"][0].values())} == {numpy.dtype("float32")}
+    # gradients of the parameters are cast back to their dtype; the input's shows the whole chain
+    x, y = s[:, :-1].astype(numpy.float32), s[:, 1:].astype(numpy.float32)
+    assert grad(lambda x: icar.mse(icar.transformer(params, x, cfg), y))(x).dtype == numpy.float32
 
 
 @pytest.mark.parametrize("complex_data", [False, True])
