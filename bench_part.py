@@ -17,7 +17,8 @@ For each: the median (and the minimum) over `repeats` timed steps after a warm-u
 peak of memory allocated during one step (tracemalloc, which NumPy reports its array buffers
 to; BLAS work buffers are not included), the FLOP count of one step (below), the GFLOP/s it
 implies, and that rate as a fraction of this machine's matrix-multiply rate in the same
-precision, measured in the same process (C = A @ B, [1024, 1024] operands).
+precision, measured in the same process (the fastest of 7 products C = A @ B of [1024, 1024]
+operands, with every BLAS thread).
 
 FLOP counts (transformer_flops, pe_only_flops, population_flops) count what the model
 computes as written in its docstring, not what the code executes: a matrix product
@@ -164,13 +165,13 @@ def tune_allocator():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def matmul_rate(dtype, size=1024, repeats=5):
-    """This machine's matrix-multiply rate (GFLOP/s): median over repeats of [size, size] @
-    [size, size] in `dtype`, after one warm-up product."""
+def matmul_rate(dtype, size=1024, repeats=7):
+    """This machine's matrix-multiply rate (GFLOP/s): the fastest of `repeats` products
+    [size, size] @ [size, size] in `dtype` after a warm-up one (the least disturbed by other
+    processes: the rate the machine can reach)."""
     rng = numpy.random.default_rng(0)
     A, B = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
-    times = _times(lambda: A @ B, repeats)
-    return 2 * size ** 3 / numpy.median(times) / 1e9
+    return 2 * size ** 3 / min(_times(lambda: A @ B, repeats)) / 1e9
 
 
 def _times(fn, repeats, warmup=1):

@@ -1,7 +1,7 @@
 """gpu_check: every model on real CuPy arrays against NumPy, and milliseconds per training step.
 
     python gpu_check.py          on a machine with a CUDA GPU, CuPy and autograd 1.9.1
-    python gpu_check.py --dry    anywhere: the CPU stand-in of test_gpu.py plays the GPU and
+    python gpu_check.py --dry    anywhere: the CPU stand-in of test_icar.py plays the GPU and
                                  the large size shrinks (checks this script, measures nothing)
 
 1. For each model (M1 full and block, M2, M3, M4 augmented and non-augmented, the population
@@ -124,7 +124,7 @@ def main(argv):
         print(f"unknown argument(s) {sorted(set(argv) - {'--dry'})}; allowed: --dry", file=sys.stderr)
         return 2
     if dry:
-        from test_gpu import STRICT, Strict
+        from test_icar import STRICT, Strict
         enable_autograd_for(Strict, STRICT)
         xp, sync, device = STRICT, lambda: None, "CPU stand-in (dry run)"
     else:

@@ -1,11 +1,32 @@
-"""Tests of icar: each one compares a computation with an independent reference
-(an exact identity, a closed form of paper.md, Monte Carlo, or autograd's check_grads)."""
+"""Tests of icar: each one compares a computation with an independent reference (an exact
+identity, a closed form of paper.md, Monte Carlo, a trained model, or autograd's
+check_grads), or checks what a user sees (files, errors, the command line).
+
+Sections: icar.py (samplers, gradients, exact identities, bad input); theory.py (R1-R4
+against Monte Carlo and trained models); train.py (optimisers, resume, divergence,
+baselines, probe, command line); GPU arrays (a strict CuPy stand-in); figures.py.
+Here `np` is NumPy and `anp` autograd's wrapper of it.
+"""
+import email
+import json
+import os
+import subprocess
+import sys
+
+import autograd.numpy as anp
 import numpy as np
+import numpy.lib.mixins
 import pytest
 from autograd import grad
+from autograd.core import vspace
 from autograd.test_util import check_grads
+from autograd.tracer import Box, getval
 
+import figures
 import icar
+import theory
+import train
+from train import cupy_backend, enable_autograd_for
 
 
 def rng(seed=0):
@@ -324,3 +345,1395 @@ def test_bad_mu_is_rejected(mu):
 def test_angle_family_needs_d_one_and_mu_only_for_angle():
     _bad(r"family 'angle' needs d=1, got d=2", icar.sample_sequences, rng(), 2, 3, 2, "angle", mu=5.0)
     _bad(r"mu is only used by family 'angle'", icar.sample_sequences, rng(), 2, 3, 2, "haar", mu=5.0)
+
+
+# ##############################################################################
+# theory.py: R1-R4
+# ##############################################################################
+
+def assert_monte_carlo(value, per_sequence, k=4.0):
+    """value agrees with the mean of per_sequence [n, ...] within k standard errors (plus
+    rounding, for losses that are the same on every sequence)."""
+    n = per_sequence.shape[0]
+    mean = per_sequence.mean(axis=0)
+    se = per_sequence.std(axis=0, ddof=1) / np.sqrt(n)
+    gap = np.abs(mean - value)
+    assert np.all(gap < k * se + 1e-12 * (1 + np.abs(value))), \
+        f"closed form {value} vs Monte Carlo {mean} +- {se} (z = {gap / se})"
+
+
+def squared_errors(f, y):
+    """||f - y||^2 per sequence and position: [n, T, d] -> [n, T]."""
+    return np.sum(np.abs(f - y) ** 2, axis=-1)
+
+
+def adam(objective, params, steps, lr):
+    """Plain Adam (beta 0.9, 0.999) on a dict of arrays."""
+    g = grad(objective)
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(x) for k, x in params.items()}
+    for i in range(1, steps + 1):
+        gr = g(params)
+        for k in params:
+            m[k] = 0.9 * m[k] + 0.1 * gr[k]
+            v[k] = 0.999 * v[k] + 0.001 * gr[k] ** 2
+            params[k] = params[k] - lr * (m[k] / (1 - 0.9 ** i)) / (np.sqrt(v[k] / (1 - 0.999 ** i)) + 1e-12)
+    return params
+
+
+# ----------------------------------------------------------------------------- R1
+
+def test_r1_step_sizes_minimise_the_loss():
+    for T, d in [(5, 3), (20, 10), (2, 1)]:
+        eta = theory.gd_step_size(T, d)
+        assert eta == pytest.approx(1 / (T + d - 2), rel=1e-14)
+        assert theory.gd_loss(T, d) == pytest.approx(d * (d - 1) / (T + d - 2), abs=1e-12)
+        for loss in ("last", "all"):
+            e = theory.gd_step_size(T, d, loss)
+            grid = e * np.linspace(0.5, 1.5, 101)
+            values = [theory.gd_loss(T, d, float(x), loss=loss) for x in grid]
+            assert np.argmin(values) == 50
+
+
+@pytest.mark.parametrize("family,d,T", [("unitary", 3, 5), ("unitary", 2, 8), ("orthogonal", 4, 4)])
+def test_r1_gd_loss_matches_monte_carlo(family, d, T):
+    """M1 with A = I, B = eta I: last-token loss and the sum over positions r = 1..T-1."""
+    rng = np.random.default_rng(1)
+    s, _ = icar.sample_sequences(rng, 20000, T, d, family)
+    e = icar.augment(s[:, :T])                                                 # [n, T, 3d]
+    for eta in (theory.gd_step_size(T, d), 2 * theory.gd_step_size(T, d, "all")):
+        f = icar.augmented_linear({"A": np.eye(d), "B": eta * np.eye(d)}, e)  # [n, T, d]
+        err = squared_errors(f, s[:, 1:])                                      # [n, T]
+        assert_monte_carlo(theory.gd_loss(T, d, eta), err[:, -1])
+        assert_monte_carlo(theory.gd_loss(T, d, eta, loss="all"), err[:, 1:].sum(axis=1))
+
+
+def last_token_statistics(v, k, q, y):
+    """The last-token loss of linear attention f_i = sum_j L_ij sum_{a,b} R_ab Phi_{j,a,b},
+    Phi = sum_t v_t conj(k_t)^T q^T, is quadratic in c_i = vec(L_i. kron R): return its
+    matrix, vector and constant, Re E[Phi Phi^*] [D, D], Re E[Phi conj(y_i)] [d, D], E||y||^2."""
+    n = v.shape[0]
+    G = np.swapaxes(v, 1, 2) @ np.conj(k)                                # [n, Dv, Dk]
+    Phi = (G[..., None] * q[:, None, None, :]).reshape(n, -1)                  # [n, D]
+    Q = np.real(np.conj(Phi).T @ Phi) / n                                # [D, D]
+    V = np.real(y.T @ np.conj(Phi)) / n                                  # [d, D]
+    return Q, V, np.mean(np.sum(np.abs(y) ** 2, axis=1))
+
+
+def statistics_loss(L, R, stats):
+    Q, V, y2 = stats
+    c = (L[:, :, None, None] * R[None, None]).reshape(L.shape[0], -1)          # [d, D]
+    return anp.sum((c @ Q) * c) - 2 * anp.sum(c * V) + y2
+
+
+def train_last_token(s, T, form, rng, steps=3000, lr=1e-2):
+    """Adam on the sample last-token loss of icar.augmented_linear (block or full form),
+    through its sufficient statistics; checked equal to the model's own loss and gradient."""
+    d = s.shape[2]
+    e, y = icar.augment(s[:, :T]), s[:, T]                                     # [n, T, 3d], [n, d]
+    if form == "block":
+        names = ("B", "A")
+        stats = last_token_statistics(e[..., d:2 * d], e[..., 2 * d:], e[:, -1, d:2 * d], y)
+    else:
+        names = ("W_V", "W_KQ")
+        stats = last_token_statistics(e, e, e[:, -1], y)
+
+    def objective(p):
+        return statistics_loss(p[names[0]][:d], p[names[1]], stats)
+
+    def model_loss(p):
+        return icar.mse(icar.augmented_linear(p, e)[:, -1], y)
+
+    params = icar.init_params("augmented_linear", rng, d=d, form=form)
+    np.testing.assert_allclose(objective(params), model_loss(params), rtol=1e-10)
+    g1, g2 = grad(objective)(params), grad(model_loss)(params)
+    for key in params:
+        np.testing.assert_allclose(g1[key], g2[key], rtol=1e-8, atol=1e-12)
+    params = adam(objective, params, steps, lr)
+    np.testing.assert_allclose(objective(params), model_loss(params), rtol=1e-10)
+    return params
+
+
+def test_r1_trained_block_form_is_one_gd_step():
+    d, T = 3, 5
+    rng = np.random.default_rng(2)
+    s, _ = icar.sample_sequences(rng, 20000, T, d, "unitary")
+    params = train_last_token(s, T, "block", rng)
+    eta = theory.gd_step_size(T, d)
+    BA = params["B"] @ params["A"]
+    assert np.linalg.norm(BA - eta * np.eye(d)) < 0.05 * np.linalg.norm(eta * np.eye(d))
+    st, _ = icar.sample_sequences(rng, 50000, T, d, "unitary")
+    test = squared_errors(icar.augmented_linear(params, icar.augment(st[:, :T]))[:, -1], st[:, T])
+    assert abs(test.mean() / theory.gd_loss(T, d) - 1) < 0.02
+
+
+def test_r1_trained_full_form_reaches_L_star():
+    d, T = 2, 4
+    rng = np.random.default_rng(3)
+    s, _ = icar.sample_sequences(rng, 20000, T, d, "unitary")
+    params = train_last_token(s, T, "full", rng)
+    st, _ = icar.sample_sequences(rng, 50000, T, d, "unitary")
+    test = squared_errors(icar.augmented_linear(params, icar.augment(st[:, :T]))[:, -1], st[:, T])
+    assert test.mean() <= 1.02 * theory.gd_loss(T, d)
+
+
+def test_r1_fixed_first_state_beats_one_gd_step():
+    d, T = 3, 5
+    rng = np.random.default_rng(4)
+    s, _ = icar.sample_sequences(rng, 20000, T, d, "unitary", s1="fixed")
+    params = train_last_token(s, T, "block", rng)
+    st, _ = icar.sample_sequences(rng, 50000, T, d, "unitary", s1="fixed")
+    test = squared_errors(icar.augmented_linear(params, icar.augment(st[:, :T]))[:, -1], st[:, T])
+    assert test.mean() + 4 * test.std() / np.sqrt(test.size) < theory.gd_loss(T, d)
+
+
+# ----------------------------------------------------------------------------- R2, R3
+
+def model_data(rng, n, T, d, family):
+    """Sampled sequences in the coordinates where R2/R3 hold (eigen-basis for "orthogonal")."""
+    s, _ = icar.sample_sequences(rng, n, T, d, family)
+    return theory.eigen_coordinates(s) if family == "orthogonal" else s
+
+
+@pytest.mark.parametrize("family,d,T,H", [("unitary", 3, 5, 2), ("unitary", 5, 4, 6),
+                                          ("orthogonal", 4, 5, 3), ("orthogonal", 6, 4, 2)])
+def test_population_loss_matches_monte_carlo(family, d, T, H):
+    """population_loss at random parameters equals the Monte Carlo loss of
+    icar.diagonal_heads, per position r = 1..T-1 and summed."""
+    rng = np.random.default_rng(5)
+    params = {"A": 0.7 * rng.standard_normal((H, d)), "B": 0.7 * rng.standard_normal((H, d)),
+              "P": 0.5 * rng.standard_normal((T, T))}
+    s = model_data(rng, 20000, T, d, family)
+    err = squared_errors(icar.diagonal_heads(params, s[:, :T]), s[:, 1:])      # [n, T]
+    C = params["B"].T @ params["A"]
+    assert_monte_carlo(theory.population_loss_per_prefix(C, params["P"], family), err[:, 1:])
+    assert_monte_carlo(theory.population_loss(C, params["P"], family), err[:, 1:].sum(axis=1))
+    assert np.allclose(err[:, 0], d)  # position 0 has a zero query
+
+
+def test_orthogonal_loss_holds_in_eigen_coordinates_only():
+    """The diagonal model is not basis-free: on icar's real rotation coordinates R3 is off."""
+    d, T, H = 4, 5, 3
+    rng = np.random.default_rng(6)
+    params = {"A": 0.7 * rng.standard_normal((H, d)), "B": 0.7 * rng.standard_normal((H, d)),
+              "P": 0.5 * rng.standard_normal((T, T))}
+    s, _ = icar.sample_sequences(rng, 20000, T, d, "orthogonal")
+    err = squared_errors(icar.diagonal_heads(params, s[:, :T]), s[:, 1:])[:, 1:].sum(axis=1)
+    closed = theory.population_loss(params["B"].T @ params["A"], params["P"], "orthogonal")
+    assert abs(err.mean() - closed) > 10 * err.std() / np.sqrt(err.size)
+    z = theory.eigen_coordinates(s)
+    assert np.allclose(np.sum(np.abs(z) ** 2, -1), np.sum(s ** 2, -1))
+    ratio = z[:, 1:] / z[:, :-1]                                               # [n, T, d] eigenvalues
+    assert np.allclose(ratio[..., 0::2], np.conj(ratio[..., 1::2]))
+    assert np.allclose(np.abs(ratio), 1)
+
+
+@pytest.mark.parametrize("family", theory.FAMILIES)
+def test_population_gradient_matches_autograd(family):
+    rng = np.random.default_rng(7)
+    d, T, H = 6, 7, 4
+    params = {"A": rng.standard_normal((H, d)), "B": rng.standard_normal((H, d)),
+              "P": rng.standard_normal((T, T))}
+
+    def objective(p):
+        return theory.population_loss(p["B"].T @ p["A"], p["P"], family)
+
+    loss, g = theory.population_loss_and_grad(params, family)
+    auto = grad(objective)(params)
+    assert abs(loss - objective(params)) < 1e-10 * abs(loss)
+    for key in params:
+        assert np.max(np.abs(g[key] - auto[key])) < 1e-10 * np.max(np.abs(auto[key]))
+
+
+@pytest.mark.parametrize("family,d", [("unitary", 3), ("unitary", 4), ("orthogonal", 4), ("orthogonal", 6)])
+def test_minimiser_reaches_min_loss(family, d):
+    T = 6
+    rng = np.random.default_rng(8)
+    s = model_data(rng, 2000, T, d, family)
+    for H in range(1, d + 2):
+        star = theory.minimiser(d, H, family, c=-1.3, T=T)
+        per = theory.population_loss_per_prefix(star["B"].T @ star["A"], star["P"], family)
+        assert np.allclose(per, theory.min_loss(d, H, family), atol=1e-12)
+        err = squared_errors(icar.diagonal_heads(star, s[:, :T]), s[:, 1:])[:, 1:]
+        if theory.min_loss(d, H, family) == 0:  # zero loss: exact on every sampled sequence
+            assert err.max() < 1e-20
+        else:
+            assert_monte_carlo(per, err)
+    if family == "orthogonal":  # kappa = 1 reads block inner products: exact in real coordinates too
+        real, _ = icar.sample_sequences(rng, 2000, T, d, family)
+        star = theory.minimiser(d, d // 2, family, c=-1.3, T=T)
+        assert squared_errors(icar.diagonal_heads(star, real[:, :T]), real[:, 1:])[:, 1:].max() < 1e-20
+        # the kappa family, both signs, at H = d
+        for kappa in (0.4, -0.6, 3.0):
+            star = theory.minimiser(d, d, family, c=0.8, kappa=kappa, T=T)
+            C = star["B"].T @ star["A"]
+            assert np.allclose(C, 0.8 * (np.eye(d) + kappa * theory._pair_mask(d, family)))
+            assert squared_errors(icar.diagonal_heads(star, s[:, :T]), s[:, 1:]).max(axis=0)[1:].max() < 1e-20
+
+
+def test_fig3_left_unitary_reaches_c_identity():
+    """Fig. 3 left as the authors ran it: d = 10, T = 20, H = 10, lr 1e-2, 100 steps."""
+    d = H = 10
+    params, losses = theory.train_population(H, d, 20, "unitary", 1e-2, 100, np.random.default_rng(0))
+    A, B, P = params["A"], params["B"], params["P"]
+    C = B.T @ A
+    c = np.mean(np.diag(C))
+    assert losses[-1] < 1e-6
+    assert np.linalg.norm(C - np.diag(np.diag(C))) < 1e-3 * np.linalg.norm(np.diag(C))
+    assert np.allclose(np.diag(C), c, rtol=1e-3)
+    assert np.allclose(np.diag(P)[1:] * c, 1, atol=1e-6)
+    AB = A @ B.T
+    assert np.linalg.norm(AB - c * np.eye(H)) < 1e-3 * np.linalg.norm(AB)
+
+
+def test_orthogonal_half_heads_reach_rank_d_over_2_minimiser():
+    """H = d/2: every run ends at a stationary point; those at zero loss have
+    C = c (I kron 1 1^T), p_T = 1/c, p_{T-1} / p_T = -1/2 and A B^T = 2c I_H. (From other
+    starts plain GD stalls at spurious minima of positive loss.)"""
+    d, H, T = 4, 2, 5
+    zero = 0
+    for seed in range(4):
+        params, losses = theory.train_population(H, d, T, "orthogonal", 1e-2, 4000,
+                                                 np.random.default_rng(seed))
+        _, g = theory.population_loss_and_grad(params, "orthogonal")
+        assert max(np.max(np.abs(v)) for v in g.values()) < 1e-6
+        if losses[-1] > 1e-6:
+            continue
+        zero += 1
+        A, B, P = params["A"], params["B"], params["P"]
+        C = B.T @ A
+        c = np.mean(C[theory._pair_mask(d, "orthogonal") + np.eye(d) > 0])
+        target = c * np.kron(np.eye(d // 2), np.ones((2, 2)))
+        assert np.linalg.norm(C - target) < 1e-3 * np.linalg.norm(target)
+        assert np.allclose(np.diag(P)[1:] * c, 1, atol=1e-3)
+        assert np.allclose(np.diag(P, -1) / np.diag(P)[1:], -0.5, atol=1e-3)
+        assert np.linalg.norm(A @ B.T - 2 * c * np.eye(H)) < 1e-3 * np.linalg.norm(A @ B.T)
+    assert zero >= 1
+
+
+@pytest.mark.parametrize("family,d,H", [("unitary", 4, 2), ("unitary", 5, 3), ("orthogonal", 6, 2)])
+def test_below_threshold_loss_settles_at_min_loss(family, d, H):
+    """Every prefix's loss is at least min_loss; "unitary" runs reach it from every start,
+    "orthogonal" ones from some (others stall at spurious minima of higher loss)."""
+    T, bound = 5, theory.min_loss(d, H, family)
+    assert bound > 0
+    reached = []
+    for seed in range(3):
+        params, _ = theory.train_population(H, d, T, family, 1e-2, 3000, np.random.default_rng(seed))
+        per = theory.population_loss_per_prefix(params["B"].T @ params["A"], params["P"], family)
+        assert np.all(per > bound - 1e-9)
+        reached.append(np.allclose(per, bound, atol=1e-3))
+    assert all(reached) if family == "unitary" else any(reached)
+
+
+# ----------------------------------------------------------------------------- R4
+
+def uniform_phi(mu):
+    """E[exp(i k theta)] for theta ~ U[0, 2 pi / mu], written independently of theory.py."""
+    def phi(k):
+        a = 2 * np.pi / mu
+        k = np.asarray(k, dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(k == 0, 1.0, (np.exp(1j * a * k) - 1) / (1j * a * k))
+    return phi
+
+
+@pytest.mark.parametrize("mu,T", [(3.0, 5), (20.0, 8)])
+def test_pe_only_loss_matches_monte_carlo(mu, T):
+    rng = np.random.default_rng(10)
+    P = 0.5 * rng.standard_normal((T, T))
+    s, _ = icar.sample_sequences(rng, 20000, T, 1, "angle", mu=mu)
+    err = squared_errors(icar.pe_only({"P": P}, s[:, :T]), s[:, 1:])          # [n, T]
+    assert_monte_carlo(theory.pe_only_loss(P, mu=mu), err[:, 1:])
+    assert np.allclose(theory.pe_only_loss(P, phi=uniform_phi(mu)), theory.pe_only_loss(P, mu=mu))
+    M, b = theory.pe_only_system(T, mu=mu)
+    lam = np.exp(1j * rng.uniform(0, 2 * np.pi / mu, 20000))              # [n]
+    t = np.arange(T)
+    assert_monte_carlo(M, np.real(lam[:, None, None] ** (2 * (t[:, None] - t[None, :]))))
+    assert_monte_carlo(b[:-1], np.real(lam[:, None] ** (2 * (t[:-1] - (T - 1)))))
+
+
+def pe_only_statistics(s, T):
+    """Per row r, the sample loss of icar.pe_only (d = 1) is p^T Q_r p - 2 V_r^T p + y2_r."""
+    n = s.shape[0]
+    z = np.conj(np.concatenate([np.zeros((n, 1)), s[:, :T - 1, 0]], 1))[:, :, None] \
+        * (s[:, None, :T, 0] ** 2) * np.tril(np.ones((T, T)))            # [n, T(r), T(t)]
+    y = s[:, 1:T + 1, 0]                                                       # [n, T]
+    Q = np.real(np.einsum("nrt,nru->rtu", np.conj(z), z)) / n         # [T, T, T]
+    V = np.real(np.einsum("nrt,nr->rt", np.conj(z), y)) / n           # [T, T]
+    return Q, V, np.mean(np.abs(y) ** 2, axis=0)
+
+
+def gd_pe_only(s, T, lr, steps):
+    """GD from P = 0 on the mean of icar.mse(icar.pe_only) over all T positions, through its
+    statistics (checked against the model for the first steps); returns P_k for k in steps."""
+    Q, V, y2 = pe_only_statistics(s, T)
+
+    def objective(P):
+        return (np.sum((Q @ P[:, :, None])[..., 0] * P) - 2 * np.sum(P * V) + np.sum(y2)) / T
+
+    def gradient(P):
+        return 2 * ((Q @ P[:, :, None])[..., 0] - V) / T                      # [T, T]
+
+    def model_loss(P):
+        return icar.mse(icar.pe_only({"P": P}, s[:, :T]), s[:, 1:])
+
+    P, out = np.zeros((T, T)), []
+    for k in range(max(steps) + 1):
+        if k in steps:
+            out.append(P)
+        if k < 3:  # the statistics are the model's loss and gradient
+            np.testing.assert_allclose(objective(P), model_loss(P), rtol=1e-10)
+            np.testing.assert_allclose(gradient(P), grad(model_loss)(P), atol=1e-12)
+        P = P - lr * gradient(P)
+    return np.array(out)
+
+
+def test_pe_only_gd_follows_exact_path_at_narrow_angles():
+    """mu = 20, T = 8, 100,000 sequences: entries of the sample M, b are within 0.002 of the
+    population ones, and the sampled GD path stays within 0.002 of pe_only_trajectory."""
+    T, mu, lr = 8, 20.0, 1.5
+    rng = np.random.default_rng(11)
+    s, _ = icar.sample_sequences(rng, 100000, T, 1, "angle", mu=mu)
+    Q, V, _ = pe_only_statistics(s, T)
+    M, b = theory.pe_only_system(T, mu=mu)
+    assert np.max(np.abs(Q[-1] - M)) < 0.002 and np.max(np.abs(V[-1] - b)) < 0.002
+    steps = [0, 1, 10, 100, 1000]
+    path = gd_pe_only(s, T, lr, steps)
+    exact = theory.pe_only_trajectory(T, mu=mu, eta=lr / T, steps=np.array(steps))
+    assert np.max(np.abs(path - exact)) < 0.002
+    assert np.max(np.abs(exact[-1] - theory.pe_only_solution(T, mu=mu))) > 0.1  # far from the end
+
+
+def test_pe_only_trajectory_is_gradient_descent_on_the_population_loss():
+    T, mu, eta = 6, 7.0, 0.3
+    P, g = np.zeros((T, T)), grad(lambda P: anp.sum(theory.pe_only_loss(P, mu=mu)))
+    exact = theory.pe_only_trajectory(T, mu=mu, eta=eta, steps=np.arange(40))
+    for k in range(40):
+        assert np.max(np.abs(exact[k] - P)) < 1e-10
+        P = P - eta * g(P)
+
+
+@pytest.mark.parametrize("mu", [6.0, 1.0])
+def test_pe_only_gd_converges_to_solution(mu):
+    """Sampled GD reaches pe_only_solution; full-circle angles (mu = 1) give p_T = 1."""
+    T, lr = 6, 1.8
+    rng = np.random.default_rng(12)
+    s, _ = icar.sample_sequences(rng, 20000, T, 1, "angle", mu=mu)
+    P = gd_pe_only(s, T, lr, [3000])[0]
+    star = theory.pe_only_solution(T, mu=mu)
+    assert np.max(np.abs(P - star)) < 1e-3
+    assert np.allclose(theory.pe_only_trajectory(T, mu=mu, eta=lr / T, steps=3000), star, atol=1e-6)
+    if mu == 1.0:
+        assert np.allclose(star, np.diag((np.arange(T) > 0).astype(float)), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("call", [
+    lambda: theory.gd_step_size(1, 3),
+    lambda: theory.gd_loss(5, 3, loss="first"),
+    lambda: theory.population_loss(np.eye(3), np.eye(4), "orthogonal"),
+    lambda: theory.population_loss(np.eye(3), np.eye(4), "haar"),
+    lambda: theory.minimiser(4, 3, "orthogonal", kappa=0.5),
+    lambda: theory.minimiser(4, 4, "unitary", kappa=0.5),
+    lambda: theory.minimiser(4, 4, "unitary", c=0.0),
+    lambda: theory.pe_only_system(5),
+    lambda: theory.pe_only_system(5, mu=2.0, phi=np.cos),
+    lambda: theory.pe_only_trajectory(5, mu=2.0, eta=0.1, steps=-1),
+    lambda: theory.train_population(2, 4, 5, "unitary", 10.0, 200, np.random.default_rng(0)),
+])
+def test_user_errors_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# ##############################################################################
+# train.py
+# ##############################################################################
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(T=5, n_train=64, n_test=32, n_probe=4, steps=6, checkpoint_every=2, log_every=2)
+
+
+def flat(tree):
+    return train._flatten(tree)
+
+
+# ----------------------------------------------------------------------------- optimisers
+
+def test_adam_matches_scalar_reference_and_gd_is_one_line():
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal(3), "layers": [{"w": rng.standard_normal((2, 2))}]}
+    grads = [tree for tree in (train.tree_map(lambda p: rng.standard_normal(p.shape), params)
+                               for _ in range(3))]
+    state = train.adam_init(params)
+    p = params
+    for g in grads:
+        p, state = train.adam_update(p, g, state, 0.1)
+    # reference: the textbook recursion on each scalar
+    x, m, v = params["layers"][0]["w"][1, 0], 0.0, 0.0
+    for t, g in enumerate(grads, 1):
+        gi = g["layers"][0]["w"][1, 0]
+        m, v = 0.9 * m + 0.1 * gi, 0.999 * v + 0.001 * gi ** 2
+        x -= 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    assert p["layers"][0]["w"][1, 0] == pytest.approx(x, abs=1e-15)
+    assert state["t"] == 3
+    q = train.gd_update(params, grads[0], 0.5)
+    assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
+
+
+# ----------------------------------------------------------------------------- files, resume
+
+def test_flatten_roundtrip_keeps_lists():
+    tree = {"layers": [{"W": np.ones(2)}, {"W": np.zeros(3)}], "b": np.arange(2.0)}
+    back = train._unflatten(flat(tree))
+    assert isinstance(back["layers"], list) and len(back["layers"]) == 2
+    assert np.array_equal(back["layers"][1]["W"], np.zeros(3))
+
+
+def test_interrupted_write_leaves_previous_file(tmp_path):
+    path = str(tmp_path / "metrics.npz")
+    train._save_npz(path, {"x": np.arange(3.0)})
+
+    def crash(f):  # a partial write, then the process is interrupted
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train._atomic_write(path, crash)
+    assert np.array_equal(train._load_npz(path)["x"], np.arange(3.0))
+    assert os.listdir(tmp_path) == ["metrics.npz"]
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    kw = dict(TINY, d=2, n_probe=0)
+    full = train.run("block", runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+    savez, calls = np.savez, []
+
+    def crash(f, **arrays):
+        calls.append(1)
+        if len(calls) == 3:  # the checkpoint of step 4, half written
+            f.write(b"PK\x03\x04 partial")
+            raise KeyboardInterrupt
+        savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(np, "savez", savez)
+    assert int(train._load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
+    resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
+    assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
+    assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
+
+
+@pytest.mark.parametrize("experiment,extra", [
+    ("block", dict(d=2, batch=16)),                      # minibatches: the shuffle RNG matters
+    ("augmented", dict(d=2, layers=2, batch=16, steps=5)),  # list-of-dict parameters
+    ("pe-only", dict(target_loss=0.0)),                  # plain GD
+])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
+    kw = dict(TINY, **extra)
+    full = train.run(experiment, runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+
+    name = "gd_update" if full["config"]["optimizer"] == "gd" else "adam_update"
+    update, calls = getattr(train, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint at step 2, before step 4
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(experiment, runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(train, name, update)
+    assert not os.path.exists(tmp_path / "cut" / "params.npz")
+    resumed = train.run(experiment, runs_dir=str(tmp_path), name="cut", resume=True, quiet=True,
+                        **kw)
+    a, b = flat(full["params"]), flat(resumed["params"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    for k in ("train_loss", "test_loss", "test_step"):
+        assert np.array_equal(full["metrics"][k], resumed["metrics"][k]), k
+    loaded = train.load(resumed["dir"])
+    assert all(np.array_equal(a[k], v) for k, v in flat(loaded["params"]).items())
+    assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
+    assert np.array_equal(loaded["metrics"]["test_loss_position"],
+                             resumed["metrics"]["test_loss_position"])
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        train.run("block", runs_dir=str(tmp_path), resume=True, quiet=True, lr=0.5, **dict(TINY, n_probe=0))
+
+
+def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
+    kw = dict(TINY, optimizer="gd", lr=1e6, steps=100, checkpoint_every=1, n_probe=0)
+    with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
+    step = int(str(e.value).split("at step ")[1].split(":")[0])
+    z = train._load_npz(str(tmp_path / "block" / "checkpoint.npz"))
+    assert int(z["step"]) == step - 1
+    assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
+    # the command line: one line on stderr, non-zero status
+    argv = ["block", "--runs_dir", str(tmp_path), "--quiet"] + [
+        a for k, v in kw.items() for a in (f"--{k}", str(v))]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def test_baselines_match_paper_numbers():
+    """paper.md: d = 5, Haar, s_1 = 1/sqrt(5): one-step GD 0.80, 0.67, 0.42, 0.31, 0.25, 0.22
+    after 1, 2, 5, 10, 20, 49 transitions (two decimals, so 0.005 of rounding plus 4
+    standard errors); zero predictor 1; least squares exact from 5 transitions."""
+    s, W = icar.sample_sequences(np.random.default_rng(1), 4096, 50, 5, "haar", s1="fixed")
+    b = train.baselines(s, W, gd_steps=1)
+    x, y = s[:, :-1], s[:, 1:]
+    C, _ = train._context_sums(x)
+    per = np.sum((train.optimal_gd_step(s)[None, :, None] * train._apply(C, x) - y) ** 2, -1)
+    se = per.std(axis=0) / np.sqrt(len(per))
+    for r, ref in zip((1, 2, 5, 10, 20, 49), (0.80, 0.67, 0.42, 0.31, 0.25, 0.22)):
+        assert abs(b["gd1"][r] - ref) <= 0.005 + 4 * se[r], (r, b["gd1"][r])
+    assert np.allclose(b["zero"], 1.0, atol=1e-12)
+    assert np.all(b["least_squares"][5:] < 1e-16) and b["least_squares"][4] > 0.1
+    assert np.all(b["oracle"] < 1e-25)
+    assert np.allclose(b["last_value"], np.mean(np.sum((x - y) ** 2, -1), 0))
+
+
+def test_k_step_gd_step_is_the_grid_minimum():
+    s, W = icar.sample_sequences(np.random.default_rng(2), 256, 12, 3, "haar")
+    x, y = s[:, :-1], s[:, 1:]
+    C, S = train._context_sums(x)
+    eta = train.optimal_gd_step(s, 3)
+    best = train._position_loss(train._gd_prediction(C, S, x, eta, 3), y)
+    grid = np.linspace(0, 2 * eta.max(), 2001)
+    losses = np.stack([train._position_loss(
+        train._gd_prediction(C, S, x, np.full(12, g), 3), y) for g in grid])  # [grid, T]
+    assert np.all(best <= losses.min(axis=0) + 1e-12)
+    # and one step through the same code equals the closed form of optimal_gd_step(s, 1)
+    eta1 = train.optimal_gd_step(s, 1)
+    one = train._position_loss(train._gd_prediction(C, S, x, eta1, 1), y)
+    assert np.all(one <= np.stack([train._position_loss(
+        train._gd_prediction(C, S, x, np.full(12, g), 1), y) for g in grid]).min(0) + 1e-12)
+
+
+# ----------------------------------------------------------------------------- probe
+
+def test_probe_m1_one_gd_step_and_oracle():
+    """A = I, B = eta I: Gamma = eta sum_{t<=r} s_t s_{t-1}^* exactly (complex data); the
+    oracle predictor gives W."""
+    rng = np.random.default_rng(3)
+    d, T, eta = 3, 6, 0.3
+    s, W = icar.sample_sequences(rng, 8, T, d, "unitary")
+    params = {"A": np.eye(d), "B": eta * np.eye(d)}
+    cfg = train.config("block", d=d, T=T)
+    predict = train.query_predictor("block", cfg, params, s[:, :-1])
+    assert np.allclose(predict(s[:, :-1]), icar.augmented_linear(params, icar.augment(s[:, :-1])),
+                          atol=1e-13)
+    G = train.probe(predict, s, W)["Gamma"]
+    want = np.zeros((8, d, d), complex)
+    for r in range(T):  # reference: the sum written out
+        if r:
+            want = want + eta * s[:, r, :, None] * s[:, r - 1, None, :].conj()
+        assert np.abs(G[:, r] - want).max() < 1e-12, r
+    oracle = train.probe(lambda x: (W[:, None] @ x[..., None])[..., 0], s, W)
+    assert np.abs(oracle["Gamma"] - W[:, None]).max() < 1e-14
+    assert np.allclose(oracle["err_W"], 0, atol=1e-14) and np.allclose(oracle["cos_W"], 1)
+
+
+def test_probe_full_form_equals_block_form():
+    rng = np.random.default_rng(4)
+    d, T = 2, 5
+    s, W = icar.sample_sequences(rng, 4, T, d, "haar")
+    A, B = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    full = {"W_KQ": np.zeros((3 * d, 3 * d)), "W_V": np.zeros((3 * d, 3 * d))}
+    full["W_KQ"][2 * d:, d:2 * d], full["W_V"][:d, d:2 * d] = A, B
+    cfg = train.config("block", d=d, T=T)
+    pf = train.query_predictor("block", cfg, full, s[:, :-1])
+    assert np.allclose(pf(s[:, :-1]), icar.augmented_linear(full, icar.augment(s[:, :-1])), atol=1e-13)
+    Gf = train.probe(pf, s, W)["Gamma"]
+    Gb = train.probe(train.query_predictor("block", cfg, {"A": A, "B": B}, s[:, :-1]), s, W)["Gamma"]
+    assert np.abs(Gf - Gb).max() < 1e-12
+    shares = train.weight_blocks("block", full, d)
+    assert np.allclose(shares["share_KQ"], 1) and np.allclose(shares["share_V"], 1)
+
+
+@pytest.mark.parametrize("experiment,attention", [("augmented", "linear"), ("nonaug", "softmax")])
+def test_two_stream_transformer_is_icar_and_local(experiment, attention):
+    rng = np.random.default_rng(5)
+    d, T = 2, 5
+    cfg = train.config(experiment, d=d, T=T, layers=2, heads=2, attention=attention)
+    params = train.init_model(experiment, cfg, rng)
+    s, W = icar.sample_sequences(rng, 3, T, d, "haar")
+    predict = train.query_predictor(experiment, cfg, params, s[:, :-1])
+    assert np.abs(predict(s[:, :-1]) - train.predictor(experiment, cfg)(params, s[:, :-1])).max() < 1e-12
+    # output position r depends on the query states only through x_r
+    g = grad(lambda x: anp.sum(predict(x)[:, 2]))(s[:, :-1])
+    assert np.all(g[:, [0, 1, 3, 4]] == 0) and np.abs(g[:, 2]).max() > 1e-6
+    # probe rows against central finite differences
+    G = train.probe(predict, s, W)["Gamma"]
+    h, j = 1e-6, 1
+    e = np.zeros_like(s[:, :-1])
+    e[..., j] = h
+    fd = (predict(s[:, :-1] + e) - predict(s[:, :-1] - e)) / (2 * h)   # [n, T, d]: column j
+    assert np.abs(G[..., j] - fd).max() < 1e-7
+
+
+def test_weight_blocks_m4_reproduce_the_scores():
+    """e_t^T KQ e_r equals the first layer's attention score q_r . k_t (zero biases)."""
+    rng = np.random.default_rng(6)
+    d = 2
+    cfg = train.config("augmented", d=d, T=4, heads=2)
+    params = train.init_model("augmented", cfg, rng)
+    e = rng.standard_normal((3, 3 * d))
+    layer = params["layers"][0]
+    want = np.einsum("hri,hti->htr", e @ layer["W_Q"], e @ layer["W_K"])       # [H, t, r]
+    KQ = train.weight_blocks("augmented", params, d)["KQ"][0]                       # [H, 3d, 3d]
+    assert np.allclose(e @ KQ @ e.T, want, atol=1e-12)
+    blocks = train.weight_blocks("augmented", params, d)
+    by_hand = np.sum(KQ[:, 2 * d:, d:2 * d] ** 2, (1, 2)) / np.sum(KQ ** 2, (1, 2))
+    assert np.allclose(blocks["share_KQ"][0], by_hand)
+
+
+# ----------------------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("argv", [
+    ["augmented", "--lr", "abc"], ["nosuch"], ["block", "--steps", "-1"],
+    ["block", "--heads", "2"], ["pe-only", "--dtype", "float16"], ["augmented", "--backend", "cupy"],
+])
+def test_bad_arguments_exit_2_with_one_line(argv):
+    out = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("train.py: ")
+
+
+def test_every_experiment_runs_end_to_end(tmp_path, capsys):
+    tiny = ["--T", "5", "--n_train", "32", "--n_test", "16", "--n_probe", "2", "--steps", "3",
+            "--quiet", "--runs_dir", str(tmp_path)]
+    for experiment in ("augmented", "nonaug", "block", "diagonal", "pe-only"):
+        extra = ["--batch", "16"] if experiment in ("augmented", "nonaug") else []
+        extra += ["--heads", "2"] if experiment == "nonaug" else []
+        assert train.main([experiment] + tiny + extra) == 0, experiment
+        result = train.load(str(tmp_path / experiment))
+        m = result["metrics"]
+        assert len(m["train_loss"]) == 4 and m["test_loss_position"].shape == (5,)
+        assert np.isfinite(m["test_loss"]).all()
+    assert train.main(["population", "--steps", "3", "--d", "4", "--heads", "2", "--T", "5",
+                       "--runs_dir", str(tmp_path)]) == 0
+    assert len(train.load(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
+    assert "model" in capsys.readouterr().out
+    assert train.main(["augmented", "--help"]) == 0
+    assert "--layers" in capsys.readouterr().out
+
+
+def test_sweep_over_layers_writes_summary(tmp_path, capsys):
+    argv = ["augmented", "--T", "4", "--n_train", "32", "--n_test", "16", "--n_probe", "0",
+            "--steps", "2", "--batch", "0", "--quiet", "--runs_dir", str(tmp_path),
+            "--sweep", "layers=1,2", "--sweep", "sigma=0,0.1"]
+    assert train.main(argv) == 0
+    with open(tmp_path / "augmented" / "summary.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["layers"], r["sigma"]) for r in rows] == [(1, 0.0), (1, 0.1), (2, 0.0), (2, 0.1)]
+    second = train.load(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
+    assert second["config"]["layers"] == 2 and second["config"]["sigma"] == 0.1
+    assert rows[3]["gd_k=L"] == pytest.approx(float(np.mean(second["metrics"]["baseline_gd2"])))
+    assert "gd_k=L" in capsys.readouterr().out
+
+
+def test_progress_updates_one_line_on_a_terminal_and_prints_lines_otherwise():
+    class Stream(list):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+
+    for tty in (True, False):
+        stream = Stream(tty)
+        progress = train._Progress(10, quiet=False, stream=stream)
+        for step in (0, 5, 10):
+            progress.show(step, 1.0, 2.0, final=step == 10)
+        text = "".join(stream)
+        assert text.count("\r") == (3 if tty else 0) and text.count("\n") == (1 if tty else 3)
+        assert "step 10/10" in text and "steps/s" in text and "left" in text
+    quiet = Stream(False)
+    train._Progress(10, quiet=True, stream=quiet).show(0, 1.0, 2.0)
+    assert quiet == []
+
+
+def test_probe_of_the_r2_minimiser_is_w():
+    """M2 at R2's global minimiser (C = c I, p_T = 1/c): Gamma = diag(s_r conj(s_{r-1}))
+    = diag(lambda) = W at every position r >= 1."""
+    theory = pytest.importorskip("theory")
+    d, T = 3, 6
+    params = theory.minimiser(d, d, "unitary", c=-1.2, T=T)
+    s, W = icar.sample_sequences(np.random.default_rng(7), 5, T, d, "unitary")
+    cfg = train.config("diagonal", d=d, T=T, heads=d)
+    predict = train.query_predictor("diagonal", cfg, params, s[:, :-1])
+    assert np.abs(predict(s[:, :-1]) - icar.diagonal_heads(params, s[:, :-1])).max() < 1e-13
+    found = train.probe(predict, s, W)
+    assert np.abs(found["Gamma"][:, 1:] - W[:, None]).max() < 1e-12
+    assert np.all(found["err_W"][1:] < 1e-12)
+
+
+@pytest.mark.parametrize("experiment", ["diagonal", "pe-only"])
+def test_value_slot_predictors_are_the_models(experiment):
+    rng = np.random.default_rng(8)
+    d, T = 2, 5
+    cfg = train.config(experiment, d=d, T=T)
+    params = {"P": rng.standard_normal((T, T))}
+    if experiment == "diagonal":
+        params.update(A=rng.standard_normal((4, d)), B=rng.standard_normal((4, d)))
+    s, W = icar.sample_sequences(rng, 3, T, d, "unitary")
+    predict = train.query_predictor(experiment, cfg, params, s[:, :-1])
+    assert np.abs(predict(s[:, :-1]) - train.predictor(experiment, cfg)(params, s[:, :-1])).max() < 1e-12
+    x = s[:, :-1] + rng.standard_normal(s[:, :-1].shape)
+    for r in range(T):  # position r reads x only at r, linearly, as the value of the newest token
+        y = s[:, :-1].copy()
+        y[:, r] = x[:, r]
+        assert np.abs(predict(y)[:, r] - predict(x)[:, r]).max() < 1e-12
+    assert np.allclose(predict(2 * x - s[:, :-1]) - predict(x), predict(x) - predict(s[:, :-1]))
+
+
+# ##############################################################################
+# GPU arrays: the CuPy adapter against a strict stand-in
+# ##############################################################################
+
+# ============================================================================ the stand-in
+
+class Strict(np.lib.mixins.NDArrayOperatorsMixin):
+    """A device-like array: wraps a numpy array, refuses every implicit host exchange."""
+
+    def __init__(self, a):
+        self._a = a
+
+    # --- what CuPy refuses
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed; use .get()")
+
+    def view(self, *args, **kwargs):
+        if np.ndarray in args or kwargs.get("type") is np.ndarray:
+            raise TypeError("a device array has no np.ndarray view")
+        return Strict(self._a.view(*args, **kwargs))
+
+    def reshape(self, *shape, order="C"):
+        _check_order(order)
+        return Strict(self._a.reshape(*shape, order=order))
+
+    def ravel(self, order="C"):
+        _check_order(order)
+        return Strict(self._a.ravel(order=order))
+
+    # --- the protocols autograd and icar reach it through
+    def __array_function__(self, func, types, args, kwargs):
+        if func in (np.reshape, np.ravel):
+            _check_order(kwargs.get("order", "C"))
+        return _call(func, args, kwargs)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if any(isinstance(x, Box) for x in inputs):
+            return NotImplemented  # let autograd's box take the call
+        if method == "at":
+            return NotImplemented  # as CuPy 12 (cupy#7561): only the module's own add.at works
+        out = kwargs.get("out")
+        result = _call(getattr(ufunc, method), inputs, kwargs)
+        return out[0] if out is not None and len(out) == 1 else result
+
+    def __array_namespace__(self, api_version=None):
+        return STRICT
+
+    # --- array behaviour
+    shape = property(lambda self: self._a.shape)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    dtype = property(lambda self: self._a.dtype)
+    T = property(lambda self: Strict(self._a.T))
+    real = property(lambda self: Strict(self._a.real))  # views, as in CuPy
+    imag = property(lambda self: Strict(self._a.imag))
+
+    def __getitem__(self, idx):
+        return _wrap(self._a[_unwrap_index(idx)])
+
+    def __setitem__(self, idx, value):
+        self._a[_unwrap_index(idx)] = _unwrap(value)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def item(self):
+        return self._a.item()
+
+    def __repr__(self):
+        return f"Strict({self._a!r})"
+
+    def get(self):
+        """The explicit copy to the host, as cupy.ndarray.get()."""
+        return self._a.copy()
+
+    def astype(self, dtype, copy=True):
+        return Strict(self._a.astype(dtype, copy=copy))
+
+    def conj(self):
+        return Strict(self._a.conj())
+
+    def copy(self):
+        return Strict(self._a.copy())
+
+
+def _check_order(order):
+    if order not in ("C", "F", "A"):
+        raise TypeError(f"order not understood: {order!r}")
+
+
+def _is_index_array(i):
+    return isinstance(i, (Strict, np.ndarray, list)) and _unwrap_index(i).dtype.kind in "iu"
+
+
+def _unwrap_index(idx):
+    """An index: CuPy copies host index arrays and lists to the device, so they pass here."""
+    if isinstance(idx, tuple):
+        return tuple(_unwrap_index(i) for i in idx)
+    if isinstance(idx, (list, np.ndarray)):
+        return np.asarray(_unwrap(list(idx)) if isinstance(idx, list) else idx)
+    return _unwrap(idx)
+
+
+def _unwrap(x):
+    """Strict -> its numpy array, recursively; a numpy array here is a host array mixed in."""
+    if isinstance(x, Strict):
+        return x._a
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"a numpy array (shape {x.shape}) was mixed into a device-array call")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _unwrap(v) for k, v in x.items()}
+    return x
+
+
+def _wrap(x):
+    if isinstance(x, (np.ndarray, np.generic)):  # reductions give 0-d arrays, as in CuPy
+        return Strict(np.asarray(x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_wrap(v) for v in x)
+    return x
+
+
+def _call(func, args, kwargs):
+    return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+
+class _StrictModule:
+    """The module of Strict arrays (as cupy): numpy's functions, returning Strict arrays."""
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if isinstance(attr, np.ufunc):
+            return _StrictUfunc(attr)
+        if not callable(attr) or isinstance(attr, type):
+            return attr  # constants and dtypes
+        return lambda *args, **kwargs: _call(attr, args, kwargs)
+
+    @staticmethod
+    def asarray(a, dtype=None):
+        """The explicit copy to the device (cupy.asarray): the one entry for host arrays."""
+        return a.astype(dtype) if isinstance(a, Strict) else Strict(np.array(a, dtype=dtype))
+
+    @staticmethod
+    def asnumpy(a):
+        return a.get()
+
+
+class _StrictUfunc:
+    """A ufunc of the Strict module: calls refuse host arrays; add.at refuses complex values
+    at index arrays (no complex atomics); other methods (reduce, ...) are numpy's, which hand
+    Strict arguments to Strict.__array_ufunc__."""
+
+    def __init__(self, ufunc):
+        self.ufunc = ufunc
+
+    def __call__(self, *args, **kwargs):
+        return _call(self.ufunc, args, kwargs)
+
+    def at(self, target, idx, values):
+        if (self.ufunc is np.add and np.iscomplexobj(_unwrap(values))
+                and any(_is_index_array(i) for i in (idx if isinstance(idx, tuple) else (idx,)))):
+            raise TypeError("add.at does not support complex values with index arrays")
+        self.ufunc.at(target._a, _unwrap_index(idx), _unwrap(values))
+
+    def __getattr__(self, name):
+        return getattr(self.ufunc, name)
+
+
+STRICT = _StrictModule()
+
+
+@pytest.fixture(scope="module")
+def xp():
+    enable_autograd_for(Strict, STRICT)
+    return STRICT
+
+
+def test_stand_in_refuses_what_cupy_refuses():
+    x = Strict(np.arange(6.0).reshape(2, 3))
+    z = Strict(np.zeros(3, dtype=complex))
+    for refused in (
+            lambda: np.asarray(x),                                  # __array__
+            lambda: x + np.ones(3),                                 # host array mixed in
+            lambda: x * np.array(2.0),                              # even a 0-d one
+            lambda: np.concatenate([x, np.ones((1, 3))]),
+            lambda: STRICT.where(x > 1, x, np.zeros((2, 3))),
+            lambda: STRICT.exp(np.zeros(3)),
+            lambda: x.reshape((3, 2), order=None),                     # order=None
+            lambda: np.reshape(x, (3, 2), order=None),
+            lambda: np.ravel(x, order=None),
+            lambda: STRICT.add.at(z, Strict(np.array([0, 0])), Strict(np.ones(2) * 1j)),
+            lambda: STRICT.add.at(z, [0, 0], Strict(np.ones(2) * 1j)),
+            lambda: np.add.at(x, (0,), 1.0),                        # numpy's add.at on it
+            lambda: x.view(np.ndarray)):
+        with pytest.raises(TypeError):
+            refused()
+    # ... and still computes what numpy computes, on Strict arrays, for what CuPy allows
+    y = np.concatenate([x, x * np.float64(2.0)]) @ Strict(np.ones((3, 1))) + 1.0
+    assert isinstance(y, Strict) and np.array_equal(y.get(), [[4.0], [13.0], [7.0], [25.0]])
+    STRICT.add.at(z, (slice(0, 2),), Strict(np.ones(2) * 1j))       # complex with a slice
+    x2 = Strict(np.zeros(3))
+    STRICT.add.at(x2, Strict(np.array([0, 0, 2])), Strict(np.ones(3)))  # real, index array
+    assert np.array_equal(z.get(), [1j, 1j, 0]) and np.array_equal(x2.get(), [2.0, 0, 1.0])
+    assert isinstance(np.sum(x), Strict) and np.sum(x).shape == ()
+    assert isinstance(icar.causal_mask(icar.array_module(x), 3), Strict)
+
+
+# ============================================================================ helpers
+
+def to_device(tree):
+    if isinstance(tree, dict):
+        return {k: to_device(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_device(v) for v in tree]
+    return STRICT.asarray(tree)
+
+
+def to_host(tree):
+    if isinstance(tree, dict):
+        return {k: to_host(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_host(v) for v in tree]
+    assert isinstance(tree, Strict), f"{type(tree).__name__} left the device"
+    return tree.get()
+
+
+def leaves(tree):
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in leaves(tree[k])]
+    if isinstance(tree, list):
+        return [x for v in tree for x in leaves(v)]
+    return [np.asarray(tree)]
+
+
+def assert_close(device, host, tol=1e-12):
+    for a, b in zip(leaves(to_host(device)), leaves(host), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        scale = 1.0 + np.max(np.abs(b), initial=0.0)
+        assert np.max(np.abs(a - b), initial=0.0) <= tol * scale
+
+
+# ============================================================================ the models
+
+def data(family, n=3, T=6, d=2, seed=0):
+    s, _ = icar.sample_sequences(np.random.default_rng(seed), n, T, d, family)
+    return s
+
+
+def next_state_loss(model):
+    """loss(params, s): model(params, s_1..s_T) against s_2..s_{T+1}, every position."""
+    return lambda params, s: icar.mse(model(params, s[:, :-1]), s[:, 1:])
+
+
+def _M1(form):
+    def case(family):
+        rng = np.random.default_rng(1)
+        params = icar.init_params("augmented_linear", rng, d=2, form=form, scale=0.5)
+        model = lambda p, s: icar.augmented_linear(p, icar.augment(s))
+        return params, data(family), next_state_loss(model)
+    return case
+
+
+def _M2(family):
+    rng = np.random.default_rng(1)
+    params = icar.init_params("diagonal_heads", rng, d=2, T=6, H=2, scale=0.5)
+    return params, data(family), next_state_loss(icar.diagonal_heads)
+
+
+def _M3(family):
+    params = {"P": 0.3 * np.random.default_rng(1).standard_normal((6, 6))}
+    return params, data(family), next_state_loss(icar.pe_only)
+
+
+def _M4(augmented, **options):
+    def case(family):
+        cfg = icar.transformer_config(d_in=6 if augmented else 2, d_out=2, T=6, **options)
+        params = icar.init_params("transformer", np.random.default_rng(1), cfg=cfg)
+        tokens = icar.augment if augmented else (lambda s: s)
+        return params, data(family), next_state_loss(lambda p, s: icar.transformer(p, tokens(s), cfg))
+    return case
+
+
+def _population(family):
+    """theory.population_loss at C = B^T A; the population has no data."""
+    params = icar.init_params("diagonal_heads", np.random.default_rng(1), d=4, T=5, H=2, scale=0.5)
+    return params, {}, lambda p, _: theory.population_loss(p["B"].T @ p["A"], p["P"], family)
+
+
+CASES = {
+    "M1_full": _M1("full"),
+    "M1_block": _M1("block"),
+    "M2": _M2,
+    "M3": _M3,
+    "M4_augmented_linear": _M4(True),
+    "M4_softmax_positional": _M4(False, attention="softmax", positional=True, layers=2, heads=2,
+                                 repeat=2),
+    "M4_linear_no_layernorm": _M4(False, layernorm=False, residual=False, layers=2),
+    "population": _population,
+}
+CASE_IDS = [(name, family) for name in CASES  # real and complex data; the theory's own families
+            for family in (theory.FAMILIES if name == "population" else ("haar", "unitary"))]
+
+
+def numpy_reference():
+    """Loss and gradient of every case on NumPy, flattened for np.savez."""
+    out = {}
+    for name, family in CASE_IDS:
+        params, s, loss = CASES[name](family)
+        out[f"{name}-{family}-loss"] = loss(params, s)
+        for i, g in enumerate(leaves(grad(loss)(params, s))):
+            out[f"{name}-{family}-grad{i}"] = g
+    return out
+
+
+@pytest.mark.parametrize("name, family", CASE_IDS)
+def test_loss_and_gradients_on_the_device_equal_numpy(xp, name, family):
+    params, s, loss = CASES[name](family)
+    value, g = loss(params, s), grad(loss)(params, s)
+    value_d, g_d = loss(to_device(params), to_device(s)), grad(loss)(to_device(params), to_device(s))
+    assert isinstance(value_d, Strict)
+    assert_close(value_d, value)
+    assert_close(g_d, g)
+
+
+@pytest.mark.parametrize("name, family", CASE_IDS)
+def test_twenty_adam_steps_on_the_device_equal_numpy(xp, name, family):
+    params, s, loss = CASES[name](family)
+    start = loss(params, s)
+    params_d, s_d = to_device(params), to_device(s)
+    state, state_d = train.adam_init(params), train.adam_init(params_d)
+    for _ in range(20):
+        params, state = train.adam_update(params, grad(loss)(params, s), state, lr=0.02)
+        params_d, state_d = train.adam_update(params_d, grad(loss)(params_d, s_d), state_d, lr=0.02)
+    assert loss(params, s) < start
+    for a, b in zip(leaves(to_host(params_d)), leaves(params), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_numpy_results_are_bit_identical_with_and_without_the_adapter(xp, tmp_path):
+    path = tmp_path / "reference.npz"
+    code = f"import numpy, test_icar; numpy.savez({str(path)!r}, **test_icar.numpy_reference())"
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=here)
+    without, with_ = np.load(path), numpy_reference()
+    assert sorted(without.files) == sorted(with_)
+    for key in with_:
+        assert np.asarray(with_[key]).tobytes() == without[key].tobytes(), key
+
+
+# ============================================================================ the adapter's parts
+
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_vector_space_of_device_arrays_matches_numpy(xp, dtype):
+    host = np.zeros((2, 3), dtype=dtype)
+    vs, vs_d = vspace(host), vspace(xp.asarray(host))
+    for attribute in ("iscomplex", "size", "shape", "dtype"):
+        assert getattr(vs_d, attribute) == getattr(vs, attribute)
+    for made, expected in ((vs_d.zeros(), vs.zeros()), (vs_d.ones(), vs.ones())):
+        assert isinstance(made, Strict) and made.dtype == expected.dtype
+        assert np.array_equal(made.get(), expected)
+
+
+def _x(dtype=float):
+    x = np.random.default_rng(5).standard_normal((3, 4))
+    return x * np.exp(1j * np.arange(4)) if dtype is complex else x
+
+
+# Small functions that reach every autograd internal the adapter touches.
+INTERNALS = {
+    "sum_mean_var_std": (float, lambda x: anp.sum(anp.mean(x, axis=0)) + anp.var(x)
+                         + anp.std(x, axis=1)[0]),
+    "max_min_prod": (float, lambda x: anp.max(x, axis=1)[1] * anp.min(x) + anp.prod(x[0])),
+    "where": (float, lambda x: anp.sum(anp.where(getval(x) > 0, x, -2.0 * x))),
+    "stack": (float, lambda x: anp.sum(anp.stack([x, 2.0 * x], axis=1)[:, 1] * x)),
+    "concatenate": (complex, lambda x: anp.sum(anp.abs(anp.concatenate([x, x[:1]], axis=0)))),
+    "reshape_ravel": (float, lambda x: anp.sum(anp.reshape(x, (4, 3))[0] * anp.ravel(x)[:3])),
+    "transpose": (float, lambda x: anp.sum(anp.transpose(x[None], (2, 0, 1))[1:] * x.T[:-1, None])),
+    "index_array": (float, lambda x: anp.sum(x[_index(x)] * x[:3])),
+    "complex_index_array": (complex, lambda x: anp.sum(anp.abs(x[_index(x)] * x[:3]))),
+    "complex_index_list": (complex, lambda x: anp.sum(anp.abs(x[:, [1, 1, 3]] * x[:, :3]))),
+    "complex_slice": (complex, lambda x: anp.sum(anp.real(x[:, 1:] * anp.conj(x[:, :-1])))),
+}
+
+
+def _index(x):
+    return icar.array_module(x).asarray([0, 2, 0])
+
+
+@pytest.mark.parametrize("name", INTERNALS)
+def test_gradients_through_each_patched_internal_equal_numpy(xp, name):
+    dtype, f = INTERNALS[name]
+    x = _x(dtype)
+    value, g = f(x), grad(f)(x)
+    value_d, g_d = f(xp.asarray(x)), grad(f)(xp.asarray(x))
+    assert_close(value_d, value)
+    assert_close(g_d, g)
+
+
+def test_cupy_backend_without_cupy_is_one_clear_value_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    with pytest.raises(ValueError, match=r"^--backend cupy needs CuPy: .*pip install cupy"):
+        cupy_backend()
+
+
+def test_array_module_of_a_type_without_array_namespace_is_its_package():
+    fake = type("ndarray", (), {"__module__": "email.message"})()  # as CuPy < 14's cupy._core.core
+    assert icar.array_module(fake) is email
+
+
+# ##############################################################################
+# figures.py
+# ##############################################################################
+
+def png_ok(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
+
+
+# ============================================================================ Fig. 4 logic
+
+def test_ar_refit_is_exact_on_ar_data_and_not_on_shuffled_tokens():
+    """Windows of 5 states of s_{t+1} = W s_t in d = 3 (4 transitions > d): the least-squares
+    W is the true one and the roll-out is exact; shuffled tokens break the recursion."""
+    s, _ = icar.sample_sequences(rng(1), 200, 4, 3, "haar")                    # [200, 5, 3]
+    _, err = figures.ar_refit(s)
+    assert np.max(err) < 1e-20
+    _, err_shuffled = figures.ar_refit(figures.shuffle_tokens(s, rng(2)))
+    assert np.mean(err_shuffled > 1e-6) > 0.9 and np.mean(err_shuffled) > 1e-3
+
+
+def test_ar_refit_matches_per_window_lstsq():
+    """The Gram-matrix route equals numpy.linalg.lstsq window by window (minimum norm),
+    including windows with a repeated token (rank-deficient inputs)."""
+    s = rng(3).standard_normal((6, 5, 8))
+    s[0, 3] = s[0, 1]                                                          # repeated token
+    s /= np.linalg.norm(s, axis=-1, keepdims=True)
+    rollout, err = figures.ar_refit(s)
+    for i in range(len(s)):
+        Wt = np.linalg.lstsq(s[i, :-1], s[i, 1:], rcond=None)[0]                 # [d, d] = W^T
+        ref = [s[i, 0]]
+        for _ in range(4):
+            ref.append(ref[-1] @ Wt)
+        ref = np.stack(ref)
+        assert np.allclose(rollout[i], ref, atol=1e-10)
+        assert np.isclose(err[i], np.mean(np.sum((ref[1:] - s[i, 1:]) ** 2, -1)), atol=1e-12)
+    assert err[0] > 1e-3 and np.max(err[1:]) < 1e-20  # only the repeated token breaks the fit
+
+
+def test_shuffle_tokens_permutes_tokens_across_windows():
+    s = rng(4).standard_normal((30, 5, 4))
+    sh = figures.shuffle_tokens(s, rng(5))
+    key = lambda x: np.sort(x.reshape(-1, 4).view([("", float)] * 4), axis=0)  # noqa: E731
+    assert np.array_equal(key(s), key(sh)) and not np.array_equal(s, sh)
+
+
+def test_token_windows_are_consecutive_unit_norm_and_check_ids():
+    E = rng(6).standard_normal((10, 3)) * 5
+    ids = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])
+    s = figures.token_windows(ids, E, length=5)
+    assert s.shape == (2, 5, 3)
+    assert np.allclose(np.linalg.norm(s, axis=-1), 1)
+    assert np.allclose(s[1, 0], E[6] / np.linalg.norm(E[6]))
+    assert figures.token_windows(ids, E, length=5, n=1).shape == (1, 5, 3)
+    with pytest.raises(ValueError, match="embedding table has 10 rows"):
+        figures.token_windows(np.array([0, 1, 2, 3, 10]), E)
+
+
+def test_fig4_on_the_shipped_text_with_the_real_table(tmp_path):
+    """With the optional extras: a slice of the shipped book gives windows of the 384-wide
+    table, and real order is fitted exactly more often than shuffled tokens."""
+    if figures.fig4_missing():
+        pytest.skip("optional extras of requirements-fig4.txt not installed")
+    with open(figures.DEFAULT_TEXT) as f:
+        text = f.read()
+    part = tmp_path / "part.txt"
+    part.write_text(text[:40000])
+    data = figures.compute_fig4(str(part), n=1500)
+    assert data["dim"] == 384 and len(data["err_real"]) == 1500
+    assert np.mean(data["err_real"] > figures.EXACT) < np.mean(data["err_shuffled"] > figures.EXACT)
+
+
+# ============================================================================ summary numbers
+
+@pytest.mark.parametrize("family, H", [("unitary", 4), ("orthogonal", 2)])
+def test_fig3_rows_are_computed_from_the_parameters(family, H):
+    """At an exact minimiser of R2/R3 the rows match their expected values; a perturbed P
+    moves them (the numbers are computed, not typed)."""
+    d, T = 4, 6
+    star = theory.minimiser(d, H, family, c=-1.3, T=T)
+    C = star["B"].T @ star["A"]
+    losses = np.array([theory.population_loss(C, star["P"], family)])
+    rows = {r["quantity"].split(": ", 1)[1]: r for r in
+            figures.fig3_rows("x", family, star["A"], star["B"], star["P"], losses)}
+    assert np.isclose(rows["c = mean diag of C"]["value"], -1.3)
+    assert np.isclose(rows["c * p_T"]["value"], 1.0) and np.isclose(rows["c * p_T"]["expected"], 1.0)
+    ratio = rows["p_(T-1) / p_T"]
+    assert np.isclose(ratio["value"], ratio["expected"])
+    assert np.isclose(ratio["expected"], 0.0 if family == "unitary" else -0.5)
+    assert np.allclose(rows["singular values of C"]["value"], rows["singular values of C"]["expected"])
+    assert rows["||A B^T - (tr/H) I|| / ||A B^T||"]["value"] < 1e-12
+    assert abs(rows["final population loss (sum over T-1 prefixes)"]["value"]) < 1e-12
+    P = star["P"].copy()
+    P[-1, -2] += 0.1
+    moved = {r["quantity"].split(": ", 1)[1]: r for r in figures.fig3_rows("x", family, star["A"], star["B"], P, losses)}
+    assert not np.isclose(moved["p_(T-1) / p_T"]["value"], ratio["expected"])
+
+
+def test_fig1_orbits_stay_on_circles():
+    s, W = figures.trajectories_3d(rng(7), 4, 25)
+    assert np.allclose(np.linalg.det(W), 1)
+    rows = figures.fig1_rows(s, W)
+    assert all(r["value"] < 1e-12 for r in rows)
+    s[0, 5] += 1e-3  # a state off its circle must show
+    assert max(r["value"] for r in figures.fig1_rows(s, W)) > 1e-4
+
+
+def test_write_summary_merges_figures_and_escapes_cells(tmp_path):
+    out = str(tmp_path)
+    figures.write_summary(out, {"fig1": {"rows": [figures.row("fig1", "|x|", 1e-15, 0.0, "W")],
+                                         "seconds": 1.0, "note": "a"}}, "quick")
+    figures.write_summary(out, {"r1": {"rows": [figures.row("r1", "eta", np.float64(0.25), 0.2, "R1")],
+                                       "seconds": 2.0, "note": "b"}}, "quick")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| fig1 | \\|x\\| | 1.000e-15 | 0 | W |" in text
+    assert "| r1 | eta | 0.25 | 0.2 | R1 |" in text
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"fig1", "r1"}
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+
+def test_positional_attention_is_a_causal_softmax():
+    cfg = icar.transformer_config(d_in=3, d_out=3, T=6, heads=2, repeat=2, positional=True, residual=False)
+    params = icar.init_params("transformer", rng(8), cfg=cfg)
+    a = figures.positional_attention(params, 5)                                 # [2, 5, 5]
+    assert a.shape == (2, 5, 5)
+    assert np.allclose(a.sum(-1), 1) and np.all(np.triu(a, 1) == 0)
+    lay, p = params["layers"][0], params["pos"][:5]
+    h, r = 1, 3  # one entry by hand
+    z = [(p[r] @ lay["W_Q"][h] + lay["b_Q"][h]) @ (p[t] @ lay["W_K"][h] + lay["b_K"][h]) / np.sqrt(6)
+         for t in range(r + 1)]
+    assert np.allclose(a[h, r, :r + 1], np.exp(z) / np.sum(np.exp(z)))
+
+
+# ============================================================================ every figure, tiny
+
+def fake_metrics(T, d, L=1, seed=0):
+    g = rng(seed)
+    m = {"test_loss_position": np.linspace(1, 0.3, T) + 0.01 * g.random(T)}
+    for k in ("oracle", "least_squares", "gd1", "gd2", "gd3", "gd4", "last_value", "zero"):
+        m["baseline_" + k] = np.linspace(1, 0.2, T) * g.uniform(0.5, 1.5)
+    for k in ("W", "ls", "gd1"):
+        m["probe_err_" + k] = g.random(T)
+        m["probe_cos_" + k] = g.random(T)
+    m["weights_KQ"] = g.standard_normal((L, 1, 3 * d, 3 * d))
+    m["weights_V"] = g.standard_normal((L, 1, d, 3 * d))
+    m["weights_share_KQ"] = g.random((L, 1))
+    m["weights_share_V"] = g.random((L, 1))
+    return m
+
+
+def test_every_figure_function_writes_a_png(tmp_path):
+    out = str(tmp_path)
+    s, W = figures.trajectories_3d(rng(9), 2, 6)
+    paths = [figures.plot_fig1(s, W, out)]
+    p, losses = theory.train_population(2, 2, 4, "unitary", 1e-2, 5, rng(10))
+    panel = dict(title="t", A=p["A"], B=p["B"], P=p["P"], losses=losses)
+    paths.append(figures.plot_fig3([panel, panel], out))
+    paths.append(figures.plot_fig4(rng(11).random(50) * (rng(12).random(50) > 0.8), rng(13).random(50), out, "x"))
+    paths.append(figures.plot_fig5(fake_metrics(6, 2), {1: fake_metrics(6, 2), 2: fake_metrics(6, 2, 2)}, out))
+    P = np.tril(rng(14).standard_normal((5, 5)))
+    closed = theory.pe_only_trajectory(5, mu=50.0, eta=0.1, steps=3)
+    paths.append(figures.plot_fig6([dict(mu=50.0, P=P, steps=3, closed_row=closed[-1])] * 2, out))
+    cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
+    att = figures.positional_attention(icar.init_params("transformer", rng(15), cfg=cfg), 6)
+    paths.append(figures.plot_fig7({1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, att, out))
+    paths.append(figures.plot_r1([3, 4, 6], 2, np.array([0.3, 0.25, 0.17]), np.array([0.7, 0.6, 0.4]), out))
+    data = figures.compute_r2r3(2, 3, 2, (1e-2, 20), (1e-2, 20))
+    paths.append(figures.plot_r2r3(data["loss"], 2, 3, out))
+    for name, path in zip(("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3"), paths):
+        assert path == os.path.join(out, name + ".png") and png_ok(path)
+        assert os.path.getsize(os.path.join(out, name + ".pdf")) > 1000
+
+
+# ============================================================================ command line, cache
+
+def test_command_line_rejects_bad_input_with_one_line(capsys):
+    for argv in (["fig9"], ["--preset", "huge"], ["--nope"], ["fig4", "--embeddings", "missing.npy"]):
+        assert figures.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("figures.py: error:")
+
+
+def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(figures, "fig4_missing", lambda embeddings=None: ["tokenizers"])
+    assert figures.main(["fig4", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "requirements-fig4.txt" in err and err.count("\n") == 1
+    monkeypatch.setattr(figures, "FIGURES", ("fig1", "fig4"))
+    assert figures.main(["--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["fig4"]["note"].startswith("skipped") and summary["fig1"]["rows"]
+    assert png_ok(str(tmp_path / "fig1.png")) and not (tmp_path / "fig4.png").exists()
+
+
+def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = os.path.join(first["dir"], "params.npz")
+    stamp = os.stat(path).st_mtime_ns
+    again = figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns == stamp
+    assert np.array_equal(again["params"]["P"], first["params"]["P"])
+    other = figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))  # settings changed
+    assert os.stat(path).st_mtime_ns != stamp and len(other["metrics"]["train_loss"]) == 5
+    ctx.retrain = True
+    stamp = os.stat(path).st_mtime_ns
+    figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))
+    assert os.stat(path).st_mtime_ns != stamp
