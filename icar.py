@@ -295,8 +295,10 @@ def _layernorm(x, g, b, eps=1e-5):
 
 
 CHUNK_ENTRIES = {"cpu": 2 ** 18, "device": 2 ** 27}  # 1 MB of float32 stays in a CPU core's cache
-THREADS = os.cpu_count() or 1  # NumPy releases the GIL inside products and elementwise loops
+# threads over batch slices (NumPy releases the GIL inside products and elementwise loops)
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _POOLS = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
 
 
 def _batch_chunks(n, entries_per_row, xp):
@@ -322,24 +324,36 @@ def _real_if(x, target):
     return np.real(x) if numpy.iscomplexobj(x) and not numpy.iscomplexobj(target) else x
 
 
+def _causal_blocks(T):
+    """Blocks [r0, r1) of query positions, each reading keys t < r1 only: two blocks of
+    about equal work, which skip a quarter of the [T, T] products above the diagonal."""
+    r = min(T - 1, max(1, round(T / 2 ** 0.5)))
+    return [(0, r), (r, T)] if T > 1 else [(0, T)]
+
+
 @primitive
 def _linear_attention(zG, z, w):
     """Linear causal attention of every head, one batch slice at a time:
-        y[:, (r, h)] = sum_t w[r, h, t] (zG[:, (r, h)] . conj(z_t)) z_t,
-    zG [n, T*H, D] (rows z_r G_h), z [n, T, D], w [T, H or 1, T] (0 for t > r) -> [n, T*H, D].
-    Equal to the plain products ((zG @ z^*) * w) @ z; a slice's [m, T, H, T] weights are
-    formed in cache and recomputed in the backward pass rather than stored."""
+        y[:, (r, h)] = sum_{t<=r} w[r, h, t] (zG[:, (r, h)] . conj(z_t)) z_t,
+    zG [n, T*H, D] (rows z_r G_h), z [n, T, D], w [T, H or 1, T] (entries t > r unused)
+    -> [n, T*H, D]. Equal to the plain products ((zG @ z^*) * tril(w)) @ z; a slice's
+    [m, T, H, T] weights are formed in cache, block by block of _causal_blocks, and
+    recomputed in the backward pass rather than stored."""
     n, T, D = z.shape
+    H = zG.shape[1] // T
     xp = array_module(z)
     y = xp.empty(zG.shape, dtype=numpy.result_type(zG.dtype, z.dtype, w.dtype))
-    zt, w = xp.ascontiguousarray(_swap(xp.conj(z))), xp.ascontiguousarray(w)  # [n, D, T], [T, H, T]
+    zt = xp.ascontiguousarray(_swap(xp.conj(z)))                # [n, D, T]
+    blocks = [(r0, r1, xp.ascontiguousarray(w[r0:r1, :, :r1])) for r0, r1 in _causal_blocks(T)]
 
     def run(slices):
         for c in slices:
-            scores = zG[c] @ zt[c]                              # [m, T*H, D] @ [m, D, T] -> [m, T*H, T]
-            a = (scores.reshape(-1, T, zG.shape[1] // T, T) * w).reshape(scores.shape)  # [m, T*H, T]
-            xp.matmul(a, z[c], out=y[c])                        # [m, T*H, T] @ [m, T, D] -> [m, T*H, D]
-    _over_slices(run, _batch_chunks(n, zG.shape[1] * T, xp), xp is numpy)
+            for r0, r1, wb in blocks:  # rows (r, h) of the block, keys t < r1
+                rows = slice(r0 * H, r1 * H)
+                scores = zG[c, rows] @ zt[c, :, :r1]            # [m, b*H, D] @ [m, D, r1] -> [m, b*H, r1]
+                a = (scores.reshape(-1, r1 - r0, H, r1) * wb).reshape(scores.shape)  # [m, b*H, r1]
+                xp.matmul(a, z[c, :r1], out=y[c, rows])         # [m, b*H, r1] @ [m, r1, D] -> [m, b*H, D]
+    _over_slices(run, _batch_chunks(n, H * T * T, xp), xp is numpy)
     return y
 
 
@@ -351,42 +365,58 @@ def _swapped(x):
 
 
 def _linear_attention_vjp(argnums, y, args, kwargs):
-    """The gradients autograd derives from the plain products, one slice at a time, in
-    autograd operations so that they can be differentiated again."""
+    """The gradients autograd derives from the plain products, one slice and block at a
+    time, in autograd operations so that they can be differentiated again."""
     zG, z, w = args
     n, T, D = z.shape
     H = zG.shape[1] // T
+    blocks = _causal_blocks(T)
 
     def vjp(g):                                                 # g [n, T*H, D]
         # autograd's functions only where a value is traced: they cost microseconds a call
         xp = np if any(isinstance(v, Box) for v in (g, zG, z, w)) else array_module(z)
         zc = xp.conj(z)                                         # [n, T, D]
         zt, zct = _swapped(z), _swapped(zc)                     # [n, D, T] each
-        wc = w if xp is np else xp.ascontiguousarray(w)         # [T, H, T]
+        wbs = [w[r0:r1, :, :r1] if xp is np else xp.ascontiguousarray(w[r0:r1, :, :r1])
+               for r0, r1 in blocks]                            # [b, H, r1] each
 
         def run(slices):
-            parts, g_w = {0: [], 1: []}, 0.0
+            parts, g_w = {0: [], 1: []}, [0.0] * len(blocks)
             for c in slices:
-                scores = xp.reshape(zG[c] @ zct[c], (-1, T, H, T))  # [m, T, H, T]
-                g_a = xp.reshape(g[c] @ zt[c], (-1, T, H, T))       # [m, T, H, T]
-                g_scores = xp.reshape(g_a * wc, (-1, T * H, T))     # [m, T*H, T]
+                g_zG, g_z = [], 0.0
+                for k, ((r0, r1), wb) in enumerate(zip(blocks, wbs)):
+                    rows = slice(r0 * H, r1 * H)
+                    scores = xp.reshape(zG[c, rows] @ zct[c, :, :r1], (-1, r1 - r0, H, r1))
+                    g_a = xp.reshape(g[c, rows] @ zt[c, :, :r1], (-1, r1 - r0, H, r1))
+                    g_scores = xp.reshape(g_a * wb, (-1, (r1 - r0) * H, r1))  # [m, b*H, r1]
+                    if 0 in argnums:
+                        g_zG.append(g_scores @ zc[c, :r1])      # [m, b*H, r1] @ [m, r1, D]
+                    if 1 in argnums:
+                        a = xp.reshape(scores * wb, (-1, (r1 - r0) * H, r1))
+                        g_zr = _swap(a) @ g[c, rows] + xp.conj(_swap(g_scores) @ zG[c, rows])  # [m, r1, D]
+                        g_z = g_z + xp.concatenate([g_zr, xp.zeros_like(zc[c, r1:])], axis=1)
+                    if 2 in argnums:
+                        g_aS = g_a * scores                     # [m, b, H, r1]
+                        g_w[k] = g_w[k] + (g_aS[0] if len(g_aS) == 1 else xp.sum(g_aS, axis=0))
                 if 0 in argnums:
-                    parts[0].append(g_scores @ zc[c])               # [m, T*H, T] @ [m, T, D]
+                    parts[0].append(xp.concatenate(g_zG, axis=1))  # [m, T*H, D]
                 if 1 in argnums:
-                    a = xp.reshape(scores * wc, (-1, T * H, T))
-                    parts[1].append(_swap(a) @ g[c] + xp.conj(_swap(g_scores) @ zG[c]))  # [m, T, D]
-                if 2 in argnums:
-                    g_aS = g_a * scores                             # [m, T, H, T]
-                    g_w = g_w + (g_aS[0] if len(g_aS) == 1 else xp.sum(g_aS, axis=0))  # [T, H, T]
+                    parts[1].append(g_z)                        # [m, T, D]
             return parts, g_w
         results = _over_slices(run, _batch_chunks(n, H * T * T, array_module(z)), xp is numpy)
         grads = {i: xp.concatenate([p for parts, _ in results for p in parts[i]], axis=0)
                  for i in (0, 1) if i in argnums}
-        if 2 in argnums:
-            g_w = 0.0
-            for _, part in results:
-                g_w = g_w + part                                # [T, H, T]
-            grads[2] = xp.sum(g_w, axis=1, keepdims=True) if w.shape[1] == 1 else g_w  # w broadcast over heads
+        if 2 in argnums:  # blocks summed over the threads, padded with zeros for t >= r1
+            g_w = []
+            for k, (r0, r1) in enumerate(blocks):
+                total = 0.0
+                for _, part in results:
+                    total = total + part[k]                     # [b, H, r1]
+                g_w.append(xp.concatenate([total, xp.zeros((r1 - r0, H, T - r1), dtype=total.dtype)], axis=2))
+            g_w = xp.concatenate(g_w, axis=0)                   # [T, H, T]
+            if w.shape[1] == 1:                                 # w was broadcast over heads
+                g_w = xp.sum(g_w, axis=1, keepdims=True)
+            grads[2] = g_w
         return tuple(_real_if(grads[i], args[i]) for i in argnums)
     return vjp
 
@@ -435,13 +465,15 @@ def transformer(params, x, cfg):
         W_Q, W_K, b_Q, b_K = layer["W_Q"], layer["W_K"], layer["b_Q"], layer["b_K"]
         Wq, Wk, Wv = _fold(W_Q, b_Q, r), _fold(W_K, b_K, r), _fold(layer["W_V"], layer["b_V"], r)  # [H, D, E]
         G = (Wq @ _swap(Wk)) / E ** 0.5                          # [H, D, D]
-        zG = z @ np.reshape(np.transpose(G, (1, 0, 2)), (D, H * D))  # [n, T, D] @ [D, H*D] -> [n, T, H*D]
+        # 2-D products over the n T rows: their weight gradients are one product each
+        zG = np.reshape(z, (n * T, D)) @ np.reshape(np.transpose(G, (1, 0, 2)), (D, H * D))  # [n*T, H*D]
         zG = np.reshape(zG, (n, T * H, D))                      # [n, T*H, D]: row (r, h) = z_r G_h
         if cfg["positional"]:
             p = params["pos"][:T]                               # [T, E]
             pq = p @ W_Q + b_Q[:, None]                         # [H, T, E]
             pk = p @ W_K + b_K[:, None]
-            pos = np.transpose(_softmax((pq @ _swap(pk)) / E ** 0.5, mask), (1, 0, 2))  # [T, H, T], 0 for t > r
+            pos = _softmax((pq @ _swap(pk)) / E ** 0.5, mask)    # [H, T, T], 0 for t > r
+            pos = np.transpose(pos, (1, 0, 2))                  # [T, H, T] as the scores
         if cfg["attention"] == "linear":  # the positional weights already hold the mask
             y = _linear_attention(zG, z, pos if cfg["positional"] else mask[:, None])  # [n, T*H, D]
         else:
@@ -451,7 +483,7 @@ def transformer(params, x, cfg):
                 a = a * pos                                     # [n, T, H, T] * [T, H, T]
             y = np.reshape(a, (n, T * H, T)) @ z                # [n, T*H, T] @ [n, T, D] -> [n, T*H, D]
         U = np.reshape(Wv @ layer["W_O"], (H * D, E))           # [H, D, E] @ [E, E] -> [H*D, E]
-        out = np.reshape(y, (n, T, H * D)) @ U + layer["b_O"]   # [n, T, E] = sum_h (a_h @ v_h) W_O + b_O
+        out = np.reshape(np.reshape(y, (n * T, H * D)) @ U, (n, T, E)) + layer["b_O"]  # [n, T, E]
         if cfg["layernorm"]:
             out = _layernorm(out, layer["ln_g"], layer["ln_b"])
         h = h + out if cfg["residual"] else out
