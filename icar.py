@@ -164,9 +164,11 @@ def mse(f, y):
     return np.sum(sq) / (numpy.size(r) // numpy.shape(r)[-1])
 
 
-def causal_mask(xp, T):
-    """[T, T] lower-triangular ones: query position r sees keys t <= r."""
-    return xp.tril(xp.ones((T, T)))
+def causal_mask(xp, T, like=None):
+    """[T, T] lower-triangular ones: query position r sees keys t <= r. In the real precision
+    of the array `like` (float32 for complex64 data), so that a mask never upcasts float32."""
+    dtype = numpy.float64 if like is None else numpy.finfo(like.dtype).dtype
+    return xp.tril(xp.ones((T, T), dtype=dtype))
 
 
 def _swap(x):
@@ -187,7 +189,7 @@ def augmented_linear(params, e):
     if D % 3:
         raise ValueError(f"augmented tokens must have size 3d, got {D}")
     d = D // 3
-    mask = causal_mask(array_module(e), T)                                       # [T, T]
+    mask = causal_mask(array_module(e), T, e)                                    # [T, T]
     if set(params) == {"W_KQ", "W_V"}:
         _check_shape("W_KQ", params["W_KQ"], (D, D))
         _check_shape("W_V", params["W_V"], (D, D))
@@ -226,7 +228,7 @@ def diagonal_heads(params, s):
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)
     q = query[:, None] * params["A"][None, :, None, :]          # [n, H, T, d]
     scores = q @ _swap(s)[:, None]                              # [n, H, T, d] @ [n, 1, d, T] -> [n, H, T, T]
-    scores = scores * (params["P"] * causal_mask(xp, T))        # [n, H, T, T]
+    scores = scores * (params["P"] * causal_mask(xp, T, s))     # [n, H, T, T]
     heads = scores @ s[:, None]                                 # [n, H, T, d]
     return np.sum(heads * params["B"][None, :, None, :], axis=1)  # [n, T, d]
 
@@ -241,7 +243,7 @@ def pe_only(params, s):
     xp = array_module(s)
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)
     s2 = np.reshape(np.transpose(s * s, (1, 0, 2)), (T, n * d))  # [T, n*d]: one product for the batch
-    Ps2 = (params["P"] * causal_mask(xp, T)) @ s2               # [T, T] @ [T, n*d] -> [T, n*d]
+    Ps2 = (params["P"] * causal_mask(xp, T, s)) @ s2            # [T, T] @ [T, n*d] -> [T, n*d]
     return query * np.transpose(np.reshape(Ps2, (T, n, d)), (1, 0, 2))  # [n, T, d]
 
 
@@ -456,7 +458,7 @@ def transformer(params, x, cfg):
                          f"d = {cfg['d_in']}")
     xp = array_module(x)
     E, H = cfg["repeat"] * d_in, cfg["heads"]
-    mask = causal_mask(xp, T).astype(numpy.finfo(x.dtype).dtype)  # [T, T] in the data's precision
+    mask = causal_mask(xp, T, x)                                # [T, T]
     ones = xp.ones((n, T, 1), dtype=x.dtype)
     h = np.concatenate([x] * cfg["repeat"], axis=-1)            # [n, T, E]
     for i, layer in enumerate(params["layers"]):  # layers differ in parameters, a short fixed loop

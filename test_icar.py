@@ -169,6 +169,26 @@ def test_check_grads_every_model(complex_data):
         check_grads(lambda p: icar.mse(f(p), target), modes=["rev"], order=2)(params)
 
 
+@pytest.mark.parametrize("family", ["haar", "unitary"])
+def test_M1_M2_M3_keep_float32_in_value_and_gradients(family):
+    """float32 (complex64) data and parameters stay in single precision: no float64 constant
+    (such as a mask) upcasts them."""
+    s = icar.sample_sequences(rng(30), 4, 6, 2, family)[0]
+    s = s.astype(np.complex64 if np.iscomplexobj(s) else np.float32)
+    r = rng(31)
+    cases = [(icar.init_params("augmented_linear", r, d=2, form=form),
+              lambda p: icar.mse(icar.augmented_linear(p, icar.augment(s[:, :-1])), s[:, 1:]))
+             for form in ("block", "full")]
+    cases += [(icar.init_params("diagonal_heads", r, d=2, T=6, H=2),
+               lambda p: icar.mse(icar.diagonal_heads(p, s[:, :-1]), s[:, 1:])),
+              ({"P": r.standard_normal((6, 6))}, lambda p: icar.mse(icar.pe_only(p, s[:, :-1]), s[:, 1:]))]
+    for params, objective in cases:
+        params = {k: v.astype(np.float32) for k, v in params.items()}
+        loss, g = value_and_grad(objective)(params)
+        assert np.asarray(loss).dtype == np.float32
+        assert all(v.dtype == np.float32 for v in g.values())
+
+
 # ============================================================================ exact identities
 
 def test_block_M1_is_one_gradient_step_on_the_inner_objective():
