@@ -275,9 +275,12 @@ def train_population(H, d, T, family, lr, steps, rng):
     Start: A, B [H, d] and P [T, T] with entries N(0, 0.1^2) from rng (icar.init_params);
     plain GD with step lr on the loss summed over positions r = 1..T-1, as the authors'
     script. Returns (params, losses): losses [steps + 1] holds the loss before each step
-    and after the last one. "unitary" runs reach min_loss; "orthogonal" runs can stall at
-    stationary points of higher loss (a head that reads the difference of a conjugate pair
-    instead of its sum), more often the closer H is to d/2.
+    and after the last one. "unitary" runs reach min_loss. "orthogonal" runs often do not:
+    for H <= d/2 the loss has spurious local minima (zero gradient, positive semi-definite
+    Hessian) where a head reads the difference of a conjugate pair (the sine of the angle)
+    instead of its sum; for d/2 < H < d some runs drift off along kappa -> -1 of R3's
+    family, the loss creeping toward 0 while the weights grow until a fixed lr oscillates.
+    A smaller or larger init scale or lr does not avoid either.
     """
     H, d, T = _check_int("H", H, 1), _check_int("d", d, 1), _check_int("T", T, 2)
     _check_family(family, d)
