@@ -667,6 +667,8 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     population: train_loss [steps + 1], min_loss.
     """
     cfg = config(experiment, preset, **overrides)
+    if cfg["backend"] == "cupy":
+        cupy_backend()  # without CuPy: fail before anything is written
     run_dir = os.path.join(runs_dir, name or experiment)
     os.makedirs(run_dir, exist_ok=True)
     saved = dict(cfg, experiment=experiment, preset=preset, versions=_versions())
