@@ -667,7 +667,7 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     population: train_loss [steps + 1], min_loss.
     """
     cfg = config(experiment, preset, **overrides)
-    if cfg["backend"] == "cupy":
+    if cfg.get("backend") == "cupy":  # the population experiment has no backend option
         cupy_backend()  # without CuPy: fail before anything is written
     run_dir = os.path.join(runs_dir, name or experiment)
     os.makedirs(run_dir, exist_ok=True)
