@@ -280,10 +280,14 @@ def transformer_config(**overrides):
 
 
 def _softmax(z, mask):
-    # the shift by the row maximum leaves the softmax unchanged, so it is a constant for
-    # autograd (no gradient pass through max); masking after the shift keeps exp finite
-    z = z - np.max(getval(z), axis=-1, keepdims=True)
-    w = np.exp(z) * mask
+    # softmax over the keys where mask > 0. Shifting by the row maximum of those entries
+    # leaves it unchanged, so the shift is a constant for autograd (no gradient through max);
+    # masked entries become -inf before exp, so a large masked score can neither overflow
+    # nor take part in the shift
+    xp = array_module(z)
+    keep = mask > 0
+    shift = xp.max(xp.where(keep, getval(z), -numpy.inf), axis=-1, keepdims=True)
+    w = np.exp(np.where(keep, z - shift, -numpy.inf))
     return w / np.sum(w, axis=-1, keepdims=True)
 
 

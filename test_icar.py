@@ -189,6 +189,18 @@ def test_M1_M2_M3_keep_float32_in_value_and_gradients(family):
         assert all(v.dtype == np.float32 for v in g.values())
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_ignores_large_masked_scores(dtype):
+    """A future (masked) score far above the visible ones must not turn a row into NaN."""
+    z = np.array([[0.0, 800.0, -5.0], [0.0, 1.0, 900.0], [2.0, 0.0, 1.0]], dtype=dtype)
+    mask = np.tril(np.ones((3, 3), dtype=dtype))
+    w = icar._softmax(z, mask)
+    e = np.exp([2.0, 0.0, 1.0])
+    assert np.allclose(w[0], [1, 0, 0]) and np.allclose(w[1], [1 / (1 + np.e), np.e / (1 + np.e), 0])
+    assert np.allclose(w[2], e / e.sum())
+    check_grads(lambda z: icar._softmax(z, mask), modes=["rev"], order=1)(z.astype(np.float64))
+
+
 # ============================================================================ exact identities
 
 def test_block_M1_is_one_gradient_step_on_the_inner_objective():
