@@ -43,6 +43,10 @@ MODELS = ("augmented_linear", "diagonal_heads", "pe_only", "transformer")
 
 # ----------------------------------------------------------------------------- checks
 
+class Diverged(ValueError):
+    """Training met a non-finite loss (raised by theory.train_population and train.run)."""
+
+
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

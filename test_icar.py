@@ -1019,6 +1019,26 @@ def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
     assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
 
 
+def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys):
+    with pytest.raises(train.Diverged, match=r"at step 0, before any update.*nothing was saved"):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert not (tmp_path / "block" / "checkpoint.npz").exists()
+    assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
+    assert "population loss became" in capsys.readouterr().err
+
+
+def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **TINY)
+    with pytest.raises(train.Diverged):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert sorted(os.listdir(tmp_path / "block")) == ["config.json"]
+
+
+def test_pe_only_in_float32_trains_in_float32(tmp_path):
+    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, dtype="float32"))
+    assert result["params"]["P"].dtype == np.float32
+
+
 # ----------------------------------------------------------------------------- baselines
 
 def test_baselines_match_paper_numbers():

@@ -295,7 +295,7 @@ def train_population(H, d, T, family, lr, steps, rng):
             loss, g = _loss_and_grad(A, B, P, E, *masks)
             losses[i] = loss
             if not numpy.isfinite(loss):
-                raise ValueError(f"population loss became {loss} at step {i}: lr={lr} is too "
+                raise icar.Diverged(f"population loss became {loss} at step {i}: lr={lr} is too "
                                  f"large; allowed: a smaller lr")
             if i < steps:
                 A, B, P = A - lr * g["A"], B - lr * g["B"], P - lr * g["P"]
