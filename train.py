@@ -1518,10 +1518,15 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
     return result
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, through bench's handler
+        raise ValueError(message)
+
+
 def bench(argv):
     """Command line of the benchmark; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python train.py bench", description="time one training step of each "
-                                     "paper-size workload")
+    parser = _Parser(prog="python train.py bench", description="time one training step of each "
+                     "paper-size workload")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per workload (median)")
     parser.add_argument("--micro", type=int, default=0,
                         help="micro-batch of the M4 workloads (0: the whole batch)")
@@ -1532,12 +1537,14 @@ def bench(argv):
     parser.add_argument("--no-tune-allocator", action="store_true",
                         help="leave glibc's malloc as it is (see tune_allocator)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise ValueError(f"--json {args.json!r}: no such folder")
         result = run_benchmark([w for w in args.workloads.split(",") if w], args.repeats,
                                args.micro, args.dtype, tune=not args.no_tune_allocator)
     except ValueError as e:
-        print(f"train.py bench: {e}", file=sys.stderr)
+        print(f"train.py: bench: {e}", file=sys.stderr)
         return 2
     if args.json:
         _save_json(args.json, result)
