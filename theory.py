@@ -201,7 +201,7 @@ def minimiser(d, H, family, c=1.0, kappa=1.0, T=20):
     _check_family(family, d)
     c, kappa = _check_real("c", c), _check_real("kappa", kappa)
     if c == 0:
-        raise ValueError("c must be nonzero (p_T = 1/c)")
+        raise ValueError(f"c must be nonzero (p_T = 1/c), got c={c!r}")
     A, B = numpy.zeros((H, d)), numpy.zeros((H, d))
     if family == "unitary":
         if kappa != 1.0:

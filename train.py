@@ -180,7 +180,7 @@ def config(experiment, preset="quick", **overrides):
     if cfg.get("batch", 0) > cfg.get("n_train", 0):
         raise ValueError(f"batch {cfg['batch']} exceeds n_train {cfg['n_train']}; allowed: "
                          f"0 (full batch) to n_train")
-    if experiment in ("augmented", "nonaug", "block") and cfg["family"] == "angle":
+    if experiment != "pe-only" and cfg.get("family") == "angle":
         raise ValueError("family 'angle' (d = 1) is only for pe-only; allowed here: "
                          "unitary, orthogonal, haar")
     return cfg
@@ -747,10 +747,11 @@ def pe_only_objective(s, first=1):
 def _train(experiment, cfg, ckpt, resume, quiet):
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
     xp = cupy_backend() if cfg["backend"] == "cupy" else numpy
-    data_rng, init_rng, order_rng = (numpy.random.default_rng(s) for s in
-                                     numpy.random.SeedSequence(cfg["seed"]).spawn(3))
+    # one generator per purpose: the test set stays the same when n_train changes
+    data_rng, test_rng, init_rng, order_rng = (numpy.random.default_rng(s) for s in
+                                               numpy.random.SeedSequence(cfg["seed"]).spawn(4))
     s_train, _ = _sample(cfg, data_rng, cfg["n_train"])
-    s_test, W_test = _sample(cfg, data_rng, cfg["n_test"])
+    s_test, W_test = _sample(cfg, test_rng, cfg["n_test"])
     s_train, s_test = (xp.asarray(_to_dtype(s, cfg["dtype"])) for s in (s_train, s_test))
     predict = predictor(experiment, cfg)
     first = 1 if experiment in ("diagonal", "pe-only") else 0  # position 0 has no query there
