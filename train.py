@@ -601,10 +601,10 @@ class _Progress:
         if self.first is None:
             self.first = (step, now)
         done, elapsed = step - self.first[0], now - self.first[1]
-        rate = done / elapsed if elapsed > 0 else float("nan")
-        left = (self.total - step) / rate if rate > 0 else float("nan")
-        line = (f"step {step}/{self.total}  train {train:.4g}  test {test:.4g}  "
-                f"{rate:.1f} steps/s  left {left:.0f} s")
+        line = f"step {step}/{self.total}  train {train:.4g}  test {test:.4g}"
+        if done > 0 and elapsed > 0:  # no rate before a second report
+            rate = done / elapsed
+            line += f"  {rate:.1f} steps/s  left {(self.total - step) / rate:.0f} s"
         if self.tty:
             self.stream.write("\r" + line.ljust(78) + ("\n" if final else ""))
         else:
