@@ -125,7 +125,7 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
             W[:, 2 * k:2 * k + 2, 2 * k:2 * k + 2] = R[:, k]
         phase = (rng.uniform(0, 2 * numpy.pi, (n, d // 2)) if s1 == "random"
                  else numpy.full((n, d // 2), numpy.pi / 4))
-        x = numpy.sqrt(2) * numpy.stack([numpy.cos(phase), numpy.sin(phase)], -1).reshape(n, d)
+        x = numpy.sqrt(2) * numpy.stack([numpy.cos(phase), numpy.sin(phase)], -1).reshape(n, d)  # [n, d]
     else:  # haar: QR of a Gaussian matrix, signs fixed so that Q is Haar-distributed
         Q, R = numpy.linalg.qr(rng.standard_normal((n, d, d)))                   # [n, d, d]
         W = Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
@@ -229,7 +229,7 @@ def diagonal_heads(params, s):
     _check_shape("B", params["B"], (H, d))
     _check_shape("P", params["P"], (T, T))
     xp = array_module(s)
-    query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)
+    query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)  # [n, T, d]: conj(s_{r-1})
     q = query[:, None] * params["A"][None, :, None, :]          # [n, H, T, d]
     scores = q @ _swap(s)[:, None]                              # [n, H, T, d] @ [n, 1, d, T] -> [n, H, T, T]
     scores = scores * (params["P"] * causal_mask(xp, T, s))     # [n, H, T, T]
@@ -245,7 +245,7 @@ def pe_only(params, s):
     n, T, d = _check_data(s)
     _check_shape("P", params["P"], (T, T))
     xp = array_module(s)
-    query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)
+    query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)  # [n, T, d]: conj(s_{r-1})
     s2 = np.reshape(np.transpose(s * s, (1, 0, 2)), (T, n * d))  # [T, n*d]: one product for the batch
     Ps2 = (params["P"] * causal_mask(xp, T, s)) @ s2            # [T, T] @ [T, n*d] -> [T, n*d]
     return query * np.transpose(np.reshape(Ps2, (T, n, d)), (1, 0, 2))  # [n, T, d]
@@ -396,15 +396,15 @@ def _linear_attention_vjp(argnums, y, args, kwargs):
                 g_zG, g_z = [], 0.0
                 for k, ((r0, r1), wb) in enumerate(zip(blocks, wbs)):
                     rows = slice(r0 * H, r1 * H)
-                    scores = xp.reshape(zG[c, rows] @ zct[c, :, :r1], (-1, r1 - r0, H, r1))
-                    g_a = xp.reshape(g[c, rows] @ zt[c, :, :r1], (-1, r1 - r0, H, r1))
+                    scores = xp.reshape(zG[c, rows] @ zct[c, :, :r1], (-1, r1 - r0, H, r1))  # [m, b, H, r1]
+                    g_a = xp.reshape(g[c, rows] @ zt[c, :, :r1], (-1, r1 - r0, H, r1))      # [m, b, H, r1]
                     g_scores = xp.reshape(g_a * wb, (-1, (r1 - r0) * H, r1))  # [m, b*H, r1]
                     if 0 in argnums:
                         g_zG.append(g_scores @ zc[c, :r1])      # [m, b*H, r1] @ [m, r1, D]
                     if 1 in argnums:
-                        a = xp.reshape(scores * wb, (-1, (r1 - r0) * H, r1))
+                        a = xp.reshape(scores * wb, (-1, (r1 - r0) * H, r1))  # [m, b*H, r1]
                         g_zr = _swap(a) @ g[c, rows] + xp.conj(_swap(g_scores) @ zG[c, rows])  # [m, r1, D]
-                        g_z = g_z + xp.concatenate([g_zr, xp.zeros_like(zc[c, r1:])], axis=1)
+                        g_z = g_z + xp.concatenate([g_zr, xp.zeros_like(zc[c, r1:])], axis=1)  # [m, T, D]
                     if 2 in argnums:
                         g_aS = g_a * scores                     # [m, b, H, r1]
                         g_w[k] = g_w[k] + (g_aS[0] if len(g_aS) == 1 else xp.sum(g_aS, axis=0))
@@ -438,7 +438,7 @@ def _fold(W, b, r):
     """Weights W [H, E, E] and biases b [H, E] acting on h = [x] * r, as [H, E/r + 1, E]
     acting on (x, 1): h W + b = (x, 1) [sum of the r row blocks of W; b]."""
     H, E, _ = W.shape
-    return np.concatenate([np.sum(np.reshape(W, (H, r, E // r, E)), axis=1), b[:, None]], axis=1)
+    return np.concatenate([np.sum(np.reshape(W, (H, r, E // r, E)), axis=1), b[:, None]], axis=1)  # [H, E/r + 1, E]
 
 
 def transformer(params, x, cfg):
@@ -481,7 +481,7 @@ def transformer(params, x, cfg):
         if cfg["positional"]:
             p = params["pos"][:T]                               # [T, E]
             pq = p @ W_Q + b_Q[:, None]                         # [H, T, E]
-            pk = p @ W_K + b_K[:, None]
+            pk = p @ W_K + b_K[:, None]                         # [H, T, E]
             pos = _softmax((pq @ _swap(pk)) / E ** 0.5, mask)    # [H, T, T], 0 for t > r
             pos = np.transpose(pos, (1, 0, 2))                  # [T, H, T] as the scores
         if cfg["attention"] == "linear":  # the positional weights already hold the mask
