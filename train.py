@@ -49,6 +49,7 @@ query_predictor, tree_map, adam_init, adam_update, gd_update, main.
 """
 import argparse
 import ctypes
+import hashlib
 import importlib.metadata
 import itertools
 import json
@@ -564,8 +565,18 @@ def _save_json(path, obj):
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
 
 
+def code_fingerprint():
+    """SHA-1 of the files that define every result (icar.py, theory.py, train.py): a cached
+    run made by other code is stale."""
+    digest = hashlib.sha1()
+    for name in ("icar.py", "theory.py", "train.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
 def _versions():
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "code": code_fingerprint()}
     for package in ("numpy", "autograd"):
         out[package] = importlib.metadata.version(package)
     return out
@@ -986,6 +997,15 @@ def _parse(experiment, args):
     return flags, overrides, grid
 
 
+def set_up_process():
+    """What the command lines do before training: one BLAS thread (icar.transformer runs batch
+    slices in icar.THREADS threads of its own; BLAS threads on top of them oversubscribe the
+    cores, and a step then takes 2-3 times longer at random) and glibc's allocator keeping
+    freed memory between steps (tune_allocator). Both change this process only."""
+    set_blas_threads(1)
+    tune_allocator()
+
+
 def main(argv=None):
     """Command line; returns the exit status (2: bad arguments, 1: diverged)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1005,6 +1025,7 @@ def main(argv=None):
             print(_help(experiment))
             return 0
         flags, overrides, grid = _parse(experiment, args)
+        set_up_process()
         if grid:
             _, table = sweep(experiment, grid, **flags, **overrides)
             print(table)
