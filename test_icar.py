@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import autograd.numpy as anp
+import matplotlib.collections
 import numpy as np
 import numpy.lib.mixins
 import pytest
@@ -2047,8 +2048,35 @@ def fake_metrics(T, d, L=1, seed=0):
     return m
 
 
-def test_every_figure_function_writes_a_png(tmp_path):
+def check_figure_labels(fig, name):
+    """Every plot of fig has x and y labels (3-D: also z) and a title; the figure is named
+    ("Fig. N", "R1", "R2/R3") in its suptitle or, with one plot, in that plot's title; every
+    heat map has a colour bar."""
+    tag = {"r1": "R1", "r2r3": "R2/R3"}.get(name, "Fig. " + name[3:])
+    plots = [ax for ax in fig.axes if not hasattr(ax, "_colorbar")]
+    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    assert tag in suptitle or (len(plots) == 1 and tag in plots[0].get_title()), name
+    for ax in plots:
+        assert ax.get_title(), (name, "title")
+        assert ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
+        if ax.name == "3d":
+            assert ax.get_zlabel(), (name, ax.get_title())
+        maps = list(ax.images) + [c for c in ax.collections if isinstance(c, matplotlib.collections.QuadMesh)]
+        assert all(m.colorbar is not None for m in maps), (name, ax.get_title(), "colour bar")
+    return sum(len(ax.images) for ax in plots)
+
+
+def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(tmp_path, monkeypatch):
     out = str(tmp_path)
+    made = {}
+
+    def save_png(fig, out_dir, name):  # figures.save_figure without the PDF, keeping the figure
+        made[name] = fig
+        path = os.path.join(out_dir, name + ".png")
+        fig.savefig(path, dpi=40)
+        return path
+
+    monkeypatch.setattr(figures, "save_figure", save_png)
     s, W = figures.trajectories_3d(rng(9), 2, 6)
     paths = [figures.plot_fig1(s, W, out)]
     p, losses = theory.train_population(2, 2, 4, "unitary", 1e-2, 5, rng(10))
@@ -2058,16 +2086,35 @@ def test_every_figure_function_writes_a_png(tmp_path):
     paths.append(figures.plot_fig5(fake_metrics(6, 2), {1: fake_metrics(6, 2), 2: fake_metrics(6, 2, 2)}, out))
     P = np.tril(rng(14).standard_normal((5, 5)))
     closed = theory.pe_only_trajectory(5, mu=50.0, eta=0.1, steps=3)
-    paths.append(figures.plot_fig6([dict(mu=50.0, P=P, steps=3, closed_row=closed[-1])] * 2, out))
+    paths.append(figures.plot_fig6([dict(mu=50.0, P=P, steps=3, closed_row=closed[-1], sample_row=P[-1],
+                                         n_train=10)] * 2, out))
     cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
     att = figures.positional_attention(icar.init_params("transformer", rng(15), cfg=cfg), 6)
     paths.append(figures.plot_fig7({1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, att, out))
     paths.append(figures.plot_r1([3, 4, 6], 2, np.array([0.3, 0.25, 0.17]), np.array([0.7, 0.6, 0.4]), out))
     data = figures.compute_r2r3(2, 3, 2, (1e-2, 20), (1e-2, 20))
     paths.append(figures.plot_r2r3(data["loss"], 2, 3, out))
+    heat_maps = {}
     for name, path in zip(("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3"), paths):
         assert path == os.path.join(out, name + ".png") and png_ok(path)
-        assert os.path.getsize(os.path.join(out, name + ".pdf")) > 1000
+        heat_maps[name] = check_figure_labels(made[name], name)
+        figures.plt.close(made[name])
+    assert heat_maps == {"fig1": 0, "fig3": 8, "fig4": 0, "fig5": 2, "fig6": 2, "fig7": 1, "r1": 0, "r2r3": 0}
+
+
+def test_figure_check_finds_a_missing_colour_bar_label_or_name():
+    """check_figure_labels can fail: each defect alone is caught."""
+    for defect in ("colour bar", "label", "name"):
+        fig, ax = figures.plt.subplots()
+        ax.imshow(np.eye(2))
+        if defect != "colour bar":
+            fig.colorbar(ax.images[0], ax=ax)
+        ax.set_xlabel("x")
+        ax.set_ylabel("" if defect == "label" else "y")
+        ax.set_title("Fig. 9: t" if defect != "name" else "t")
+        with pytest.raises(AssertionError):
+            check_figure_labels(fig, "fig9")
+        figures.plt.close(fig)
 
 
 # ============================================================================ command line, cache
@@ -2089,6 +2136,7 @@ def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["fig4"]["note"].startswith("skipped") and summary["fig1"]["rows"]
     assert png_ok(str(tmp_path / "fig1.png")) and not (tmp_path / "fig4.png").exists()
+    assert (tmp_path / "fig1.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
@@ -2106,3 +2154,147 @@ def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
     stamp = os.stat(path).st_mtime_ns
     figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))
     assert os.stat(path).st_mtime_ns != stamp
+
+
+def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
+    """A run whose config.json holds another code fingerprint, or none, is stale."""
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = os.path.join(first["dir"], "params.npz")
+    stamp = os.stat(path).st_mtime_ns
+    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
+    figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns != stamp
+    stamp = os.stat(path).st_mtime_ns
+    figures.train_cached(ctx, "pe-only", "pe", **small)  # now the same code: reused
+    assert os.stat(path).st_mtime_ns == stamp
+    config_path = os.path.join(first["dir"], "config.json")
+    saved = json.loads(open(config_path).read())
+    del saved["versions"]["code"]
+    with open(config_path, "w") as f:
+        json.dump(saved, f)
+    figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns != stamp
+
+
+def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path, monkeypatch):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(3.0) * len(calls)}
+
+    ctx = figures.argparse.Namespace(timings=[])
+    get = lambda settings: figures.cached(str(tmp_path), "t", compute, False, settings, ctx)  # noqa: E731
+    assert np.array_equal(get({"d": 2})["x"], [0, 1, 2]) and len(calls) == 1
+    assert set(get({"d": 2})) == {"x"} and len(calls) == 1  # reused, without the cache's own keys
+    assert [t["reused"] for t in ctx.timings] == [False, True]
+    assert ctx.timings[1]["seconds"] == ctx.timings[0]["seconds"] > 0
+    get({"d": 3})
+    assert len(calls) == 2  # other settings
+    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
+    get({"d": 3})
+    assert len(calls) == 3  # other code of icar, theory or train
+    monkeypatch.setattr(figures, "figures_fingerprint", lambda: "1" * 40)
+    get({"d": 3})
+    assert len(calls) == 4  # other code of figures.py
+    get({"d": 3})
+    assert len(calls) == 4
+
+
+def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
+    tiny = dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3))
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", tiny)
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, seed=0, out=str(tmp_path),
+                                     timings=[])
+    figures.run_r2r3(ctx)
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(tiny, seeds=2))
+    figures.run_r2r3(ctx)
+    assert [t["reused"] for t in ctx.timings] == [False, False]
+    figures.run_r2r3(ctx)
+    assert [t["reused"] for t in ctx.timings] == [False, False, True]
+
+
+def test_unusable_folders_and_fig4_files_exit_2_with_one_line(tmp_path, capsys):
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    bad_npy = tmp_path / "bad.npy"
+    bad_npy.write_text("not an array")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{")
+    ok_npy = tmp_path / "ok.npy"
+    np.save(ok_npy, np.ones((3, 2)))
+    cases = [(["fig1", "--out", str(plain / "x")], "--out", plain / "x"),
+             (["fig1", "--runs", str(plain / "x"), "--out", str(tmp_path)], "--runs", plain / "x")]
+    if not figures.fig4_missing(str(bad_npy)):
+        fig4 = ["fig4", "--text", figures.DEFAULT_TEXT, "--out", str(tmp_path), "--runs", str(tmp_path)]
+        cases += [(fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(ok_npy)], "--tokenizer", bad_json),
+                  (fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(bad_npy)], "--embeddings", bad_npy)]
+    for argv, option, path in cases:
+        assert figures.main(argv + ["--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("figures.py: error: " + option) and str(path) in err
+
+
+def test_load_token_table_names_the_bad_file_and_what_it_expects(tmp_path):
+    cases = {"text.npy": lambda p: p.write_text("not an array"), "empty.npy": lambda p: p.write_bytes(b""),
+             "vector.npy": lambda p: np.save(p, np.ones(3)), "words.npy": lambda p: np.save(p, np.array([["a"]])),
+             "table.npz": lambda p: np.savez(p, E=np.ones((2, 2)))}
+    for name, make in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(ValueError, match="2-D real array") as e:
+            figures.load_token_table(str(path))
+        assert str(path) in str(e.value)
+    np.save(tmp_path / "ok.npy", np.ones((4, 3), dtype=np.float32))
+    assert figures.load_token_table(str(tmp_path / "ok.npy")).dtype == np.float64
+
+
+def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
+    """The summary shows the seconds the computation took, marked when reused from the
+    cache; figures.main sets the process up as train.main does."""
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3)))
+    set_up = []
+    monkeypatch.setattr(train, "set_up_process", lambda: set_up.append(1))
+    real = figures.compute_r2r3
+    monkeypatch.setattr(figures, "compute_r2r3", lambda **kw: (figures.time.sleep(0.5), real(**kw))[1])
+    argv = ["r2r3", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]
+    assert figures.main(argv) == 0 and set_up == [1]
+    first = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
+    assert first["cached"] == "none" and first["seconds"] >= 0.5
+    assert figures.main(argv) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
+    assert again["cached"] == "all" and again["seconds"] >= 0.5
+    assert f"| r2r3 | quick | (cached, computed in {again['seconds']:.1f} s) |" in (tmp_path / "summary.md").read_text()
+    assert figures.compute_seconds(1.0, [{"seconds": 5.0, "load": 0.2, "reused": True},
+                                         {"seconds": 0.5, "load": 0.0, "reused": False}]) == (5.8, "some")
+    assert figures.compute_seconds(1.0, [{"seconds": None, "load": 0.2, "reused": True}]) == (None, "all")
+    assert figures.runtime_cell(5.8, "some") == "5.8 (partly cached)" and figures.runtime_cell(2.0, "none") == "2.0"
+
+
+def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
+    """The closed form with the training set's moments gives the trained P up to rounding;
+    the population path differs by sampling error only; a changed step moves the path."""
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    res = figures.train_cached(ctx, "pe-only", "pe", T=6, mu=50.0, n_train=40, n_test=8, n_probe=0, steps=60,
+                               target_loss=0.0, gd_steps=1)
+    panel, rows = figures.fig6_panel(res, 50.0)
+    values = {r["quantity"].split(": ", 1)[1]: r["value"] for r in rows}
+    sample_gap = values["max |P - exact GD path of the sample loss| (rows r >= 1)"]
+    population_gap = values["sampling error: max |P - exact GD path of the population loss| (rows r >= 1)"]
+    assert sample_gap < 1e-12 < 1e-4 < population_gap
+    assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
+    s = figures.pe_only_training_set(res["config"])
+    eta = res["config"]["lr"] / 5
+    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * eta, 60)[-1] - panel["sample_row"])) > 1e-4
+
+
+def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    figures.atomic_write(str(tmp_path / "a" / "x.txt"), "hello")
+    figures.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
+    assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
+    assert os.listdir(tmp_path / "a") == ["x.txt"]
