@@ -1165,7 +1165,8 @@ def test_weight_blocks_m4_reproduce_the_scores():
 @pytest.mark.parametrize("argv", [
     ["augmented", "--lr", "abc"], ["nosuch"], ["block", "--steps", "-1"],
     ["block", "--heads", "2"], ["pe-only", "--dtype", "float16"], ["augmented", "--backend", "cupy"],
-    ["bench", "--bogus"], ["bench", "--json", "/nonexistent/bench.json"],
+    ["bench", "--bogus"], ["bench", "--json", "/nonexistent/bench.json"], ["block", "--n_probe", "600"],
+    ["diagonal", "--family", "angle"],
 ])
 def test_bad_arguments_exit_2_with_one_line(argv):
     out = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)

@@ -181,6 +181,9 @@ def config(experiment, preset="quick", **overrides):
     if cfg.get("batch", 0) > cfg.get("n_train", 0):
         raise ValueError(f"batch {cfg['batch']} exceeds n_train {cfg['n_train']}; allowed: "
                          f"0 (full batch) to n_train")
+    if cfg.get("n_probe", 0) > cfg.get("n_test", 0):
+        raise ValueError(f"n_probe {cfg['n_probe']} exceeds n_test {cfg['n_test']}; allowed: "
+                         f"0 (no probe) to n_test")
     if experiment != "pe-only" and cfg.get("family") == "angle":
         raise ValueError("family 'angle' (d = 1) is only for pe-only; allowed here: "
                          "unitary, orthogonal, haar")
@@ -945,7 +948,9 @@ def _help(experiment):
              f"{'option':<18}{'quick':>11}{'paper':>11}  meaning"]
     for key in (k for k in OPTIONS if k in quick):
         kind, text = OPTIONS[key]
-        allowed = f" ({', '.join(CHOICES[key])})" if key in CHOICES else f" [{kind.__name__}]"
+        choices = [c for c in CHOICES.get(key, ()) if not (key == "family" and c == "angle"
+                                                            and experiment != "pe-only")]
+        allowed = f" ({', '.join(choices)})" if choices else f" [{kind.__name__}]"
         lines.append(f"--{key:<16}{_fmt(quick[key]):>11}{_fmt(paper[key]):>11}  {text}{allowed}")
     lines += ["", "--preset quick|paper (quick)  --name NAME (the experiment)  --runs_dir DIR (runs)",
               "--resume: continue from runs/NAME/checkpoint.npz  --quiet: no progress",
