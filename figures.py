@@ -40,6 +40,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 import icar  # noqa: E402
+import theory  # noqa: E402
+import train  # noqa: E402
 
 FIGURES = ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3")
 PRESETS = ("quick", "paper")
@@ -61,7 +63,6 @@ PUBLISHED = {
 def _atomic(path, write):
     """write(binary file) into a temporary file next to path (flushed to disk), then rename it
     onto path (train._atomic_write), creating path's folder if needed."""
-    import train
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     train._atomic_write(path, write)
 
@@ -96,7 +97,6 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
     icar, theory and train, and this file's figures_fingerprint) with the same settings
     (a JSON-able dict of everything else that determines the result); it also keeps the
     seconds that compute() took."""
-    import train
     path = os.path.join(runs_dir, f"figures-{name}", "data.npz")
     key = json.dumps({"code": train.code_fingerprint(), "figures": figures_fingerprint(),
                       "settings": settings}, sort_keys=True)
@@ -440,7 +440,6 @@ def train_cached(ctx, experiment, name, **overrides):
     """train.run(experiment, ctx.preset, **overrides) in RUNS/NAME, or the finished run
     already there (train.load) when its config.json holds the same settings and was made by
     the same code (train.code_fingerprint). Training seconds are kept in RUNS/NAME/seconds.json."""
-    import train
     run_dir = os.path.join(ctx.runs, name)
     want = train.config(experiment, ctx.preset, **overrides)
     config_path, seconds_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "seconds.json")
@@ -508,7 +507,6 @@ def plot_fig3(panels, out_dir, name="fig3"):
 
 def fig3_rows(label, family, A, B, P, losses):
     """Summary rows of one Fig. 3 panel, against the closed forms of R2/R3 and the authors."""
-    import theory
     H, d = A.shape
     T = P.shape[0]
     C = B.T @ A                                                                 # [d, d]
@@ -559,39 +557,22 @@ def run_fig3(ctx):
 FIG6_MUS = (50.0, 100.0, 200.0, 300.0)  # [code]
 
 
-def pe_only_training_set(cfg):
-    """The training sequences s [n_train, T+1, d] of a pe-only run of train.py with settings
-    cfg: the first of the four generators that train.py spawns from the seed."""
-    import train
-    data_rng = np.random.default_rng(np.random.SeedSequence(cfg["seed"]).spawn(4)[0])
-    s, _ = train._sample(cfg, data_rng, cfg["n_train"])
-    return train._to_dtype(s, cfg["dtype"])
-
-
 def sample_pe_only_trajectory(s, eta, steps):
     """The exact gradient-descent path from P = 0, after `steps` steps of size eta, of the
     *sample* loss of M3 on s [n, T+1, d]: row r >= 1 minimises p^T M_r p - 2 b_r^T p + c_r
     with the data's moments M_r = Re(U_r^* U_r) / n, b_r = Re(U_r^* y_r) / n, where
     U_r[(i, k), t] = conj(s_{r-1}) s_t^2 (sequence i, coordinate k; t <= r) and y_r = s_{r+1}
-    (train.pe_only_objective's quadratic, per row). p_k = V (1 - (1 - 2 eta lam)^k) / lam
-    V^T b_r with M_r = V diag(lam) V^T, the form of theory.pe_only_trajectory.  -> P [T, T]
+    (train.pe_only_objective's quadratic, per row); theory.gd_path gives the path. -> P [T, T]
     """
     x, y = s[:, :-1], s[:, 1:]                                                  # [n, T, d] each
     n, T, d = x.shape
     query = np.concatenate([np.zeros((n, 1, d)), np.conj(x[:, :-1])], axis=1)  # [n, T, d]
-    P = np.zeros((T, T))
+    rows = [None]
     for r in range(1, T):  # rows are independent problems of different sizes
         U = np.swapaxes(query[:, r, None, :] * x[:, :r + 1] ** 2, 1, 2).reshape(n * d, r + 1)  # [n*d, r+1]
-        M = np.real(np.conj(U.T) @ U) / n                                      # [r+1, r+1]
-        b = np.real(np.conj(U.T) @ y[:, r].reshape(n * d)) / n                 # [r+1]
-        lam, V = np.linalg.eigh(M)
-        z = 2 * eta * lam
-        stable = np.abs(z) < 1
-        g = np.where(stable, -np.expm1(steps * np.log1p(-np.where(stable, z, 0.0))), 1 - (1 - z) ** steps)
-        small = np.abs(lam) < np.finfo(float).tiny ** 0.5
-        g = np.where(small, 2 * eta * steps, g / np.where(small, 1.0, lam))   # [r+1]
-        P[r, :r + 1] = V @ (g * (V.T @ b))
-    return P
+        rows.append((np.real(np.conj(U.T) @ U) / n,                            # M_r [r+1, r+1]
+                     np.real(np.conj(U.T) @ y[:, r].reshape(n * d)) / n))       # b_r [r+1]
+    return theory.gd_path(rows, eta=eta, steps=steps)
 
 
 def plot_fig6(panels, out_dir, name="fig6"):
@@ -622,14 +603,13 @@ def plot_fig6(panels, out_dir, name="fig6"):
 
 def fig6_panel(res, mu):
     """The panel of plot_fig6 and the summary rows of one trained pe-only run (train.load)."""
-    import theory
     cfg, P = res["config"], np.asarray(res["params"]["P"])
     steps = len(res["metrics"]["train_loss"]) - 1
     # train.py averages the loss over the T - 1 positions r >= 1, so each row's own
     # quadratic p^T M p - 2 b^T p + 1 sees the step lr / (T - 1)
     eta = cfg["lr"] / (cfg["T"] - 1)
     closed = theory.pe_only_trajectory(cfg["T"], mu=mu, eta=eta, steps=steps)     # [T, T]
-    sample = sample_pe_only_trajectory(pe_only_training_set(cfg), eta, steps)     # [T, T]
+    sample = sample_pe_only_trajectory(train.datasets(cfg)[0], eta, steps)       # [T, T]
     panel = dict(mu=mu, P=P, steps=steps, closed_row=closed[-1], sample_row=sample[-1], n_train=cfg["n_train"])
     rows = [row("fig6", f"mu={mu:g}: GD steps until the training loss < {cfg['target_loss']:g}", steps),
             row("fig6", f"mu={mu:g}: final training loss", float(res["metrics"]["train_loss"][-1]),
@@ -663,7 +643,6 @@ R1_SIZES = {  # M1 block form, last-token loss, unitary W with random phases (R1
 def plot_r1(Ts, d, eta, loss, out_dir, name="r1"):
     """R1: the trained step eta = tr(B A) / d and the test loss of M1 against T, next to
     eta* = 1 / (T + d - 2) and L* = d (d - 1) / (T + d - 2)."""
-    import theory
     Ts = np.asarray(Ts)
     grid = np.linspace(Ts.min(), Ts.max(), 200)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -687,7 +666,6 @@ def plot_r1(Ts, d, eta, loss, out_dir, name="r1"):
 
 
 def run_r1(ctx):
-    import theory
     size = R1_SIZES[ctx.preset]
     d, Ts = size["d"], size["Ts"]
     eta, loss, rows = [], [], []
@@ -717,7 +695,6 @@ R2R3_SIZES = {  # population-loss GD of M2 for every H, several random starts ea
 def compute_r2r3(d, T, seeds, unitary, orthogonal, seed=0):
     """Final population loss per prefix [2, d, seeds] of train_population for H = 1..d
     (family 0: unitary, 1: orthogonal), from `seeds` random starts each."""
-    import theory
     out = np.empty((2, d, seeds))
     for f, (family, (lr, steps)) in enumerate((("unitary", unitary), ("orthogonal", orthogonal))):
         for H in range(1, d + 1):
@@ -751,7 +728,6 @@ def plot_r2r3(loss, d, T, out_dir, name="r2r3"):
 
 
 def r2r3_rows(loss, d):
-    import theory
     rows = []
     for f, family in enumerate(("unitary", "orthogonal")):
         best = loss[f].min(axis=1)                                                # [d]
@@ -1058,7 +1034,6 @@ def make_figures(args):
         raise ValueError(f"missing {', '.join(fig4_missing(args.embeddings))}; {FIG4_INSTALL}")
     for option in ("out", "runs"):
         writable_folder(getattr(args, option), option)
-    import train
     train.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     for name in names:

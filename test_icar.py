@@ -2286,7 +2286,7 @@ def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
     population_gap = values["sampling error: max |P - exact GD path of the population loss| (rows r >= 1)"]
     assert sample_gap < 1e-12 < 1e-4 < population_gap
     assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
-    s = figures.pe_only_training_set(res["config"])
+    s = train.datasets(res["config"])[0]
     eta = res["config"]["lr"] / 5
     assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * eta, 60)[-1] - panel["sample_row"])) > 1e-4
 

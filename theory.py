@@ -384,12 +384,23 @@ def pe_only_trajectory(T, mu=None, phi=None, *, eta, steps):
     steps: an integer k -> P_k [T, T], or a 1-D array of them -> [len, T, T]. GD with
     learning rate lr on the mean of icar.mse over all T positions is eta = lr / T.
     """
+    return gd_path(_row_systems(T, mu, phi), eta=eta, steps=steps)
+
+
+def gd_path(rows, *, eta, steps):
+    """The exact gradient-descent path from P = 0, with step eta, of independent row losses
+    p^T M_r p - 2 b_r^T p + c: p_k = (I - (I - 2 eta M_r)^k) M_r^+ b_r for row r >= 1.
+
+    rows[r] = (M_r [r+1, r+1], b_r [r+1]) for r = 1..T-1 (rows[0] unused: row 0 stays 0), as
+    _row_systems gives them for the population, or from a sample's moments. steps: an integer
+    k -> P_k [T, T], or a 1-D array of them -> [len, T, T].
+    """
     eta = _check_real("eta", eta, positive=True)
     ks = numpy.asarray(steps)
     if ks.ndim > 1 or ks.size == 0 or not numpy.issubdtype(ks.dtype, numpy.integer) or (ks < 0).any():
         raise ValueError(f"steps must be an integer >= 0 or a 1-D array of them, got {steps!r}")
     k = numpy.atleast_1d(ks).astype(float)[:, None]                         # [K, 1]
-    rows = _row_systems(T, mu, phi)
+    T = len(rows)
     out = numpy.zeros((k.shape[0], T, T))
     for r in range(1, T):  # rows are independent problems of different sizes
         lam, V = numpy.linalg.eigh(rows[r][0])                             # [r+1], [r+1, r+1]

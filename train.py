@@ -269,8 +269,7 @@ def predictor(experiment, cfg):
     return icar.pe_only
 
 
-def _swap(x):
-    return np.swapaxes(x, -1, -2)
+_swap = icar._swap
 
 
 def _transformer_two_streams(params, x, xq, cfg):
@@ -642,6 +641,20 @@ def _host(x):
     return x if isinstance(x, numpy.ndarray) else x.get()
 
 
+def _generators(seed):
+    """One generator per purpose: training data, test data, initialisation, minibatch order
+    (the test set stays the same when n_train changes)."""
+    return [numpy.random.default_rng(s) for s in numpy.random.SeedSequence(seed).spawn(4)]
+
+
+def datasets(cfg):
+    """(s_train, s_test, W_test) of a run with settings cfg, on the host in cfg's dtype."""
+    data_rng, test_rng, _, _ = _generators(cfg["seed"])
+    s_train, _ = _sample(cfg, data_rng, cfg["n_train"])
+    s_test, W_test = _sample(cfg, test_rng, cfg["n_test"])
+    return _to_dtype(s_train, cfg["dtype"]), _to_dtype(s_test, cfg["dtype"]), W_test
+
+
 def _checkpoint(path, step, params, opt, rng, perm, pos, history):
     params = tree_map(_host, params)
     if opt is not None:
@@ -761,12 +774,9 @@ def pe_only_objective(s, first=1):
 def _train(experiment, cfg, ckpt, resume, quiet):
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
     xp = cupy_backend() if cfg["backend"] == "cupy" else numpy
-    # one generator per purpose: the test set stays the same when n_train changes
-    data_rng, test_rng, init_rng, order_rng = (numpy.random.default_rng(s) for s in
-                                               numpy.random.SeedSequence(cfg["seed"]).spawn(4))
-    s_train, _ = _sample(cfg, data_rng, cfg["n_train"])
-    s_test, W_test = _sample(cfg, test_rng, cfg["n_test"])
-    s_train, s_test = (xp.asarray(_to_dtype(s, cfg["dtype"])) for s in (s_train, s_test))
+    _, _, init_rng, order_rng = _generators(cfg["seed"])
+    s_train, s_test, W_test = datasets(cfg)
+    s_train, s_test = xp.asarray(s_train), xp.asarray(s_test)
     predict = predictor(experiment, cfg)
     first = 1 if experiment in ("diagonal", "pe-only") else 0  # position 0 has no query there
 
