@@ -403,16 +403,10 @@ def squared_errors(f, y):
 
 
 def adam(objective, params, steps, lr):
-    """Plain Adam (beta 0.9, 0.999) on a dict of arrays."""
-    g = grad(objective)
-    m = {k: np.zeros_like(v) for k, v in params.items()}
-    v = {k: np.zeros_like(x) for k, x in params.items()}
-    for i in range(1, steps + 1):
-        gr = g(params)
-        for k in params:
-            m[k] = 0.9 * m[k] + 0.1 * gr[k]
-            v[k] = 0.999 * v[k] + 0.001 * gr[k] ** 2
-            params[k] = params[k] - lr * (m[k] / (1 - 0.9 ** i)) / (np.sqrt(v[k] / (1 - 0.999 ** i)) + 1e-12)
+    """`steps` of train.py's Adam on objective(params)."""
+    g, state = grad(objective), train.adam_init(params)
+    for _ in range(steps):
+        params, state = train.adam_update(params, g(params), state, lr)
     return params
 
 
