@@ -17,7 +17,8 @@ Index (names of paper.md):
     diagonal_heads       M2, diagonal multi-head linear attention with positional matrix P;
                          the query is the second-to-last token
     pe_only              M3, only P is trained (d = 1 in the paper, C = I here for any d)
-    transformer          M4, the experiments' Transformer (augmented and non-augmented)
+    transformer          M4, the experiments' Transformer (augmented and non-augmented), one
+                         transformer_layer per layer (fused.transformer: the same, faster)
     init_params          initial parameters of each model, from a np.random.Generator
     mse                  squared error ||f - y||^2, summed over d, averaged over the rest
 
@@ -134,7 +135,10 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
 
     s = numpy.empty((n, T + 1, d), dtype=W.dtype)
     s[:, 0] = x
-    noise = sigma * _noise(rng, (n, T, d), W.dtype) if sigma > 0 else None
+    noise = None
+    if sigma > 0:  # E|eps_i|^2 = 1 for real and complex noise
+        eps = rng.standard_normal((2 if W.dtype.kind == "c" else 1, n, T, d))     # [1 or 2, n, T, d]
+        noise = sigma * (eps[0] if len(eps) == 1 else (eps[0] + 1j * eps[1]) / numpy.sqrt(2))  # [n, T, d]
     for t in range(T):  # the recursion is sequential; the batch is not
         s[:, t + 1] = (W @ s[:, t, :, None])[..., 0]                              # [n, d]
         if noise is not None:
@@ -142,18 +146,11 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
     return s, W
 
 
-def _noise(rng, shape, dtype):
-    if numpy.issubdtype(dtype, numpy.complexfloating):  # E|eps_i|^2 = 1 in both cases
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / numpy.sqrt(2)
-    return rng.standard_normal(shape)
-
-
 def augment(s):
     """Tokens e_t = (0_d, s_t, s_{t-1}) with s_0 = 0: [n, T, d] -> [n, T, 3d]."""
     n, T, d = check_data(s)
     xp = array_module(s)
-    zeros = xp.zeros((n, 1, d), dtype=s.dtype)
-    prev = np.concatenate([zeros, s[:, :-1]], axis=1)                           # [n, T, d]
+    prev = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), s[:, :-1]], axis=1)  # [n, T, d]
     return np.concatenate([xp.zeros((n, T, d), dtype=s.dtype), s, prev], axis=2)  # [n, T, 3d]
 
 
@@ -281,11 +278,10 @@ def transformer_config(**overrides):
 
 
 def softmax(z, mask):
-    """Softmax of z over the last axis, over the keys where mask > 0 (0 elsewhere).
-
-    Shifting by the row maximum of those entries leaves it unchanged, so the shift is a
-    constant for autograd (no gradient through max); masked entries become -inf before exp,
-    so a large masked score can neither overflow nor take part in the shift."""
+    """Softmax of z over the last axis where mask > 0 (0 elsewhere). Shifting by the row maximum
+    of those entries leaves it unchanged, so the shift is a constant for autograd (no gradient
+    through max); masked entries become -inf before exp, so a large masked score can neither
+    overflow nor take part in the shift."""
     xp = array_module(z)
     keep = mask > 0
     shift = xp.max(xp.where(keep, getval(z), -numpy.inf), axis=-1, keepdims=True)
@@ -294,10 +290,9 @@ def softmax(z, mask):
 
 
 def layernorm(x, g, b, eps=1e-5):
-    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [..., E].
-
-    Means are products with [E, 1] averaging weights: their gradients are single products,
-    where mean's broadcast and divide take several passes."""
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [..., E]. Means are products
+    with [E, 1] averaging weights: their gradients are single products, where mean's broadcast
+    and divide take several passes."""
     avg = array_module(x).full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=numpy.finfo(x.dtype).dtype)
     xc = x - x @ avg                                            # [n, T, E] - [n, T, 1]
     sq = np.real(xc * np.conj(xc)) if numpy.iscomplexobj(xc) else xc * xc
@@ -305,17 +300,16 @@ def layernorm(x, g, b, eps=1e-5):
 
 
 def check_tokens(x, cfg):
-    """(n, T, d_in) of M4's tokens x, which cfg must allow."""
+    """(n, T, d_in) of M4's tokens x [n, T, d_in], which cfg must allow."""
     n, T, d_in = check_data(x, "x")
     if d_in != cfg["d_in"] or T > cfg["T"]:
-        raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, "
-                         f"d = {cfg['d_in']}")
+        raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, d = {cfg['d_in']}")
     return n, T, d_in
 
 
 def positional_attention(layer, p):
-    """The positional weights softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E)) of one layer, from
-    the position embeddings p [T, E] of the first T positions -> [H, T, T] (0 for t > r)."""
+    """softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E)) of one layer's heads, from the embeddings
+    p [T, E] of the first T positions: [H, T, T], 0 for t > r (M4's positional weights)."""
     T, E = p.shape
     pq = p @ layer["W_Q"] + layer["b_Q"][:, None]                 # [T, E] @ [H, E, E] -> [H, T, E]
     pk = p @ layer["W_K"] + layer["b_K"][:, None]                 # [H, T, E]
@@ -323,23 +317,17 @@ def positional_attention(layer, p):
 
 
 def transformer_layer(layer, h, cfg, pos=None, g=None):
-    """One layer of M4 on the stream h [n, T, E] -> the next stream [n, T, E].
-
-    pos: the position embeddings params["pos"] (used where cfg["positional"]). g [n, T, E]
-    (default h): the stream that asks, giving the queries and the residual; keys and values
-    come from h. Position r of the result depends on g only through g_r (train's probe).
-    """
+    """One layer of M4, the stream h [n, T, E] -> the next one [n, T, E]; pos: params["pos"]
+    (if cfg["positional"]). g [n, T, E], default h: the stream of queries and residual; keys and
+    values come from h, so output position r depends on g only through g_r (train.py's probe)."""
     g = h if g is None else g
-    n, T, E = h.shape
+    T, E = h.shape[1:]
     mask = causal_mask(array_module(h), T, h)                     # [T, T]
     q = g[:, None] @ layer["W_Q"] + layer["b_Q"][:, None]         # [n, 1, T, E] @ [H, E, E] -> [n, H, T, E]
     k = h[:, None] @ layer["W_K"] + layer["b_K"][:, None]         # [n, H, T, E]
     v = h[:, None] @ layer["W_V"] + layer["b_V"][:, None]         # [n, H, T, E]
     scores = (q @ swap(np.conj(k))) / E ** 0.5                    # [n, H, T, E] @ [n, H, E, T] -> [n, H, T, T]
-    if cfg["attention"] == "linear":
-        a = scores * mask                                         # [n, H, T, T]
-    else:
-        a = softmax(np.real(scores), mask)                        # [n, H, T, T]
+    a = scores * mask if cfg["attention"] == "linear" else softmax(np.real(scores), mask)  # [n, H, T, T]
     if cfg["positional"]:
         a = a * positional_attention(layer, pos[:T])              # [n, H, T, T] * [H, T, T]
     out = np.sum(a @ v, axis=1) @ layer["W_O"] + layer["b_O"]     # sum over heads of [n, H, T, E] -> [n, T, E]
@@ -364,6 +352,7 @@ def transformer(params, x, cfg):
     for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
         h = transformer_layer(layer, h, cfg, params.get("pos"))   # [n, T, E]
     return h @ params["W_out"] + params["b_out"]                  # [n, T, d_out]
+
 
 # ----------------------------------------------------------------------------- parameters
 
