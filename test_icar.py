@@ -412,6 +412,8 @@ def test_icar_alone_trains_every_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "alone.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    imported = {line.split()[1].split(".")[0] for line in open(icar.__file__) if line.startswith(("import ", "from "))}
+    assert imported == {"importlib", "numbers", "numpy", "autograd"}  # no threads, no os
 
 # ##############################################################################
 # theory.py: R1-R4

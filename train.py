@@ -550,8 +550,8 @@ def _save_json(path, obj):
 
 
 def code_fingerprint():
-    """SHA-1 of the files that define every result (icar.py, fused.py, theory.py, train.py): a cached
-    run made by other code is stale."""
+    """SHA-1 of the files that define every result (icar.py, fused.py, theory.py, train.py):
+    a cached run made by other code is stale."""
     digest = hashlib.sha1()
     for name in ("icar.py", "fused.py", "theory.py", "train.py"):
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
