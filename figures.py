@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+import fused  # noqa: E402
 import icar  # noqa: E402
 import theory  # noqa: E402
 import train  # noqa: E402
@@ -876,19 +877,6 @@ def run_fig5(ctx):
             f"train.py augmented, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences")
 
 
-def positional_attention(params, T):
-    """softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E)) of the first layer of M4: [H, T, T]."""
-    layer = params["layers"][0]
-    p = np.asarray(params["pos"])[:T]                                           # [T, E]
-    E = p.shape[-1]
-    pq = p @ layer["W_Q"] + layer["b_Q"][:, None]                               # [H, T, E]
-    pk = p @ layer["W_K"] + layer["b_K"][:, None]                               # [H, T, E]
-    z = pq @ np.swapaxes(pk, -1, -2) / np.sqrt(E)                               # [H, T, T]
-    z = np.where(np.tril(np.ones((T, T))) > 0, z, -np.inf)
-    w = np.exp(z - z.max(axis=-1, keepdims=True))
-    return w / w.sum(axis=-1, keepdims=True)
-
-
 FIG7_HEADS = {"quick": (1, 2, 4, 8, 16, 32), "paper": (1, 2, 4, 8, 16, 32, 64)}
 
 
@@ -927,7 +915,8 @@ def run_fig7(ctx):
     by_heads = {H: r["metrics"] for H, r in runs.items()}
     H_max = max(runs)
     T = len(by_heads[H_max]["test_loss_position"])
-    attention = positional_attention(runs[H_max]["params"], T)                  # [H, T, T]
+    params = runs[H_max]["params"]
+    attention = icar.positional_attention(params["layers"][0], params["pos"][:T])  # [H, T, T]
     rows = [row("fig7", f"H={H}: test MSE, mean over positions", mean_loss(m),
                 mean_loss(m, "baseline_gd1"), "one-step GD, optimal step (same test set)")
             for H, m in by_heads.items()]
@@ -992,7 +981,7 @@ def parse_args(argv):
     bad = [f for f in args.figures if f not in FIGURES]
     if bad:
         raise ValueError(f"unknown figure {bad[0]!r}; allowed: {', '.join(FIGURES)}")
-    icar._check_choice("preset", args.preset, PRESETS)
+    icar.check_choice("preset", args.preset, PRESETS)
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     for opt in ("embeddings", "tokenizer", "text"):
@@ -1034,7 +1023,7 @@ def make_figures(args):
         raise ValueError(f"missing {', '.join(fig4_missing(args.embeddings))}; {FIG4_INSTALL}")
     for option in ("out", "runs"):
         writable_folder(getattr(args, option), option)
-    train.set_up_process()  # one BLAS thread, freed memory kept between steps
+    fused.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     for name in names:
         progress(name, f"start ({args.preset})", args.quiet)

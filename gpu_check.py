@@ -4,8 +4,9 @@
     python gpu_check.py --dry    anywhere: the CPU stand-in of test_icar.py plays the GPU and
                                  the large size shrinks (checks this script, measures nothing)
 
-1. For each model (M1 full and block, M2, M3, M4 augmented and non-augmented, the population
-   loss of theory.py) on real and complex data: loss and gradients on the device, float64,
+1. For each model (M1 full and block, M2, M3, M4 augmented and non-augmented, both as
+   training runs it (fused.transformer) and plain (icar.transformer), the population loss of
+   theory.py) on real and complex data: loss and gradients on the device, float64,
    must equal NumPy's to a relative 1e-10.
 2. One Adam step (value_and_grad + adam_update), float32, for the non-augmented M4 at a small
    size and at the authors' size (d = 5, T = 50, 64 heads, batch 1024): ms per step on the
@@ -67,8 +68,11 @@ def cases(rng):
         out[f"M3 {family}"] = ({"P": 0.3 * rng.standard_normal((10, 10))}, s, next_state_loss(icar.pe_only))
         for experiment in ("augmented", "nonaug"):
             cfg = train.config(experiment, d=4, T=10, heads=2)
-            out[f"M4 {experiment} {family}"] = (train.init_model(experiment, cfg, rng), s,
-                                                next_state_loss(train.predictor(experiment, cfg)))
+            params, mcfg = train.init_model(experiment, cfg, rng), train.model_config(cfg, experiment)
+            out[f"M4 {experiment} {family}"] = (params, s, next_state_loss(train.predictor(experiment, cfg)))
+            tokens = icar.augment if experiment == "augmented" else (lambda s: s)
+            out[f"M4 plain {experiment} {family}"] = (params, s, next_state_loss(
+                lambda p, s, tokens=tokens, mcfg=mcfg: icar.transformer(p, tokens(s), mcfg)))
     for family in theory.FAMILIES:
         p = icar.init_params("diagonal_heads", rng, d=4, T=6, H=2, scale=0.5)
         out[f"population {family}"] = (

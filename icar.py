@@ -17,7 +17,8 @@ Index (names of paper.md):
     diagonal_heads       M2, diagonal multi-head linear attention with positional matrix P;
                          the query is the second-to-last token
     pe_only              M3, only P is trained (d = 1 in the paper, C = I here for any d)
-    transformer          M4, the experiments' Transformer (augmented and non-augmented)
+    transformer          M4, the experiments' Transformer (augmented and non-augmented), one
+                         transformer_layer per layer (fused.transformer: the same, faster)
     init_params          initial parameters of each model, from a np.random.Generator
     mse                  squared error ||f - y||^2, summed over d, averaged over the rest
 
@@ -27,14 +28,11 @@ Parameters are real; data may be complex ("unitary", "angle"), and conj() is app
 paper.md writes a star. Constants and masks come from the array module that owns the data
 (`array_module`), so the same code runs on GPU arrays.
 """
-import concurrent.futures
 import importlib
 import numbers
-import os
 
 import autograd.numpy as np
 import numpy
-from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import Box, getval
 
 FAMILIES = ("unitary", "orthogonal", "haar", "angle")
@@ -47,13 +45,13 @@ class Diverged(ValueError):
     """Training met a non-finite loss (raised by theory.train_population and train.run)."""
 
 
-def _check_int(name, value, low):
+def check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
-def _check_choice(name, value, allowed):
+def check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
     return value
@@ -65,7 +63,7 @@ def _check_shape(name, array, shape):
                          f"to match the data")
 
 
-def _check_data(s, name="s"):
+def check_data(s, name="s"):
     if numpy.ndim(s) != 3 or min(numpy.shape(s)) < 1:
         raise ValueError(f"{name} must have shape [n, T, d] with n, T, d >= 1, "
                          f"got shape {tuple(numpy.shape(s))}")
@@ -95,9 +93,9 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
     """
     if not isinstance(rng, numpy.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    n, T, d = _check_int("n", n, 1), _check_int("T", T, 2), _check_int("d", d, 1)
-    _check_choice("family", family, FAMILIES)
-    _check_choice("s1", s1, ("random", "fixed"))
+    n, T, d = check_int("n", n, 1), check_int("T", T, 2), check_int("d", d, 1)
+    check_choice("family", family, FAMILIES)
+    check_choice("s1", s1, ("random", "fixed"))
     if not (isinstance(sigma, numbers.Real) and numpy.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     if family == "orthogonal" and d % 2:
@@ -137,7 +135,10 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
 
     s = numpy.empty((n, T + 1, d), dtype=W.dtype)
     s[:, 0] = x
-    noise = sigma * _noise(rng, (n, T, d), W.dtype) if sigma > 0 else None
+    noise = None
+    if sigma > 0:  # E|eps_i|^2 = 1 for real and complex noise
+        eps = rng.standard_normal((2 if W.dtype.kind == "c" else 1, n, T, d))     # [1 or 2, n, T, d]
+        noise = sigma * (eps[0] if len(eps) == 1 else (eps[0] + 1j * eps[1]) / numpy.sqrt(2))  # [n, T, d]
     for t in range(T):  # the recursion is sequential; the batch is not
         s[:, t + 1] = (W @ s[:, t, :, None])[..., 0]                              # [n, d]
         if noise is not None:
@@ -145,18 +146,11 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
     return s, W
 
 
-def _noise(rng, shape, dtype):
-    if numpy.issubdtype(dtype, numpy.complexfloating):  # E|eps_i|^2 = 1 in both cases
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / numpy.sqrt(2)
-    return rng.standard_normal(shape)
-
-
 def augment(s):
     """Tokens e_t = (0_d, s_t, s_{t-1}) with s_0 = 0: [n, T, d] -> [n, T, 3d]."""
-    n, T, d = _check_data(s)
+    n, T, d = check_data(s)
     xp = array_module(s)
-    zeros = xp.zeros((n, 1, d), dtype=s.dtype)
-    prev = np.concatenate([zeros, s[:, :-1]], axis=1)                           # [n, T, d]
+    prev = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), s[:, :-1]], axis=1)  # [n, T, d]
     return np.concatenate([xp.zeros((n, T, d), dtype=s.dtype), s, prev], axis=2)  # [n, T, 3d]
 
 
@@ -175,7 +169,7 @@ def causal_mask(xp, T, like=None):
     return xp.tril(xp.ones((T, T), dtype=dtype))
 
 
-def _swap(x):
+def swap(x):
     return np.swapaxes(x, -1, -2)
 
 
@@ -189,7 +183,7 @@ def augmented_linear(params, e):
     Block form {"A", "B"} ([d, d] each): f_r = B (sum_{t<=r} s_t s_{t-1}^*) A s_r, which is
     the full form with W_KQ's (3, 2) block = A and W_V's (1, 2) block = B.
     """
-    n, T, D = _check_data(e, "e")
+    n, T, D = check_data(e, "e")
     if D % 3:
         raise ValueError(f"augmented tokens must have size 3d, got {D}")
     d = D // 3
@@ -197,17 +191,17 @@ def augmented_linear(params, e):
     if set(params) == {"W_KQ", "W_V"}:
         _check_shape("W_KQ", params["W_KQ"], (D, D))
         _check_shape("W_V", params["W_V"], (D, D))
-        q = e @ _swap(params["W_KQ"])                           # [n, T, 3d] rows W_KQ e_r
-        scores = (q @ _swap(np.conj(e))) * mask                 # [n, T, T]: e_t^* W_KQ e_r
-        v = e @ _swap(params["W_V"])                            # [n, T, 3d]
+        q = e @ swap(params["W_KQ"])                           # [n, T, 3d] rows W_KQ e_r
+        scores = (q @ swap(np.conj(e))) * mask                 # [n, T, T]: e_t^* W_KQ e_r
+        v = e @ swap(params["W_V"])                            # [n, T, 3d]
         return (scores @ v)[..., :d]                            # [n, T, T] @ [n, T, 3d] -> [n, T, d]
     if set(params) == {"A", "B"}:
         _check_shape("A", params["A"], (d, d))
         _check_shape("B", params["B"], (d, d))
         s, prev = e[..., d:2 * d], e[..., 2 * d:]               # [n, T, d] each
-        q = s @ _swap(params["A"])                              # [n, T, d] rows A s_r
-        scores = (q @ _swap(np.conj(prev))) * mask              # [n, T, T]: s_{t-1}^* A s_r
-        return (scores @ s) @ _swap(params["B"])                # [n, T, d]
+        q = s @ swap(params["A"])                              # [n, T, d] rows A s_r
+        scores = (q @ swap(np.conj(prev))) * mask              # [n, T, T]: s_{t-1}^* A s_r
+        return (scores @ s) @ swap(params["B"])                # [n, T, d]
     raise ValueError(f"augmented_linear parameters must be {{'W_KQ', 'W_V'}} (full) or "
                      f"{{'A', 'B'}} (block), got {sorted(params)}")
 
@@ -222,16 +216,16 @@ def diagonal_heads(params, s):
         f_{r,i} = sum_{t<=r} P[r, t] s_{t,i} sum_j C_ij conj(s_{r-1,j}) s_{t,j},
     with s_{-1} = 0, so the first position always predicts 0.
     """
-    n, T, d = _check_data(s)
+    n, T, d = check_data(s)
     H = numpy.shape(params["A"])[0] if numpy.ndim(params["A"]) == 2 else 0
-    _check_int("H (rows of A)", H, 1)
+    check_int("H (rows of A)", H, 1)
     _check_shape("A", params["A"], (H, d))
     _check_shape("B", params["B"], (H, d))
     _check_shape("P", params["P"], (T, T))
     xp = array_module(s)
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)  # [n, T, d]: conj(s_{r-1})
     q = query[:, None] * params["A"][None, :, None, :]          # [n, H, T, d]
-    scores = q @ _swap(s)[:, None]                              # [n, H, T, d] @ [n, 1, d, T] -> [n, H, T, T]
+    scores = q @ swap(s)[:, None]                              # [n, H, T, d] @ [n, 1, d, T] -> [n, H, T, T]
     scores = scores * (params["P"] * causal_mask(xp, T, s))     # [n, H, T, T]
     heads = scores @ s[:, None]                                 # [n, H, T, d]
     return np.sum(heads * params["B"][None, :, None, :], axis=1)  # [n, T, d]
@@ -242,7 +236,7 @@ def pe_only(params, s):
 
     This is M2 with C = I (paper.md uses d = 1, C = 1).
     """
-    n, T, d = _check_data(s)
+    n, T, d = check_data(s)
     _check_shape("P", params["P"], (T, T))
     xp = array_module(s)
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)  # [n, T, d]: conj(s_{r-1})
@@ -275,19 +269,19 @@ def transformer_config(**overrides):
                          f"allowed: {', '.join(TRANSFORMER_DEFAULTS)}")
     cfg = dict(TRANSFORMER_DEFAULTS, **overrides)
     for key in ("d_in", "d_out", "T", "layers", "heads", "repeat"):
-        _check_int(key, cfg[key], 1)
-    _check_choice("attention", cfg["attention"], ("linear", "softmax"))
+        check_int(key, cfg[key], 1)
+    check_choice("attention", cfg["attention"], ("linear", "softmax"))
     for key in ("positional", "layernorm", "residual"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key} must be True or False, got {cfg[key]!r}")
     return cfg
 
 
-def _softmax(z, mask):
-    # softmax over the keys where mask > 0. Shifting by the row maximum of those entries
-    # leaves it unchanged, so the shift is a constant for autograd (no gradient through max);
-    # masked entries become -inf before exp, so a large masked score can neither overflow
-    # nor take part in the shift
+def softmax(z, mask):
+    """Softmax of z over the last axis where mask > 0 (0 elsewhere). Shifting by the row maximum
+    of those entries leaves it unchanged, so the shift is a constant for autograd (no gradient
+    through max); masked entries become -inf before exp, so a large masked score can neither
+    overflow nor take part in the shift."""
     xp = array_module(z)
     keep = mask > 0
     shift = xp.max(xp.where(keep, getval(z), -numpy.inf), axis=-1, keepdims=True)
@@ -295,209 +289,69 @@ def _softmax(z, mask):
     return w / np.sum(w, axis=-1, keepdims=True)
 
 
-def _layernorm(x, g, b, eps=1e-5):
-    # means over the last axis as products with [E, 1] averaging weights: their gradients are
-    # single products, where mean's broadcast and divide take several passes
+def layernorm(x, g, b, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [..., E]. Means are products
+    with [E, 1] averaging weights: their gradients are single products, where mean's broadcast
+    and divide take several passes."""
     avg = array_module(x).full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=numpy.finfo(x.dtype).dtype)
     xc = x - x @ avg                                            # [n, T, E] - [n, T, 1]
     sq = np.real(xc * np.conj(xc)) if numpy.iscomplexobj(xc) else xc * xc
     return xc * (sq @ avg + eps) ** -0.5 * g + b                # [n, T, E]
 
 
-CHUNK_ENTRIES = {"cpu": 2 ** 18, "device": 2 ** 27}  # 1 MB of float32 stays in a CPU core's cache
-# threads over batch slices (NumPy releases the GIL inside products and elementwise loops)
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-_POOLS = {}
-os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
+def check_tokens(x, cfg):
+    """(n, T, d_in) of M4's tokens x [n, T, d_in], which cfg must allow."""
+    n, T, d_in = check_data(x, "x")
+    if d_in != cfg["d_in"] or T > cfg["T"]:
+        raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, d = {cfg['d_in']}")
+    return n, T, d_in
 
 
-def _batch_chunks(n, entries_per_row, xp):
-    """Slices of a batch of n rows, each holding about CHUNK_ENTRIES entries (at least one row)."""
-    step = max(1, CHUNK_ENTRIES["cpu" if xp is numpy else "device"] // entries_per_row)
-    return [slice(i, i + step) for i in range(0, n, step)]
+def positional_attention(layer, p):
+    """softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E)) of one layer's heads, from the embeddings
+    p [T, E] of the first T positions: [H, T, T], 0 for t > r (M4's positional weights)."""
+    T, E = p.shape
+    pq = p @ layer["W_Q"] + layer["b_Q"][:, None]                 # [T, E] @ [H, E, E] -> [H, T, E]
+    pk = p @ layer["W_K"] + layer["b_K"][:, None]                 # [H, T, E]
+    return softmax((pq @ swap(pk)) / E ** 0.5, causal_mask(array_module(p), T, p))  # [H, T, T]
 
 
-def _over_slices(fn, slices, threaded):
-    """[fn(group) for each group of consecutive slices], in order: THREADS groups, each in its
-    own thread, where `threaded` (NumPy arrays that autograd does not trace), else one group."""
-    k = min(THREADS, len(slices)) if threaded else 1
-    if k <= 1:
-        return [fn(slices)]
-    if k not in _POOLS:
-        _POOLS[k] = concurrent.futures.ThreadPoolExecutor(k)
-    size = -(-len(slices) // k)
-    return list(_POOLS[k].map(fn, [slices[i:i + size] for i in range(0, len(slices), size)]))
-
-
-def _real_if(x, target):
-    """x, without its imaginary part where the target (an argument) is real."""
-    return np.real(x) if numpy.iscomplexobj(x) and not numpy.iscomplexobj(target) else x
-
-
-def _causal_blocks(T):
-    """Blocks [r0, r1) of query positions, each reading keys t < r1 only: two blocks of
-    about equal work, which skip a quarter of the [T, T] products above the diagonal."""
-    r = min(T - 1, max(1, round(T / 2 ** 0.5)))
-    return [(0, r), (r, T)] if T > 1 else [(0, T)]
-
-
-@primitive
-def _linear_attention(zG, z, w):
-    """Linear causal attention of every head, one batch slice at a time:
-        y[:, (r, h)] = sum_{t<=r} w[r, h, t] (zG[:, (r, h)] . conj(z_t)) z_t,
-    zG [n, T*H, D] (rows z_r G_h), z [n, T, D], w [T, H or 1, T] (entries t > r unused)
-    -> [n, T*H, D]. Equal to the plain products ((zG @ z^*) * tril(w)) @ z; a slice's
-    [m, T, H, T] weights are formed in cache, block by block of _causal_blocks, and
-    recomputed in the backward pass rather than stored."""
-    n, T, D = z.shape
-    H = zG.shape[1] // T
-    xp = array_module(z)
-    y = xp.empty(zG.shape, dtype=numpy.result_type(zG.dtype, z.dtype, w.dtype))
-    zt = xp.ascontiguousarray(_swap(xp.conj(z)))                # [n, D, T]
-    blocks = [(r0, r1, xp.ascontiguousarray(w[r0:r1, :, :r1])) for r0, r1 in _causal_blocks(T)]
-
-    def run(slices):
-        for c in slices:
-            for r0, r1, wb in blocks:  # rows (r, h) of the block, keys t < r1
-                rows = slice(r0 * H, r1 * H)
-                scores = zG[c, rows] @ zt[c, :, :r1]            # [m, b*H, D] @ [m, D, r1] -> [m, b*H, r1]
-                a = (scores.reshape(-1, r1 - r0, H, r1) * wb).reshape(scores.shape)  # [m, b*H, r1]
-                xp.matmul(a, z[c, :r1], out=y[c, rows])         # [m, b*H, r1] @ [m, r1, D] -> [m, b*H, D]
-    _over_slices(run, _batch_chunks(n, H * T * T, xp), xp is numpy)
-    return y
-
-
-def _swapped(x):
-    """x with its last two axes swapped, copied to contiguous memory (faster products) unless
-    x is traced by autograd (higher derivatives)."""
-    x = _swap(x)
-    return x if isinstance(x, Box) else array_module(x).ascontiguousarray(x)
-
-
-def _linear_attention_vjp(argnums, y, args, kwargs):
-    """The gradients autograd derives from the plain products, one slice and block at a
-    time, in autograd operations so that they can be differentiated again."""
-    zG, z, w = args
-    n, T, D = z.shape
-    H = zG.shape[1] // T
-    blocks = _causal_blocks(T)
-
-    def vjp(g):                                                 # g [n, T*H, D]
-        # autograd's functions only where a value is traced: they cost microseconds a call
-        xp = np if any(isinstance(v, Box) for v in (g, zG, z, w)) else array_module(z)
-        zc = xp.conj(z)                                         # [n, T, D]
-        zt, zct = _swapped(z), _swapped(zc)                     # [n, D, T] each
-        wbs = [w[r0:r1, :, :r1] if xp is np else xp.ascontiguousarray(w[r0:r1, :, :r1])
-               for r0, r1 in blocks]                            # [b, H, r1] each
-
-        def run(slices):
-            parts, g_w = {0: [], 1: []}, [0.0] * len(blocks)
-            for c in slices:
-                g_zG, g_z = [], 0.0
-                for k, ((r0, r1), wb) in enumerate(zip(blocks, wbs)):
-                    rows = slice(r0 * H, r1 * H)
-                    scores = xp.reshape(zG[c, rows] @ zct[c, :, :r1], (-1, r1 - r0, H, r1))  # [m, b, H, r1]
-                    g_a = xp.reshape(g[c, rows] @ zt[c, :, :r1], (-1, r1 - r0, H, r1))      # [m, b, H, r1]
-                    g_scores = xp.reshape(g_a * wb, (-1, (r1 - r0) * H, r1))  # [m, b*H, r1]
-                    if 0 in argnums:
-                        g_zG.append(g_scores @ zc[c, :r1])      # [m, b*H, r1] @ [m, r1, D]
-                    if 1 in argnums:
-                        a = xp.reshape(scores * wb, (-1, (r1 - r0) * H, r1))  # [m, b*H, r1]
-                        g_zr = _swap(a) @ g[c, rows] + xp.conj(_swap(g_scores) @ zG[c, rows])  # [m, r1, D]
-                        g_z = g_z + xp.concatenate([g_zr, xp.zeros_like(zc[c, r1:])], axis=1)  # [m, T, D]
-                    if 2 in argnums:
-                        g_aS = g_a * scores                     # [m, b, H, r1]
-                        g_w[k] = g_w[k] + (g_aS[0] if len(g_aS) == 1 else xp.sum(g_aS, axis=0))
-                if 0 in argnums:
-                    parts[0].append(xp.concatenate(g_zG, axis=1))  # [m, T*H, D]
-                if 1 in argnums:
-                    parts[1].append(g_z)                        # [m, T, D]
-            return parts, g_w
-        results = _over_slices(run, _batch_chunks(n, H * T * T, array_module(z)), xp is numpy)
-        grads = {i: xp.concatenate([p for parts, _ in results for p in parts[i]], axis=0)
-                 for i in (0, 1) if i in argnums}
-        if 2 in argnums:  # blocks summed over the threads, padded with zeros for t >= r1
-            g_w = []
-            for k, (r0, r1) in enumerate(blocks):
-                total = 0.0
-                for _, part in results:
-                    total = total + part[k]                     # [b, H, r1]
-                g_w.append(xp.concatenate([total, xp.zeros((r1 - r0, H, T - r1), dtype=total.dtype)], axis=2))
-            g_w = xp.concatenate(g_w, axis=0)                   # [T, H, T]
-            if w.shape[1] == 1:                                 # w was broadcast over heads
-                g_w = xp.sum(g_w, axis=1, keepdims=True)
-            grads[2] = g_w
-        return tuple(_real_if(grads[i], args[i]) for i in argnums)
-    return vjp
-
-
-defvjp_argnums(_linear_attention, _linear_attention_vjp)
-
-
-def _fold(W, b, r):
-    """Weights W [H, E, E] and biases b [H, E] acting on h = [x] * r, as [H, E/r + 1, E]
-    acting on (x, 1): h W + b = (x, 1) [sum of the r row blocks of W; b]."""
-    H, E, _ = W.shape
-    return np.concatenate([np.sum(np.reshape(W, (H, r, E // r, E)), axis=1), b[:, None]], axis=1)  # [H, E/r + 1, E]
+def transformer_layer(layer, h, cfg, pos=None, g=None):
+    """One layer of M4, the stream h [n, T, E] -> the next one [n, T, E]; pos: params["pos"]
+    (if cfg["positional"]). g [n, T, E], default h: the stream of queries and residual; keys and
+    values come from h, so output position r depends on g only through g_r (train.py's probe)."""
+    g = h if g is None else g
+    T, E = h.shape[1:]
+    mask = causal_mask(array_module(h), T, h)                     # [T, T]
+    q = g[:, None] @ layer["W_Q"] + layer["b_Q"][:, None]         # [n, 1, T, E] @ [H, E, E] -> [n, H, T, E]
+    k = h[:, None] @ layer["W_K"] + layer["b_K"][:, None]         # [n, H, T, E]
+    v = h[:, None] @ layer["W_V"] + layer["b_V"][:, None]         # [n, H, T, E]
+    scores = (q @ swap(np.conj(k))) / E ** 0.5                    # [n, H, T, E] @ [n, H, E, T] -> [n, H, T, T]
+    a = scores * mask if cfg["attention"] == "linear" else softmax(np.real(scores), mask)  # [n, H, T, T]
+    if cfg["positional"]:
+        a = a * positional_attention(layer, pos[:T])              # [n, H, T, T] * [H, T, T]
+    out = np.sum(a @ v, axis=1) @ layer["W_O"] + layer["b_O"]     # sum over heads of [n, H, T, E] -> [n, T, E]
+    if cfg["layernorm"]:
+        out = layernorm(out, layer["ln_g"], layer["ln_b"])        # [n, T, E]
+    return g + out if cfg["residual"] else out                    # [n, T, E]
 
 
 def transformer(params, x, cfg):
     """M4: the experiments' Transformer, tokens x [n, T, d_in] -> predictions [n, T, d_out].
 
-    Per layer, with embed E = repeat * d_in and H heads of size E:
+    Per layer (transformer_layer), with embed E = repeat * d_in and H heads of size E:
         q, k, v = h W_Q + b_Q, h W_K + b_K, h W_V + b_V           each [n, H, T, E]
         a = mask * (q . conj(k)) / sqrt(E)                         ("linear")
           = softmax_{t<=r}(Re(q . conj(k)) / sqrt(E))             ("softmax")
         a = a * softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E))        (if positional)
         h = [h +] LayerNorm(sum_heads(a @ v) W_O + b_O)
-    then f = h W_out + b_out.
-
-    Computed without forming q, k, v: they are affine in z = (h, 1) (z = (x, 1) in the first
-    layer, where h = [x] * repeat), so q . conj(k) = z_r G_h conj(z_t) with
-    G_h = [W_Q; b_Q]_h [W_K; b_K]_h^T / sqrt(E), and a_h @ v_h = (a_h @ z) [W_V; b_V]_h: the
-    products over the [n, T, H, T] attention weights contract over dim z (d_in + 1 in the
-    first layer) instead of E, and each is one matrix product per sequence for all heads.
-    Linear attention runs through _linear_attention, which forms those weights one
-    cache-sized slice of the batch at a time and never stores them.
+    from h = [x] * repeat, then f = h W_out + b_out. fused.transformer computes the same.
     """
-    n, T, d_in = _check_data(x, "x")
-    if d_in != cfg["d_in"] or T > cfg["T"]:
-        raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, "
-                         f"d = {cfg['d_in']}")
-    xp = array_module(x)
-    E, H = cfg["repeat"] * d_in, cfg["heads"]
-    mask = causal_mask(xp, T, x)                                # [T, T]
-    ones = xp.ones((n, T, 1), dtype=x.dtype)
-    h = np.concatenate([x] * cfg["repeat"], axis=-1)            # [n, T, E]
-    for i, layer in enumerate(params["layers"]):  # layers differ in parameters, a short fixed loop
-        z = np.concatenate([x if i == 0 else h, ones], axis=-1)  # [n, T, D], D = d_in + 1 or E + 1
-        D, r = z.shape[-1], cfg["repeat"] if i == 0 else 1
-        W_Q, W_K, b_Q, b_K = layer["W_Q"], layer["W_K"], layer["b_Q"], layer["b_K"]
-        Wq, Wk, Wv = _fold(W_Q, b_Q, r), _fold(W_K, b_K, r), _fold(layer["W_V"], layer["b_V"], r)  # [H, D, E]
-        G = (Wq @ _swap(Wk)) / E ** 0.5                          # [H, D, D]
-        # 2-D products over the n T rows: their weight gradients are one product each
-        zG = np.reshape(z, (n * T, D)) @ np.reshape(np.transpose(G, (1, 0, 2)), (D, H * D))  # [n*T, H*D]
-        zG = np.reshape(zG, (n, T * H, D))                      # [n, T*H, D]: row (r, h) = z_r G_h
-        if cfg["positional"]:
-            p = params["pos"][:T]                               # [T, E]
-            pq = p @ W_Q + b_Q[:, None]                         # [H, T, E]
-            pk = p @ W_K + b_K[:, None]                         # [H, T, E]
-            pos = _softmax((pq @ _swap(pk)) / E ** 0.5, mask)    # [H, T, T], 0 for t > r
-            pos = np.transpose(pos, (1, 0, 2))                  # [T, H, T] as the scores
-        if cfg["attention"] == "linear":  # the positional weights already hold the mask
-            y = _linear_attention(zG, z, pos if cfg["positional"] else mask[:, None])  # [n, T*H, D]
-        else:
-            scores = np.reshape(zG @ _swap(np.conj(z)), (n, T, H, T))  # [n, T, H, T]: query r, head h, key t
-            a = _softmax(np.real(scores), mask[:, None])        # [n, T, H, T]
-            if cfg["positional"]:
-                a = a * pos                                     # [n, T, H, T] * [T, H, T]
-            y = np.reshape(a, (n, T * H, T)) @ z                # [n, T*H, T] @ [n, T, D] -> [n, T*H, D]
-        U = np.reshape(Wv @ layer["W_O"], (H * D, E))           # [H, D, E] @ [E, E] -> [H*D, E]
-        out = np.reshape(np.reshape(y, (n * T, H * D)) @ U, (n, T, E)) + layer["b_O"]  # [n, T, E]
-        if cfg["layernorm"]:
-            out = _layernorm(out, layer["ln_g"], layer["ln_b"])
-        h = h + out if cfg["residual"] else out
-    return h @ params["W_out"] + params["b_out"]                # [n, T, d_out]
+    check_tokens(x, cfg)
+    h = np.concatenate([x] * cfg["repeat"], axis=-1)              # [n, T, E]
+    for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
+        h = transformer_layer(layer, h, cfg, params.get("pos"))   # [n, T, E]
+    return h @ params["W_out"] + params["b_out"]                  # [n, T, d_out]
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -510,23 +364,23 @@ def init_params(model, rng, d=None, T=None, H=None, form="block", cfg=None, scal
     authors start); transformer: cfg from transformer_config. Entries are N(0, scale^2),
     except transformer weights, N(0, 1/fan_in) with zero biases and unit LayerNorm gain.
     """
-    _check_choice("model", model, MODELS)
+    check_choice("model", model, MODELS)
     if not isinstance(rng, numpy.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if not (isinstance(scale, numbers.Real) and numpy.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
     if model == "augmented_linear":
-        d = _check_int("d", d, 1)
-        _check_choice("form", form, ("block", "full"))
+        d = check_int("d", d, 1)
+        check_choice("form", form, ("block", "full"))
         size = d if form == "block" else 3 * d
         names = ("A", "B") if form == "block" else ("W_KQ", "W_V")
         return {k: scale * rng.standard_normal((size, size)) for k in names}
     if model == "diagonal_heads":
-        d, T, H = _check_int("d", d, 1), _check_int("T", T, 1), _check_int("H", H, 1)
+        d, T, H = check_int("d", d, 1), check_int("T", T, 1), check_int("H", H, 1)
         return {"A": scale * rng.standard_normal((H, d)), "B": scale * rng.standard_normal((H, d)),
                 "P": scale * rng.standard_normal((T, T))}
     if model == "pe_only":
-        return {"P": numpy.zeros((_check_int("T", T, 1),) * 2)}
+        return {"P": numpy.zeros((check_int("T", T, 1),) * 2)}
     if cfg is None:
         raise ValueError("model 'transformer' needs cfg=transformer_config(...)")
     cfg = transformer_config(**cfg)

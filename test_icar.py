@@ -26,6 +26,7 @@ from autograd.test_util import check_grads
 from autograd.tracer import Box, getval
 
 import figures
+import fused
 import icar
 import theory
 import train
@@ -195,11 +196,11 @@ def test_softmax_ignores_large_masked_scores(dtype):
     """A future (masked) score far above the visible ones must not turn a row into NaN."""
     z = np.array([[0.0, 800.0, -5.0], [0.0, 1.0, 900.0], [2.0, 0.0, 1.0]], dtype=dtype)
     mask = np.tril(np.ones((3, 3), dtype=dtype))
-    w = icar._softmax(z, mask)
+    w = icar.softmax(z, mask)
     e = np.exp([2.0, 0.0, 1.0])
     assert np.allclose(w[0], [1, 0, 0]) and np.allclose(w[1], [1 / (1 + np.e), np.e / (1 + np.e), 0])
     assert np.allclose(w[2], e / e.sum())
-    check_grads(lambda z: icar._softmax(z, mask), modes=["rev"], order=1)(z.astype(np.float64))
+    check_grads(lambda z: icar.softmax(z, mask), modes=["rev"], order=1)(z.astype(np.float64))
 
 
 # ============================================================================ exact identities
@@ -381,6 +382,38 @@ def test_angle_family_needs_d_one_and_mu_only_for_angle():
     _bad(r"family 'angle' needs d=1, got d=2", icar.sample_sequences, rng(), 2, 3, 2, "angle", mu=5.0)
     _bad(r"mu is only used by family 'angle'", icar.sample_sequences, rng(), 2, 3, 2, "haar", mu=5.0)
 
+
+# ============================================================================ standing alone
+
+ALONE = """
+import numpy as np
+from autograd import grad
+from autograd.misc.optimizers import adam
+import icar
+rng = np.random.default_rng(0)
+s, _ = icar.sample_sequences(rng, 64, 6, 2, "unitary")          # [n, T+1, d], complex
+cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True)
+models = {"augmented_linear": (lambda p, x: icar.augmented_linear(p, icar.augment(x)), dict(d=2)),
+          "diagonal_heads": (icar.diagonal_heads, dict(d=2, T=6, H=2)), "pe_only": (icar.pe_only, dict(T=6)),
+          "transformer": (lambda p, x: icar.transformer(p, x, cfg), dict(cfg=cfg))}
+for name, (model, sizes) in models.items():
+    loss = lambda p: icar.mse(model(p, s[:, :-1]), s[:, 1:])
+    params = icar.init_params(name, rng, **sizes)
+    trained = adam(lambda p, i: grad(loss)(p), params, step_size=0.01, num_iters=30)
+    assert loss(trained) < loss(params), name
+"""
+
+
+def test_icar_alone_trains_every_model(tmp_path):
+    """icar.py copied into an empty folder samples data and trains M1-M4 with autograd's Adam:
+    it needs no other file of the project."""
+    (tmp_path / "icar.py").write_bytes(open(icar.__file__, "rb").read())
+    (tmp_path / "alone.py").write_text(ALONE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "alone.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    imported = {line.split()[1].split(".")[0] for line in open(icar.__file__) if line.startswith(("import ", "from "))}
+    assert imported == {"importlib", "numbers", "numpy", "autograd"}  # no threads, no os
 
 # ##############################################################################
 # theory.py: R1-R4
@@ -1268,40 +1301,6 @@ def test_value_slot_predictors_are_the_models(experiment):
 
 # ----------------------------------------------------------------------------- references
 
-def ref_softmax(z, mask):
-    z = anp.where(mask > 0, z, -np.inf)
-    e = anp.exp(z - anp.max(z, axis=-1, keepdims=True))
-    return e / anp.sum(e, axis=-1, keepdims=True)
-
-
-def ref_transformer(params, x, cfg):
-    """M4 of paper.md section 3, head by head: q, k, v of each head, scores q.k^*/sqrt(E)."""
-    n, T, d_in = x.shape
-    E = cfg["repeat"] * d_in
-    mask = np.tril(np.ones((T, T)))
-    h = anp.concatenate([x] * cfg["repeat"], axis=-1)
-    for L in params["layers"]:
-        total = 0.0
-        for i in range(cfg["heads"]):
-            q = h @ L["W_Q"][i] + L["b_Q"][i]                       # [n, T, E]
-            k = h @ L["W_K"][i] + L["b_K"][i]
-            v = h @ L["W_V"][i] + L["b_V"][i]
-            scores = q @ anp.swapaxes(anp.conj(k), 1, 2) / np.sqrt(E)  # [n, T, T]
-            a = scores * mask if cfg["attention"] == "linear" else ref_softmax(anp.real(scores), mask)
-            if cfg["positional"]:
-                p = params["pos"][:T]
-                pq, pk = p @ L["W_Q"][i] + L["b_Q"][i], p @ L["W_K"][i] + L["b_K"][i]
-                a = a * ref_softmax(pq @ pk.T / np.sqrt(E), mask)
-            total = total + a @ v
-        out = total @ L["W_O"] + L["b_O"]
-        if cfg["layernorm"]:
-            mu = anp.mean(out, axis=-1, keepdims=True)
-            var = anp.mean(anp.abs(out - mu) ** 2, axis=-1, keepdims=True)
-            out = (out - mu) / anp.sqrt(var + 1e-5) * L["ln_g"] + L["ln_b"]
-        h = h + out if cfg["residual"] else out
-    return h @ params["W_out"] + params["b_out"]
-
-
 def ref_pe_only(P, s):
     """M3 position by position: f_r = conj(s_{r-1}) sum_{t<=r} P[r, t] s_t^2, f_0 = 0."""
     rows = [0 * s[:, 0]]
@@ -1329,30 +1328,41 @@ M4_CASES = {  # name: (family, augmented input, config overrides)
 
 @pytest.mark.parametrize("chunk", [1, 2, None])
 @pytest.mark.parametrize("case", sorted(M4_CASES))
-def test_transformer_matches_per_head_reference(case, chunk, monkeypatch):
+def test_fused_transformer_equals_icar_transformer(case, chunk, monkeypatch):
     family, augmented, overrides = M4_CASES[case]
     rng = np.random.default_rng(len(case))
     d, T, n = 2, 6, 5
     per_row = T * overrides["heads"] * T                           # entries of [T, H, T]
     if chunk is not None:  # slices of `chunk` sequences, the last one shorter, in 3 threads
-        monkeypatch.setitem(icar.CHUNK_ENTRIES, "cpu", chunk * per_row)
-        monkeypatch.setattr(icar, "THREADS", 3)
+        monkeypatch.setitem(fused.CHUNK_ENTRIES, "cpu", chunk * per_row)
+        monkeypatch.setattr(fused, "THREADS", 3)
     s, _ = icar.sample_sequences(rng, n, T, d, family)
     x = icar.augment(s[:, :-1]) if augmented else s[:, :-1]
     cfg = icar.transformer_config(d_in=x.shape[-1], d_out=d, T=T + 2, **overrides)
     params = _perturbed(icar.init_params("transformer", rng, cfg=cfg), rng)
-    assert len(icar._batch_chunks(n, per_row, numpy)) == (1 if chunk is None else -(-n // chunk))
-    np.testing.assert_allclose(icar.transformer(params, x, cfg), ref_transformer(params, x, cfg),
-                                  rtol=0, atol=1e-10)
+    assert len(fused._batch_chunks(n, per_row, numpy)) == (1 if chunk is None else -(-n // chunk))
+    np.testing.assert_allclose(fused.transformer(params, x, cfg), icar.transformer(params, x, cfg),
+                               rtol=0, atol=1e-10)
 
     def loss(model):
         return lambda p: icar.mse(model(p, x, cfg), s[:, 1:])
-    fast = flatten(grad(loss(icar.transformer))(params))[0]
-    ref = flatten(grad(loss(ref_transformer))(params))[0]
-    np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-10 * max(1.0, np.abs(ref).max()))
+    fast = flatten(grad(loss(fused.transformer))(params))[0]
+    plain = flatten(grad(loss(icar.transformer))(params))[0]
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-10 * max(1.0, np.abs(plain).max()))
 
 
-def test_transformer_float32_stays_float32():
+def test_fused_transformer_second_derivatives():
+    """The hand-written VJP is made of autograd operations, so it differentiates again."""
+    rng = np.random.default_rng(6)
+    cfg = icar.transformer_config(d_in=2, d_out=2, T=4, heads=2, repeat=2, positional=True)
+    params = _perturbed(icar.init_params("transformer", rng, cfg=cfg), rng)
+    s, _ = icar.sample_sequences(rng, 3, 4, 2, "unitary")
+    check_grads(lambda p: icar.mse(fused.transformer(p, s[:, :-1], cfg), s[:, 1:]),
+                modes=["rev"], order=2)(params)
+
+
+@pytest.mark.parametrize("model", [icar.transformer, fused.transformer], ids=["icar", "fused"])
+def test_transformer_float32_stays_float32(model):
     rng = np.random.default_rng(1)
     cfg = icar.transformer_config(d_in=3, d_out=3, T=5, heads=2, repeat=2, positional=True,
                                   residual=False)
@@ -1360,18 +1370,18 @@ def test_transformer_float32_stays_float32():
                                  icar.init_params("transformer", rng, cfg=cfg))
     s, _ = icar.sample_sequences(rng, 4, 5, 3, "haar")
     x, y = s[:, :-1].astype(np.float32), s[:, 1:].astype(np.float32)
-    loss, g = value_and_grad(lambda p: icar.mse(icar.transformer(p, x, cfg), y))(params)
+    loss, g = value_and_grad(lambda p: icar.mse(model(p, x, cfg), y))(params)
     assert loss.dtype == np.float32
     leaves = [g["W_out"], g["pos"]] + list(g["layers"][0].values())
     assert {leaf.dtype for leaf in leaves} == {np.dtype("float32")}
     # gradients of the parameters are cast back to their dtype; the input's shows the whole chain
-    assert grad(lambda x: icar.mse(icar.transformer(params, x, cfg), y))(x).dtype == np.float32
+    assert grad(lambda x: icar.mse(model(params, x, cfg), y))(x).dtype == np.float32
 
 
 @pytest.mark.parametrize("complex_data", [False, True])
 @pytest.mark.parametrize("heads_of_w", [3, 1])
-def test_linear_attention_gradients(complex_data, heads_of_w, monkeypatch):
-    monkeypatch.setitem(icar.CHUNK_ENTRIES, "cpu", 1)             # one sequence per slice
+def test_linear_attention_equals_plain_products(complex_data, heads_of_w, monkeypatch):
+    monkeypatch.setitem(fused.CHUNK_ENTRIES, "cpu", 1)            # one sequence per slice
     rng = np.random.default_rng(2)
     n, T, H, D = 3, 4, 3, 2
 
@@ -1381,8 +1391,11 @@ def test_linear_attention_gradients(complex_data, heads_of_w, monkeypatch):
     zG, z = draw(n, T * H, D), draw(n, T, D)
     w = rng.standard_normal((T, heads_of_w, T)) * np.tril(np.ones((T, T)))[:, None]
     plain = ((zG @ np.conj(np.swapaxes(z, 1, 2))).reshape(n, T, H, T) * w).reshape(n, T * H, T) @ z
-    np.testing.assert_allclose(icar._linear_attention(zG, z, w), plain, rtol=0, atol=1e-12)
-    check_grads(lambda zG, z, w: icar._linear_attention(zG, z, w), modes=["rev"], order=1)(zG, z, w)
+    np.testing.assert_allclose(fused._linear_attention(zG, z, w), plain, rtol=0, atol=1e-12)
+    # check_grads differentiates the first argument only: one check per argument
+    check_grads(lambda zG: fused._linear_attention(zG, z, w), modes=["rev"], order=2)(zG)
+    check_grads(lambda z: fused._linear_attention(zG, z, w), modes=["rev"], order=2)(z)
+    check_grads(lambda w: fused._linear_attention(zG, z, w), modes=["rev"], order=2)(w)
 
 
 def test_pe_only_matches_reference():
@@ -1431,13 +1444,13 @@ def test_microbatched_gradient_equals_full_batch():
 
 
 def test_set_blas_threads_round_trip():
-    previous = train.set_blas_threads(1)
+    previous = fused.set_blas_threads(1)
     if previous is None:
         pytest.skip("NumPy is not linked to an OpenBLAS found in /proc/self/maps")
     try:
-        assert train.set_blas_threads(previous) == 1
+        assert fused.set_blas_threads(previous) == 1
     finally:
-        train.set_blas_threads(previous)
+        fused.set_blas_threads(previous)
 
 
 def test_flop_counts_by_hand():
@@ -2016,7 +2029,7 @@ def test_write_summary_merges_figures_and_escapes_cells(tmp_path):
 def test_positional_attention_is_a_causal_softmax():
     cfg = icar.transformer_config(d_in=3, d_out=3, T=6, heads=2, repeat=2, positional=True, residual=False)
     params = icar.init_params("transformer", rng(8), cfg=cfg)
-    a = figures.positional_attention(params, 5)                                 # [2, 5, 5]
+    a = icar.positional_attention(params["layers"][0], params["pos"][:5])      # [2, 5, 5]
     assert a.shape == (2, 5, 5)
     assert np.allclose(a.sum(-1), 1) and np.all(np.triu(a, 1) == 0)
     lay, p = params["layers"][0], params["pos"][:5]
@@ -2084,7 +2097,8 @@ def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(t
     paths.append(figures.plot_fig6([dict(mu=50.0, P=P, steps=3, closed_row=closed[-1], sample_row=P[-1],
                                          n_train=10)] * 2, out))
     cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
-    att = figures.positional_attention(icar.init_params("transformer", rng(15), cfg=cfg), 6)
+    p = icar.init_params("transformer", rng(15), cfg=cfg)
+    att = icar.positional_attention(p["layers"][0], p["pos"][:6])
     paths.append(figures.plot_fig7({1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, att, out))
     paths.append(figures.plot_r1([3, 4, 6], 2, np.array([0.3, 0.25, 0.17]), np.array([0.7, 0.6, 0.4]), out))
     data = figures.compute_r2r3(2, 3, 2, (1e-2, 20), (1e-2, 20))
@@ -2251,7 +2265,7 @@ def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
     cache; figures.main sets the process up as train.main does."""
     monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3)))
     set_up = []
-    monkeypatch.setattr(train, "set_up_process", lambda: set_up.append(1))
+    monkeypatch.setattr(fused, "set_up_process", lambda: set_up.append(1))
     real = figures.compute_r2r3
     monkeypatch.setattr(figures, "compute_r2r3", lambda **kw: (figures.time.sleep(0.5), real(**kw))[1])
     argv = ["r2r3", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]

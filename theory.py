@@ -37,15 +37,13 @@ import autograd.numpy as np
 import numpy
 
 import icar
+from icar import check_choice, check_int
 
 FAMILIES = ("unitary", "orthogonal")
 LOSSES = ("last", "all")
 
 
 # ----------------------------------------------------------------------------- checks
-
-_check_int, _check_choice = icar._check_int, icar._check_choice
-
 
 def _check_real(name, value, positive=False):
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(value)
@@ -56,7 +54,7 @@ def _check_real(name, value, positive=False):
 
 
 def _check_family(family, d):
-    _check_choice("family", family, FAMILIES)
+    check_choice("family", family, FAMILIES)
     if family == "orthogonal" and d % 2:
         raise ValueError(f"family 'orthogonal' needs an even d, got d={d}")
 
@@ -71,8 +69,8 @@ def gd_step_size(T, d, loss="last"):
     r = 1..T-1), eta* = sum_k k / sum_k k (k + d - 1). Unitary or commuting orthogonal W,
     random phases of s_1.
     """
-    T, d = _check_int("T", T, 2), _check_int("d", d, 1)
-    _check_choice("loss", loss, LOSSES)
+    T, d = check_int("T", T, 2), check_int("d", d, 1)
+    check_choice("loss", loss, LOSSES)
     if loss == "last":
         return 1.0 / (T + d - 2)
     k = numpy.arange(1, T)                                                  # [T-1]
@@ -86,8 +84,8 @@ def gd_loss(T, d, eta=None, loss="last"):
     k = T - 1 (minimum L* = d (d - 1) / (T + d - 2)), "all" sums k = 1..T-1 (positions
     r = 1..T-1; position 0 always adds d).
     """
-    T, d = _check_int("T", T, 2), _check_int("d", d, 1)
-    _check_choice("loss", loss, LOSSES)
+    T, d = check_int("T", T, 2), check_int("d", d, 1)
+    check_choice("loss", loss, LOSSES)
     eta = gd_step_size(T, d, loss) if eta is None else _check_real("eta", eta)
     k = numpy.arange(T - 1, T) if loss == "last" else numpy.arange(1, T)   # transitions
     return float(d * numpy.sum((eta * k - 1) ** 2 + eta ** 2 * k * (d - 1)))
@@ -178,7 +176,7 @@ def eigen_coordinates(s):
 def min_loss(d, H, family):
     """R2/R3 [derived]: the minimum per prefix over C = B^T A with H heads: (d - H)_+ for "unitary"
     (tr(C)^2 <= rank(C) ||C||_F^2), (d - 2H)_+ for "orthogonal"."""
-    d, H = _check_int("d", d, 1), _check_int("H", H, 1)
+    d, H = check_int("d", d, 1), check_int("H", H, 1)
     _check_family(family, d)
     return float(max(d - (H if family == "unitary" else 2 * H), 0))
 
@@ -197,7 +195,7 @@ def minimiser(d, H, family, c=1.0, kappa=1.0, T=20):
     eigen_coordinates. Every row r >= 1 of P holds (p_{T-1}, p_T) at (r-1, r); row 0 only
     p_T (its query is zero). Loss per prefix: min_loss(d, H, family).
     """
-    d, H, T = _check_int("d", d, 1), _check_int("H", H, 1), _check_int("T", T, 2)
+    d, H, T = check_int("d", d, 1), check_int("H", H, 1), check_int("T", T, 2)
     _check_family(family, d)
     c, kappa = _check_real("c", c), _check_real("kappa", kappa)
     if c == 0:
@@ -282,9 +280,9 @@ def train_population(H, d, T, family, lr, steps, rng):
     family, the loss creeping toward 0 while the weights grow until a fixed lr oscillates.
     A smaller or larger init scale or lr does not avoid either.
     """
-    H, d, T = _check_int("H", H, 1), _check_int("d", d, 1), _check_int("T", T, 2)
+    H, d, T = check_int("H", H, 1), check_int("d", d, 1), check_int("T", T, 2)
     _check_family(family, d)
-    lr, steps = _check_real("lr", lr, positive=True), _check_int("steps", steps, 0)
+    lr, steps = _check_real("lr", lr, positive=True), check_int("steps", steps, 0)
     params = icar.init_params("diagonal_heads", rng, d=d, T=T, H=H, scale=0.1)
     A, B, P = params["A"], params["B"], params["P"]
     masks = _position_masks(T)
@@ -331,7 +329,7 @@ def pe_only_system(T, mu=None, phi=None):
     mu: theta ~ U[0, 2 pi / mu] (icar family "angle"), phi(k) = (e^{2 pi i k/mu} - 1)/(2 pi i k/mu).
     Row r of P (r + 1 tokens) uses M[:r+1, :r+1] and b[T-1-r:], since M is Toeplitz.
     """
-    T = _check_int("T", T, 2)
+    T = check_int("T", T, 2)
     ph = _angle_phi(mu, phi)
     t = numpy.arange(T)
     M = numpy.real(ph(2 * (t[:, None] - t[None, :])))                       # [T, T]

@@ -48,7 +48,6 @@ Library: run, sweep, load, config, baselines, optimal_gd_step, probe, weight_blo
 query_predictor, tree_map, adam_init, adam_update, gd_update, main.
 """
 import argparse
-import ctypes
 import hashlib
 import importlib.metadata
 import itertools
@@ -70,6 +69,7 @@ from autograd.extend import SparseObject, defvjp, primitive
 from autograd.numpy.numpy_boxes import ArrayBox
 from autograd.numpy.numpy_vspaces import ArrayVSpace, ComplexArrayVSpace
 
+import fused
 import icar
 
 EXPERIMENTS = ("augmented", "nonaug", "block", "diagonal", "pe-only", "population", "bench")
@@ -152,8 +152,8 @@ PRESETS = {
 
 def config(experiment, preset="quick", **overrides):
     """The checked settings of `experiment`: its preset with overrides (ValueError if bad)."""
-    icar._check_choice("experiment", experiment, [e for e in EXPERIMENTS if e != "bench"])
-    icar._check_choice("preset", preset, ("quick", "paper"))
+    icar.check_choice("experiment", experiment, [e for e in EXPERIMENTS if e != "bench"])
+    icar.check_choice("preset", preset, ("quick", "paper"))
     cfg = dict(PRESETS[experiment]["quick"])
     if preset == "paper":
         cfg.update(PRESETS[experiment]["paper"])
@@ -170,14 +170,14 @@ def config(experiment, preset="quick", **overrides):
         cfg[key] = kind(value)
     for key, value in cfg.items():
         if key in CHOICES:
-            icar._check_choice(key, value, CHOICES[key])
+            icar.check_choice(key, value, CHOICES[key])
         elif OPTIONS[key][0] is not str:
             low_ok = value >= 0 if key in AT_LEAST_ZERO else value > 0
             if not (math.isfinite(value) and low_ok):
                 raise ValueError(f"option {key} must be a finite number "
                                  f"{'>= 0' if key in AT_LEAST_ZERO else '> 0'}, got {value!r}")
     if experiment == "population":
-        icar._check_choice("family", cfg["family"], ("unitary", "orthogonal"))
+        icar.check_choice("family", cfg["family"], ("unitary", "orthogonal"))
     if cfg.get("batch", 0) > cfg.get("n_train", 0):
         raise ValueError(f"batch {cfg['batch']} exceeds n_train {cfg['n_train']}; allowed: "
                          f"0 (full batch) to n_train")
@@ -258,10 +258,10 @@ def predictor(experiment, cfg):
     """predict(params, s) -> f: s [n, T, d] inputs -> [n, T, d] predictions of s[:, 1:]."""
     if experiment == "augmented":
         mcfg = model_config(cfg, experiment)
-        return lambda params, s: icar.transformer(params, icar.augment(s), mcfg)
+        return lambda params, s: fused.transformer(params, icar.augment(s), mcfg)
     if experiment == "nonaug":
         mcfg = model_config(cfg, experiment)
-        return lambda params, s: icar.transformer(params, s, mcfg)
+        return lambda params, s: fused.transformer(params, s, mcfg)
     if experiment == "block":
         return lambda params, s: icar.augmented_linear(params, icar.augment(s))
     if experiment == "diagonal":
@@ -269,36 +269,18 @@ def predictor(experiment, cfg):
     return icar.pe_only
 
 
-_swap = icar._swap
+_swap = icar.swap
 
 
 def _transformer_two_streams(params, x, xq, cfg):
     """M4 where position r's own stream starts from xq_r: keys and values at every position
     come from the ordinary stream of x, queries and the residual stream from xq.
     At xq = x this is icar.transformer; output position r depends on xq only through xq_r."""
-    n, T, d_in = x.shape
-    E = cfg["repeat"] * d_in
-    mask = icar.causal_mask(icar.array_module(x), T, x)                     # [T, T]
     h = np.concatenate([x] * cfg["repeat"], axis=-1)                        # [n, T, E]
     g = np.concatenate([xq] * cfg["repeat"], axis=-1)                       # [n, T, E]
-    for layer in params["layers"]:
-        k = h[:, None] @ layer["W_K"] + layer["b_K"][:, None]               # [n, H, T, E]
-        v = h[:, None] @ layer["W_V"] + layer["b_V"][:, None]
-        new = []
-        for stream in (h, g):  # the two streams share keys and values
-            q = stream[:, None] @ layer["W_Q"] + layer["b_Q"][:, None]      # [n, H, T, E]
-            scores = (q @ _swap(np.conj(k))) / numpy.sqrt(E)                # [n, H, T, T]
-            a = scores * mask if cfg["attention"] == "linear" else icar._softmax(np.real(scores), mask)
-            if cfg["positional"]:
-                p = params["pos"][:T]                                       # [T, E]
-                pq = p @ layer["W_Q"] + layer["b_Q"][:, None]               # [H, T, E]
-                pk = p @ layer["W_K"] + layer["b_K"][:, None]
-                a = a * icar._softmax((pq @ _swap(pk)) / numpy.sqrt(E), mask)
-            out = np.sum(a @ v, axis=1) @ layer["W_O"] + layer["b_O"]       # [n, T, E]
-            if cfg["layernorm"]:
-                out = icar._layernorm(out, layer["ln_g"], layer["ln_b"])
-            new.append(stream + out if cfg["residual"] else out)
-        h, g = new
+    for layer in params["layers"]:  # the two streams share keys and values
+        h, g = (icar.transformer_layer(layer, h, cfg, params.get("pos")),
+                icar.transformer_layer(layer, h, cfg, params.get("pos"), g))  # [n, T, E] each
     return g @ params["W_out"] + params["b_out"]                            # [n, T, d_out]
 
 
@@ -568,10 +550,10 @@ def _save_json(path, obj):
 
 
 def code_fingerprint():
-    """SHA-1 of the files that define every result (icar.py, theory.py, train.py): a cached
-    run made by other code is stale."""
+    """SHA-1 of the files that define every result (icar.py, fused.py, theory.py, train.py):
+    a cached run made by other code is stale."""
     digest = hashlib.sha1()
-    for name in ("icar.py", "theory.py", "train.py"):
+    for name in ("icar.py", "fused.py", "theory.py", "train.py"):
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()
@@ -747,7 +729,7 @@ def pe_only_objective(s, first=1):
     icar.pe_only up to rounding.
     """
     x, y = s[:, :-1], s[:, 1:]                                  # [n, T, d] each
-    n, T, d = icar._check_data(x)
+    n, T, d = icar.check_data(x)
     if not (isinstance(first, int) and 0 <= first < T):
         raise ValueError(f"first must be an integer position in 0..{T - 1}, got {first!r}")
     xp = icar.array_module(s)
@@ -1005,20 +987,11 @@ def _parse(experiment, args):
         else:
             raw[key] = value
         i += 2
-    icar._check_choice("preset", flags["preset"], ("quick", "paper"))
+    icar.check_choice("preset", flags["preset"], ("quick", "paper"))
     cfg = config(experiment, flags["preset"])
     overrides = {k: _parse_value(k, v, cfg) for k, v in raw.items()}
     grid = {k: [_parse_value(k, v, cfg) for v in vs] for k, vs in grid.items()}
     return flags, overrides, grid
-
-
-def set_up_process():
-    """What the command lines do before training: one BLAS thread (icar.transformer runs batch
-    slices in icar.THREADS threads of its own; BLAS threads on top of them oversubscribe the
-    cores, and a step then takes 2-3 times longer at random) and glibc's allocator keeping
-    freed memory between steps (tune_allocator). Both change this process only."""
-    set_blas_threads(1)
-    tune_allocator()
 
 
 def main(argv=None):
@@ -1035,12 +1008,12 @@ def main(argv=None):
     if experiment == "bench":
         return bench(args)
     try:
-        icar._check_choice("experiment", experiment, EXPERIMENTS)
+        icar.check_choice("experiment", experiment, EXPERIMENTS)
         if "-h" in args or "--help" in args:
             print(_help(experiment))
             return 0
         flags, overrides, grid = _parse(experiment, args)
-        set_up_process()
+        fused.set_up_process()
         if grid:
             _, table = sweep(experiment, grid, **flags, **overrides)
             print(table)
@@ -1253,12 +1226,12 @@ def cupy_backend():
 # [m, k] @ [k, p] costs 2mkp, an elementwise operation 1 per real entry (a complex product 6,
 # a complex-by-real product 2), and one training step (forward and backward) costs 3 times
 # the forward pass (each product's gradient takes two products of the same size). Masked
-# entries count as computed. icar.transformer's own formulation executes fewer: see
+# entries count as computed. fused.transformer, which training runs, executes fewer: see
 # transformer_flops(executed=True). pe-only-moments counts what it executes (2 T^3 + 10 T^2).
 #
-# The process is set up as training should be: tune_allocator() (glibc keeps freed memory
-# between steps) and set_blas_threads(1) while the workloads run (icar.transformer runs batch
-# slices in icar.THREADS threads of its own); the output says which took effect.
+# The process is set up as training should be: fused.tune_allocator() (glibc keeps freed memory
+# between steps) and fused.set_blas_threads(1) while the workloads run (fused.transformer runs
+# batch slices in fused.THREADS threads of its own); the output says which took effect.
 
 WORKLOADS = ("nonaug", "augmented", "population", "pe-only", "pe-only-moments")
 TARGET_MS = {"nonaug": 1200.0, "augmented": 50.0, "population": 0.3, "pe-only": 0.5,
@@ -1275,7 +1248,7 @@ def loss_and_grad_microbatched(loss_fn, params, batch, micro):
     the combination is the full-batch loss and gradient up to rounding; the memory the
     gradient takes is that of one slice.
     """
-    micro = icar._check_int("micro", micro, 1)
+    micro = icar.check_int("micro", micro, 1)
     n = batch.shape[0]
     step = value_and_grad(loss_fn)
     if micro >= n:
@@ -1294,7 +1267,7 @@ def loss_and_grad_microbatched(loss_fn, params, batch, micro):
 # ----------------------------------------------------------------------------- FLOP counts
 
 def transformer_flops(cfg, n, T, executed=False):
-    """FLOPs of one training step of icar.transformer on n sequences of T tokens.
+    """FLOPs of one training step of M4 (icar.transformer) on n sequences of T tokens.
 
     Forward, per layer, as the docstring writes it (E = repeat * d_in, H heads):
         q, k, v          3 * 2 n T E (H E)
@@ -1303,13 +1276,13 @@ def transformer_flops(cfg, n, T, executed=False):
         W_O              2 n T E^2 (after the sum over heads, n H T E)
         positional       2 * 2 T E (H E) + 2 H T^2 E (batch-independent)
     plus the read-out 2 n T E d_out; a step is 3 forward passes.
-    executed=True counts icar.transformer's products instead: with z = (h, 1) of size D
+    executed=True counts fused.transformer's products instead: with z = (h, 1) of size D
     (d_in + 1 in the first layer, E + 1 after), z G [2 n T D H D], scores and a @ z
     [2 * 2 n H P D] over the P (query, key) pairs formed (T^2, or fewer with linear
     attention's causal blocks), and the output [2 n T (H D) E].
     """
     E, H = cfg["repeat"] * cfg["d_in"], cfg["heads"]
-    pairs = (sum((r1 - r0) * r1 for r0, r1 in icar._causal_blocks(T)) if cfg["attention"] == "linear"
+    pairs = (sum((r1 - r0) * r1 for r0, r1 in fused.causal_blocks(T)) if cfg["attention"] == "linear"
              else T * T)
     total = 0
     for layer in range(cfg["layers"]):
@@ -1344,50 +1317,6 @@ def population_flops(d, H, T):
 
 
 # ----------------------------------------------------------------------------- measurement
-
-def tune_allocator():
-    """Let glibc's malloc keep freed memory for the next step; True where it took effect.
-
-    By default glibc serves blocks over 128 kB with fresh pages from the system (raising
-    that threshold only after freeing such a block) and returns freed memory at the top of
-    its heap, so each training step pays page faults on its temporaries: a fresh process
-    runs the pe-only step about twice as slowly. Up to 32 MB blocks come from the heap and
-    up to 1 GB of freed memory is kept after this call. Elsewhere (no glibc) it does nothing.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def set_blas_threads(k):
-    """Set the number of threads of the OpenBLAS that NumPy calls; return the previous number,
-    or None where none is found (another BLAS, or no /proc/self/maps).
-
-    icar runs batch slices in its own threads (icar.THREADS); OpenBLAS threading each of
-    their small products as well puts more threads than cores to work, and on a machine
-    with other load a threaded product waits for its descheduled helper: steps then take
-    2-3 times longer at random. The benchmark times every workload with one BLAS thread.
-    """
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return None
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{name}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{name}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    previous = get()
-                    put(k)
-                    return previous
-    return None
-
 
 def matmul_rate(dtype, size=1024, repeats=15):
     """This machine's matrix-multiply rate (GFLOP/s): the fastest of `repeats` products
@@ -1462,7 +1391,7 @@ def _transformer_workload(name, dtype, micro, rng):
 
     def loss(params, s):
         x = s[:, :-1] if name == "nonaug" else icar.augment(s[:, :-1])
-        return icar.mse(icar.transformer(params, x, cfg), s[:, 1:])
+        return icar.mse(fused.transformer(params, x, cfg), s[:, 1:])
 
     step = _Trainer(_on(s, loss, micro), params, "adam", 1e-2)
     flops = transformer_flops(cfg, n, T)
@@ -1503,16 +1432,16 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
     results as a dict (see the module docstring)."""
     out = sys.stdout if out is None else out
     for w in workloads:
-        icar._check_choice("workload", w, WORKLOADS)
-    repeats, micro = icar._check_int("repeats", repeats, 1), icar._check_int("micro", micro, 0)
+        icar.check_choice("workload", w, WORKLOADS)
+    repeats, micro = icar.check_int("repeats", repeats, 1), icar.check_int("micro", micro, 0)
     load_before = os.getloadavg()
-    tuned = tune_allocator() if tune else False
+    tuned = fused.tune_allocator() if tune else False
     rates = {k: matmul_rate(k) for k in ("float32", "float64")}
-    blas_threads = set_blas_threads(1)                          # None: BLAS left as it is
+    blas_threads = fused.set_blas_threads(1)                    # None: BLAS left as it is
     one_thread = ({k: matmul_rate(k) for k in ("float32", "float64")} if blas_threads is not None
                   else None)
     result = {"matmul_gflops": rates, "matmul_gflops_one_blas_thread": one_thread,
-              "cpus": os.cpu_count(), "icar_threads": icar.THREADS, "numpy": numpy.__version__,
+              "cpus": os.cpu_count(), "fused_threads": fused.THREADS, "numpy": numpy.__version__,
               "repeats": repeats, "allocator_tuned": tuned,
               "blas_threads": {"matmul": blas_threads, "workloads": 1 if blas_threads else None},
               "workloads": {}}
@@ -1521,7 +1450,7 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
           + (f"; one BLAS thread: {one_thread['float32']:.1f}, {one_thread['float64']:.1f}"
              if one_thread else "")
           + f"); load average {load_before[0]:.2f}; allocator {'tuned' if tuned else 'as is'}; "
-          f"workloads with {icar.THREADS} icar threads and "
+          f"workloads with {fused.THREADS} threads of fused.transformer and "
           f"{'1 BLAS thread' if blas_threads else 'BLAS threads as they are'}", file=out)
     rng = numpy.random.default_rng(0)
     for name in workloads:
@@ -1549,7 +1478,7 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
               f"GFLOP/step  {gflops:7.2f} GFLOP/s = {100 * row['fraction_of_matmul']:5.1f}% of "
               f"{prec} matmul  [{notes}]", file=out, flush=True)
     if blas_threads is not None:
-        set_blas_threads(blas_threads)
+        fused.set_blas_threads(blas_threads)
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     print(f"load average after: {result['load_average']['after'][0]:.2f}", file=out)
     return result
@@ -1572,7 +1501,7 @@ def bench(argv):
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {', '.join(WORKLOADS)}")
     parser.add_argument("--no-tune-allocator", action="store_true",
-                        help="leave glibc's malloc as it is (see tune_allocator)")
+                        help="leave glibc's malloc as it is (see fused.tune_allocator)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     try:
         args = parser.parse_args(argv)

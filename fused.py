@@ -1,0 +1,261 @@
+"""fused: the fused M4, icar.transformer computed without forming q, k, v, and the process
+set-up that training uses with it. Every function here equals a plain one of icar.py (tested
+in test_icar.py, values and gradients); icar.py is what to read to audit the model.
+
+The reformulation: q, k, v are affine in z = (h, 1) (z = (x, 1) in the first layer, where
+h = [x] * repeat), so q . conj(k) = z_r G_h conj(z_t) with G_h = [W_Q; b_Q]_h [W_K; b_K]_h^T
+/ sqrt(E), and a_h @ v_h = (a_h @ z) [W_V; b_V]_h. The products over the [n, T, H, T]
+attention weights then contract over dim z (d_in + 1 in the first layer) instead of the
+embedding E, and each is one matrix product per sequence for all heads. Linear attention
+is one autograd primitive with a hand-written VJP (_linear_attention): it forms those weights
+one cache-sized slice of the batch at a time (CHUNK_ENTRIES), in THREADS threads, skips a
+quarter of the masked pairs (causal_blocks), and recomputes the weights in the backward
+pass instead of storing them.
+
+    transformer        M4, equals icar.transformer
+    set_up_process     one BLAS thread (set_blas_threads) and glibc's malloc keeping freed
+                       memory between steps (tune_allocator), as the command lines train
+"""
+import concurrent.futures
+import ctypes
+import os
+
+import autograd.numpy as np
+import numpy
+from autograd.extend import defvjp_argnums, primitive
+from autograd.tracer import Box
+
+import icar
+from icar import array_module, causal_mask, layernorm, softmax, swap
+
+CHUNK_ENTRIES = {"cpu": 2 ** 18, "device": 2 ** 27}  # 1 MB of float32 stays in a CPU core's cache
+# threads over batch slices (NumPy releases the GIL inside products and elementwise loops)
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_POOLS = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
+
+
+def _batch_chunks(n, entries_per_row, xp):
+    """Slices of a batch of n rows, each holding about CHUNK_ENTRIES entries (at least one row)."""
+    step = max(1, CHUNK_ENTRIES["cpu" if xp is numpy else "device"] // entries_per_row)
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _over_slices(fn, slices, threaded):
+    """[fn(group) for each group of consecutive slices], in order: THREADS groups, each in its
+    own thread, where `threaded` (NumPy arrays that autograd does not trace), else one group."""
+    k = min(THREADS, len(slices)) if threaded else 1
+    if k <= 1:
+        return [fn(slices)]
+    if k not in _POOLS:
+        _POOLS[k] = concurrent.futures.ThreadPoolExecutor(k)
+    size = -(-len(slices) // k)
+    return list(_POOLS[k].map(fn, [slices[i:i + size] for i in range(0, len(slices), size)]))
+
+
+def _real_if(x, target):
+    """x, without its imaginary part where the target (an argument) is real."""
+    return np.real(x) if numpy.iscomplexobj(x) and not numpy.iscomplexobj(target) else x
+
+
+def causal_blocks(T):
+    """Blocks [r0, r1) of query positions, each reading keys t < r1 only: two blocks of
+    about equal work, which skip a quarter of the [T, T] products above the diagonal."""
+    r = min(T - 1, max(1, round(T / 2 ** 0.5)))
+    return [(0, r), (r, T)] if T > 1 else [(0, T)]
+
+
+@primitive
+def _linear_attention(zG, z, w):
+    """Linear causal attention of every head, one batch slice at a time:
+        y[:, (r, h)] = sum_{t<=r} w[r, h, t] (zG[:, (r, h)] . conj(z_t)) z_t,
+    zG [n, T*H, D] (rows z_r G_h), z [n, T, D], w [T, H or 1, T] (entries t > r unused)
+    -> [n, T*H, D]. Equal to the plain products ((zG @ z^*) * tril(w)) @ z; a slice's
+    [m, T, H, T] weights are formed in cache, block by block of causal_blocks, and
+    recomputed in the backward pass rather than stored."""
+    n, T, D = z.shape
+    H = zG.shape[1] // T
+    xp = array_module(z)
+    y = xp.empty(zG.shape, dtype=numpy.result_type(zG.dtype, z.dtype, w.dtype))
+    zt = xp.ascontiguousarray(swap(xp.conj(z)))                # [n, D, T]
+    blocks = [(r0, r1, xp.ascontiguousarray(w[r0:r1, :, :r1])) for r0, r1 in causal_blocks(T)]
+
+    def run(slices):
+        for c in slices:
+            for r0, r1, wb in blocks:  # rows (r, h) of the block, keys t < r1
+                rows = slice(r0 * H, r1 * H)
+                scores = zG[c, rows] @ zt[c, :, :r1]            # [m, b*H, D] @ [m, D, r1] -> [m, b*H, r1]
+                a = (scores.reshape(-1, r1 - r0, H, r1) * wb).reshape(scores.shape)  # [m, b*H, r1]
+                xp.matmul(a, z[c, :r1], out=y[c, rows])         # [m, b*H, r1] @ [m, r1, D] -> [m, b*H, D]
+    _over_slices(run, _batch_chunks(n, H * T * T, xp), xp is numpy)
+    return y
+
+
+def _swapped(x):
+    """x with its last two axes swapped, copied to contiguous memory (faster products) unless
+    x is traced by autograd (higher derivatives)."""
+    x = swap(x)
+    return x if isinstance(x, Box) else array_module(x).ascontiguousarray(x)
+
+
+def _linear_attention_vjp(argnums, y, args, kwargs):
+    """The gradients autograd derives from the plain products, one slice and block at a
+    time, in autograd operations so that they can be differentiated again."""
+    zG, z, w = args
+    n, T, D = z.shape
+    H = zG.shape[1] // T
+    blocks = causal_blocks(T)
+
+    def vjp(g):                                                 # g [n, T*H, D]
+        # autograd's functions only where a value is traced: they cost microseconds a call
+        xp = np if any(isinstance(v, Box) for v in (g, zG, z, w)) else array_module(z)
+        zc = xp.conj(z)                                         # [n, T, D]
+        zt, zct = _swapped(z), _swapped(zc)                     # [n, D, T] each
+        wbs = [w[r0:r1, :, :r1] if xp is np else xp.ascontiguousarray(w[r0:r1, :, :r1])
+               for r0, r1 in blocks]                            # [b, H, r1] each
+
+        def run(slices):
+            parts, g_w = {0: [], 1: []}, [0.0] * len(blocks)
+            for c in slices:
+                g_zG, g_z = [], 0.0
+                for k, ((r0, r1), wb) in enumerate(zip(blocks, wbs)):
+                    rows = slice(r0 * H, r1 * H)
+                    scores = xp.reshape(zG[c, rows] @ zct[c, :, :r1], (-1, r1 - r0, H, r1))  # [m, b, H, r1]
+                    g_a = xp.reshape(g[c, rows] @ zt[c, :, :r1], (-1, r1 - r0, H, r1))      # [m, b, H, r1]
+                    g_scores = xp.reshape(g_a * wb, (-1, (r1 - r0) * H, r1))  # [m, b*H, r1]
+                    if 0 in argnums:
+                        g_zG.append(g_scores @ zc[c, :r1])      # [m, b*H, r1] @ [m, r1, D]
+                    if 1 in argnums:
+                        a = xp.reshape(scores * wb, (-1, (r1 - r0) * H, r1))  # [m, b*H, r1]
+                        g_zr = swap(a) @ g[c, rows] + xp.conj(swap(g_scores) @ zG[c, rows])  # [m, r1, D]
+                        g_z = g_z + xp.concatenate([g_zr, xp.zeros_like(zc[c, r1:])], axis=1)  # [m, T, D]
+                    if 2 in argnums:
+                        g_aS = g_a * scores                     # [m, b, H, r1]
+                        g_w[k] = g_w[k] + (g_aS[0] if len(g_aS) == 1 else xp.sum(g_aS, axis=0))
+                if 0 in argnums:
+                    parts[0].append(xp.concatenate(g_zG, axis=1))  # [m, T*H, D]
+                if 1 in argnums:
+                    parts[1].append(g_z)                        # [m, T, D]
+            return parts, g_w
+        results = _over_slices(run, _batch_chunks(n, H * T * T, array_module(z)), xp is numpy)
+        grads = {i: xp.concatenate([p for parts, _ in results for p in parts[i]], axis=0)
+                 for i in (0, 1) if i in argnums}
+        if 2 in argnums:  # blocks summed over the threads, padded with zeros for t >= r1
+            g_w = []
+            for k, (r0, r1) in enumerate(blocks):
+                total = 0.0
+                for _, part in results:
+                    total = total + part[k]                     # [b, H, r1]
+                g_w.append(xp.concatenate([total, xp.zeros((r1 - r0, H, T - r1), dtype=total.dtype)], axis=2))
+            g_w = xp.concatenate(g_w, axis=0)                   # [T, H, T]
+            if w.shape[1] == 1:                                 # w was broadcast over heads
+                g_w = xp.sum(g_w, axis=1, keepdims=True)
+            grads[2] = g_w
+        return tuple(_real_if(grads[i], args[i]) for i in argnums)
+    return vjp
+
+
+defvjp_argnums(_linear_attention, _linear_attention_vjp)
+
+
+def _fold(W, b, r):
+    """Weights W [H, E, E] and biases b [H, E] acting on h = [x] * r, as [H, E/r + 1, E]
+    acting on (x, 1): h W + b = (x, 1) [sum of the r row blocks of W; b]."""
+    H, E, _ = W.shape
+    return np.concatenate([np.sum(np.reshape(W, (H, r, E // r, E)), axis=1), b[:, None]], axis=1)  # [H, E/r + 1, E]
+
+
+def transformer(params, x, cfg):
+    """Equals icar.transformer(params, x, cfg): tokens x [n, T, d_in] -> [n, T, d_out].
+
+    Per layer, z = (x, 1) or (h, 1) [n, T, D] and, per head, G_h [D, D] (module docstring):
+        scores[(r, h), t] = z_r G_h conj(z_t)                     the scores q . conj(k) / sqrt(E)
+        y[(r, h)] = sum_t a[(r, h), t] z_t                         a @ v = y [W_V; b_V]_h
+    Linear attention runs through _linear_attention, softmax attention through plain products.
+    """
+    n, T, d_in = icar.check_tokens(x, cfg)
+    xp = array_module(x)
+    E, H = cfg["repeat"] * d_in, cfg["heads"]
+    mask = causal_mask(xp, T, x)                                # [T, T]
+    ones = xp.ones((n, T, 1), dtype=x.dtype)
+    h = np.concatenate([x] * cfg["repeat"], axis=-1)            # [n, T, E]
+    for i, layer in enumerate(params["layers"]):  # layers differ in parameters, a short fixed loop
+        z = np.concatenate([x if i == 0 else h, ones], axis=-1)  # [n, T, D], D = d_in + 1 or E + 1
+        D, r = z.shape[-1], cfg["repeat"] if i == 0 else 1
+        Wq, Wk, Wv = (_fold(layer["W_" + k], layer["b_" + k], r) for k in "QKV")  # [H, D, E] each
+        G = (Wq @ swap(Wk)) / E ** 0.5                          # [H, D, D]
+        # 2-D products over the n T rows: their weight gradients are one product each
+        zG = np.reshape(z, (n * T, D)) @ np.reshape(np.transpose(G, (1, 0, 2)), (D, H * D))  # [n*T, H*D]
+        zG = np.reshape(zG, (n, T * H, D))                      # [n, T*H, D]: row (r, h) = z_r G_h
+        if cfg["positional"]:
+            pos = icar.positional_attention(layer, params["pos"][:T])  # [H, T, T], 0 for t > r
+            pos = np.transpose(pos, (1, 0, 2))                  # [T, H, T] as the scores
+        if cfg["attention"] == "linear":  # the positional weights already hold the mask
+            y = _linear_attention(zG, z, pos if cfg["positional"] else mask[:, None])  # [n, T*H, D]
+        else:
+            scores = np.reshape(zG @ swap(np.conj(z)), (n, T, H, T))  # [n, T, H, T]: query r, head h, key t
+            a = softmax(np.real(scores), mask[:, None])        # [n, T, H, T]
+            if cfg["positional"]:
+                a = a * pos                                     # [n, T, H, T] * [T, H, T]
+            y = np.reshape(a, (n, T * H, T)) @ z                # [n, T*H, T] @ [n, T, D] -> [n, T*H, D]
+        U = np.reshape(Wv @ layer["W_O"], (H * D, E))           # [H, D, E] @ [E, E] -> [H*D, E]
+        out = np.reshape(np.reshape(y, (n * T, H * D)) @ U, (n, T, E)) + layer["b_O"]  # [n, T, E]
+        if cfg["layernorm"]:
+            out = layernorm(out, layer["ln_g"], layer["ln_b"])
+        h = h + out if cfg["residual"] else out
+    return h @ params["W_out"] + params["b_out"]                # [n, T, d_out]
+
+
+# ----------------------------------------------------------------------------- process
+
+def tune_allocator():
+    """Let glibc's malloc keep freed memory for the next step; True where it took effect.
+
+    By default glibc serves blocks over 128 kB with fresh pages from the system (raising
+    that threshold only after freeing such a block) and returns freed memory at the top of
+    its heap, so each training step pays page faults on its temporaries: a fresh process
+    runs the pe-only step about twice as slowly. Up to 32 MB blocks come from the heap and
+    up to 1 GB of freed memory is kept after this call. Elsewhere (no glibc) it does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def set_blas_threads(k):
+    """Set the number of threads of the OpenBLAS that NumPy calls; return the previous number,
+    or None where none is found (another BLAS, or no /proc/self/maps).
+
+    fused.transformer runs batch slices in its own threads (THREADS); OpenBLAS threading each of
+    their small products as well puts more threads than cores to work, and on a machine
+    with other load a threaded product waits for its descheduled helper: steps then take
+    2-3 times longer at random. The benchmark times every workload with one BLAS thread.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{name}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{name}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    previous = get()
+                    put(k)
+                    return previous
+    return None
+
+
+def set_up_process():
+    """What the command lines do before training: one BLAS thread (transformer runs batch
+    slices in THREADS threads of its own; BLAS threads on top of them oversubscribe the
+    cores, and a step then takes 2-3 times longer at random) and glibc's allocator keeping
+    freed memory between steps (tune_allocator). Both change this process only."""
+    set_blas_threads(1)
+    tune_allocator()
