@@ -1092,6 +1092,251 @@ def test_baselines_match_paper_numbers():
     assert np.allclose(b["last_value"], np.mean(np.sum((x - y) ** 2, -1), 0))
 
 
+# baselines and probe references, each against an independent computation
+# Data: real (Haar, without and with noise), complex with diagonal W ("unitary", noisy) and
+# complex with W = Q diag(lambda) Q^* for a random unitary Q (noisy), so that a missing or
+# misplaced conjugate shows. Positions r = 0..T-1 have seen the transitions (s_t, s_{t+1}),
+# t < r, and predict s_{r+1}. Tolerances are float64 rounding (eps = 2.2e-16) times the
+# size of the sums (at most T = 8 terms of norm <= 3 here) and, for least squares, the
+# condition number of the stacked states (at most 73 for these seeds): the errors measured
+# are at most 2e-13 relative, so 1e-10 leaves a margin of 500; the bugs these tests catch
+# err by 1e-3 or more.
+
+BASELINE_CASES = [("haar", 0.0), ("haar", 0.1), ("unitary", 0.1), ("nondiagonal", 0.1)]
+
+
+def baseline_data(case, n=6, T=8, d=3, seed=20):
+    """(s [n, T+1, d], W [n, d, d]) of a case of BASELINE_CASES."""
+    family, sigma = case
+    g = rng(seed)
+    if family != "nondiagonal":
+        return icar.sample_sequences(g, n, T, d, family, sigma=sigma)
+    Q, _ = np.linalg.qr(g.standard_normal((n, d, d)) + 1j * g.standard_normal((n, d, d)))
+    lam = np.exp(1j * g.uniform(0, 2 * np.pi, (n, d)))                            # [n, d]
+    W = Q @ (lam[:, :, None] * np.conj(np.swapaxes(Q, 1, 2)))                     # Q diag(lam) Q^*
+    s = np.empty((n, T + 1, d), complex)
+    s[:, 0] = g.standard_normal((n, d)) + 1j * g.standard_normal((n, d))
+    s[:, 0] /= np.linalg.norm(s[:, 0], axis=1, keepdims=True)
+    for t in range(T):
+        eps = (g.standard_normal((n, d)) + 1j * g.standard_normal((n, d))) / np.sqrt(2)
+        s[:, t + 1] = np.einsum("nij,nj->ni", W, s[:, t]) + sigma * eps
+    return s, W
+
+
+def moments_by_hand(s):
+    """C_r = sum_{t<r} s_{t+1} s_t^*, S_r = sum_{t<r} s_t s_t^*, the sums written out: [n, T, d, d]."""
+    n, T1, d = s.shape
+    C, S = np.zeros((n, T1 - 1, d, d), complex), np.zeros((n, T1 - 1, d, d), complex)
+    for r in range(T1 - 1):
+        for t in range(r):
+            C[:, r] += np.einsum("ni,nj->nij", s[:, t + 1], np.conj(s[:, t]))
+            S[:, r] += np.einsum("ni,nj->nij", s[:, t], np.conj(s[:, t]))
+    return C, S
+
+
+def least_squares_by_lstsq(s):
+    """W_hat [n, T, d, d]: per sequence and position, numpy.linalg.lstsq on the r transitions
+    seen (minimum-norm solution of X W^T = Y, rows x_t^T and x_{t+1}^T); zero before any."""
+    n, T1, d = s.shape
+    W_hat = np.zeros((n, T1 - 1, d, d), complex)
+    for i in range(n):
+        for r in range(1, T1 - 1):
+            X, Y = s[i, :r], s[i, 1:r + 1]                                        # [r, d]
+            W_hat[i, r] = np.linalg.lstsq(X, Y, rcond=None)[0].T
+    return W_hat
+
+
+def gd_by_autograd(s, eta, steps):
+    """Predictions W_k s_r [steps, n, T, d] after k = 1..steps steps W <- W - eta_r grad L(W)
+    from W = 0, on L(W) = 1/2 sum_{t<r} ||s_{t+1} - W s_t||^2 per sequence, with W = U + i V
+    and grad = dL/dU + i dL/dV by autograd on the real pair P = (U, V)."""
+    n, T1, d = s.shape
+    out = np.zeros((steps, n, T1 - 1, d), complex)
+    for r in range(1, T1 - 1):  # at r = 0 there is no transition: W stays 0
+        X, Y = s[:, :r], s[:, 1:r + 1]                                            # [n, r, d]
+
+        def L(P):
+            res = Y - X @ anp.swapaxes(P[0] + 1j * P[1], 1, 2)   # rows (s_{t+1} - W s_t)^T
+            return 0.5 * anp.sum(anp.real(res * anp.conj(res)))
+
+        P = np.zeros((2, n, d, d))
+        for k in range(steps):
+            P = P - eta[r] * grad(L)(P)
+            out[k, :, r] = np.einsum("nij,nj->ni", P[0] + 1j * P[1], s[:, r])
+    return out
+
+
+def one_step_loss_by_hand(s, eta):
+    """Per-position test loss [len(eta), T] of the one-step GD predictor eta C_r s_r for each
+    step in eta (same step at every position)."""
+    C, _ = moments_by_hand(s)
+    g = np.einsum("ntij,ntj->nti", C, s[:, :-1])                                  # C_r s_r
+    f = np.asarray(eta)[:, None, None, None] * g[None]                            # [G, n, T, d]
+    return np.mean(np.sum(np.abs(f - s[None, :, 1:]) ** 2, -1), 1)
+
+
+def one_step_vertex(s):
+    """The minimiser [T] of the one-step loss, a quadratic q(eta) in eta: from its values at 0,
+    1, 2, vertex = -q'(0) / q'' with q'' = q(2) - 2 q(1) + q(0), q'(0) = q(1) - q(0) - q''/2;
+    0 where q'' = 0 (no transition seen)."""
+    q0, q1, q2 = one_step_loss_by_hand(s, [0.0, 1.0, 2.0])
+    curv = q2 - 2 * q1 + q0
+    slope = q1 - q0 - curv / 2
+    return np.where(curv > 0, -slope / np.where(curv > 0, curv, 1), 0.0)
+
+
+@pytest.mark.parametrize("case", BASELINE_CASES)
+def test_least_squares_equals_per_position_lstsq(case):
+    s, _ = baseline_data(case)
+    ref = least_squares_by_lstsq(s)
+    got = train.least_squares(s)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-10 * np.abs(ref).max(), np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("case", BASELINE_CASES)
+def test_k_step_gd_prediction_equals_explicit_gradient_descent(case):
+    """_gd_prediction(C, S, x, eta, k), k = 1..4, is W_k s_r of k explicit GD steps with the
+    same step eta_r (drawn, so that no particular value hides an error), at every position."""
+    s, _ = baseline_data(case)
+    T = s.shape[1] - 1
+    eta = rng(21).uniform(0.5, 1.5, T) / (1 + np.arange(T))                     # [T]
+    ref = gd_by_autograd(s, eta, 4)                                               # [4, n, T, d]
+    x = s[:, :-1]
+    C, S = train._context_sums(x)
+    for k in range(1, 5):
+        got = train._gd_prediction(C, S, x, eta, k)
+        assert np.abs(got - ref[k - 1]).max() <= 1e-10 * np.abs(ref[k - 1]).max(), k
+
+
+@pytest.mark.parametrize("case", BASELINE_CASES)
+def test_optimal_one_step_is_the_vertex_of_the_quadratic_loss(case):
+    """k = 1: optimal_gd_step equals the vertex of the loss measured at three steps, and no
+    step of a fine grid around it does better."""
+    s, _ = baseline_data(case, n=32)
+    eta = train.optimal_gd_step(s, 1)                                             # [T]
+    vertex = one_step_vertex(s)
+    assert eta[0] == 0 and np.abs(eta - vertex).max() <= 1e-10 * np.abs(vertex).max()
+    grid = np.linspace(0, 2 * eta.max(), 4001)
+    at_grid, at_eta = one_step_loss_by_hand(s, grid), one_step_loss_by_hand(s, eta)
+    assert np.all(np.diagonal(at_eta) <= at_grid.min(0) * (1 + 1e-12))
+
+
+@pytest.mark.parametrize("case", BASELINE_CASES)
+def test_optimal_k_step_is_the_grid_minimum_of_the_explicit_loss(case):
+    """k = 2..4: the golden-section step is at least as good as the best step of a grid (up to
+    rounding) and next to it; the loss is that of k explicit GD steps
+    W <- W - eta (W S_r - C_r), the gradient of L written by hand, from moments summed by hand."""
+    s, _ = baseline_data(case, n=32)
+    C, S = moments_by_hand(s)
+    x, y = s[:, :-1], s[:, 1:]
+    T = x.shape[1]
+
+    def loss(eta, k):                                 # eta [G, T] -> [G, T]
+        e = eta[:, None, :, None, None]
+        Wk = np.zeros((len(eta),) + C.shape, complex)                             # [G, n, T, d, d]
+        for _ in range(k):
+            Wk = Wk - e * (Wk @ S - C)
+        f = np.einsum("gntij,ntj->gnti", Wk, x)
+        return np.mean(np.sum(np.abs(f - y) ** 2, -1), 1)
+
+    for k in (2, 3, 4):
+        eta = train.optimal_gd_step(s, k)                                         # [T]
+        grid = np.linspace(0, 2 * eta.max(), 401)
+        at_grid = loss(np.repeat(grid[:, None], T, 1), k)                         # [G, T]
+        at_eta = loss(eta[None], k)[0]
+        assert np.all(at_eta[1:] <= at_grid[:, 1:].min(0) * (1 + 1e-10)), k
+        # near the best grid point: within one spacing, or in the same flat valley (every grid
+        # step in between within rounding of the minimum; at r = 1 the loss of k steps is
+        # flat to order 2k around eta = 1 / ||s_1||^2)
+        best = grid[np.argmin(at_grid, 0)]
+        for r in range(1, T):
+            lo, hi = min(eta[r], best[r]), max(eta[r], best[r])
+            between = at_grid[(grid >= lo) & (grid <= hi), r]  # best only, if within a spacing
+            assert between.max() <= at_grid[:, r].min() * (1 + 1e-10), (k, r, eta[r], best[r])
+
+
+@pytest.mark.parametrize("case", BASELINE_CASES)
+def test_baselines_recomputed_from_independent_estimators(case):
+    """Every per-position loss of baselines(): oracle W s_r, least squares by lstsq, k explicit
+    GD steps (autograd) with the step optimal_gd_step(s, k), last value s_r, zero."""
+    s, W = baseline_data(case)
+    x, y = s[:, :-1], s[:, 1:]
+    loss = lambda f: np.mean(np.sum(np.abs(f - y) ** 2, -1), 0)                  # noqa: E731
+    want = {"oracle": loss(np.einsum("nij,ntj->nti", W, x)),
+            "least_squares": loss(np.einsum("ntij,ntj->nti", least_squares_by_lstsq(s), x)),
+            "last_value": loss(x), "zero": loss(0 * y)}
+    for k in range(1, 5):
+        want[f"gd{k}"] = loss(gd_by_autograd(s, train.optimal_gd_step(s, k), k)[k - 1])
+    got = train.baselines(s, W, gd_steps=4)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1e-10 * max(1, want[name].max()), name
+
+
+@pytest.mark.parametrize("case", BASELINE_CASES)
+def test_probe_references_match_their_definitions(case):
+    """predict(x) = G x with a chosen G [n, T, d, d]: Gamma = G, and err_* / cos_* are the mean
+    over sequences of ||G - R||_F / ||R||_F and Re tr(R^* G) / (||R||_F ||G||_F) for R = W,
+    least squares (lstsq) and eta C_r (given eta != 1; default: the vertex of the one-step
+    loss); NaN at r = 0, where the last two are 0."""
+    s, W = baseline_data(case)
+    n, T1, d = s.shape
+    g = rng(22)
+    G = W[:, None] + 0.5 * g.standard_normal((n, T1 - 1, d, d))
+    if np.iscomplexobj(s):
+        G = G + 0.5j * g.standard_normal(G.shape)
+    predict = lambda x: (G @ x[..., None])[..., 0]                                # noqa: E731
+    C, _ = moments_by_hand(s)
+    ls = least_squares_by_lstsq(s)
+    fro = lambda M: np.sqrt(np.sum(np.abs(M) ** 2, (-1, -2)))                     # noqa: E731
+    for eta in (g.uniform(0.2, 0.9, T1 - 1), None):
+        found = train.probe(predict, s, W, eta=eta)
+        assert np.abs(found["Gamma"] - G).max() < 1e-14
+        step = one_step_vertex(s) if eta is None else eta
+        refs = {"W": np.broadcast_to(W[:, None], G.shape), "ls": ls, "gd1": step[:, None, None] * C}
+        for name, R in refs.items():
+            inner = np.real(np.trace(np.conj(np.swapaxes(R, -1, -2)) @ G, axis1=-2, axis2=-1))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                err = np.mean(fro(G - R) / fro(R), 0)                                 # [T]
+                cos = np.mean(inner / (fro(R) * fro(G)), 0)
+            for stat, want in (("err_", err), ("cos_", cos)):
+                got = found[stat + name]
+                if name != "W":
+                    assert np.isnan(got[0]) and np.all(fro(R[:, 0]) == 0), (stat, name)
+                assert np.allclose(got[1:], want[1:], rtol=1e-10, atol=0), (stat, name, eta is None)
+
+
+def test_baselines_and_probe_do_not_depend_on_the_data_dtype():
+    """float32 / complex64 data: every baseline, optimal step and probe reference equals that of
+    the same (rounded) data in float64, and stays within float32 rounding of the unrounded
+    data's; d = 5 Haar, noiseless: least squares is finite, no worse than the zero predictor
+    (W_hat s_r = W P s_r, P a projection) and below 1e-3 from 5 transitions on."""
+    for family in ("haar", "unitary"):
+        s, W = icar.sample_sequences(rng(23), 256, 10, 5, family)
+        low = s.astype(np.complex64 if family == "unitary" else np.float32)
+        b32, b64 = train.baselines(low, W), train.baselines(low.astype(s.dtype), W)
+        b_exact = train.baselines(s, W)
+        for name in b64:
+            assert b32[name].dtype == np.float64 and np.array_equal(b32[name], b64[name]), name
+            # 1e-4: float32 rounding of the data (6e-8) times the condition of the sums
+            assert np.allclose(b32[name], b_exact[name], rtol=1e-4, atol=1e-6), (family, name)
+        for k in (1, 2):
+            assert np.array_equal(train.optimal_gd_step(low, k), train.optimal_gd_step(low.astype(s.dtype), k))
+        assert np.array_equal(train.least_squares(low), train.least_squares(low.astype(s.dtype)))
+        G = (W[:, None] + 0.1 * rng(24).standard_normal((256, 10, 5, 5))).astype(low.dtype)
+        p32 = train.probe(lambda x: (G @ x[..., None])[..., 0], low, W)
+        p64 = train.probe(lambda x: (G.astype(s.dtype) @ x[..., None])[..., 0], low.astype(s.dtype), W)
+        assert p32["Gamma"].dtype == low.dtype
+        for name in p64:
+            if name != "Gamma":
+                assert np.allclose(p32[name], p64[name], rtol=1e-12, atol=0, equal_nan=True), name
+        if family == "haar":
+            ls = b32["least_squares"]
+            assert np.all(np.isfinite(ls)) and np.all(ls <= b32["zero"] + 1e-6), ls
+            assert np.all(ls[5:] < 1e-3), ls
+
+
 def test_k_step_gd_step_is_the_grid_minimum():
     s, W = icar.sample_sequences(np.random.default_rng(2), 256, 12, 3, "haar")
     x, y = s[:, :-1], s[:, 1:]

@@ -335,6 +335,14 @@ def query_predictor(experiment, cfg, params, s):
 
 # ----------------------------------------------------------------------------- baselines
 
+def _float64(x):
+    """x as float64, or complex128 if complex, whatever its precision: every baseline and probe
+    reference is computed so, as it must not depend on the training dtype (at float32 the
+    pseudo-inverse of a rank-deficient S_r inverts rounding noise: least squares read losses
+    in the hundreds at 2-4 transitions of d = 5 Haar data)."""
+    return _to_dtype(numpy.asarray(x), "float64")
+
+
 def _context_sums(x):
     """C_r = sum_{t<r} x_{t+1} x_t^*, S_r = sum_{t<r} x_t x_t^*: the r transitions seen at
     position r. x [n, T, d] -> C, S [n, T, d, d]."""
@@ -370,9 +378,10 @@ def optimal_gd_step(s, k=1):
 
     k = 1: the closed form eta = sum Re<C x_r, y_r> / sum ||C x_r||^2. k > 1: golden-section
     search on [0, 2 / median lambda_max(S_r)] (the step that keeps GD stable for a typical
-    context), 40 iterations (interval 1e-8 of its start).
+    context), 40 iterations (interval 1e-8 of its start). Computed in float64 / complex128.
     """
-    x, y = numpy.asarray(s[:, :-1]), numpy.asarray(s[:, 1:])
+    s = _float64(s)
+    x, y = s[:, :-1], s[:, 1:]
     C, S = _context_sums(x)
     if k == 1:
         g = _apply(C, x)                                             # [n, T, d]
@@ -400,16 +409,17 @@ def optimal_gd_step(s, k=1):
 
 def least_squares(s, rtol=1e-10):
     """W_hat_r = C_r S_r^+ at every position: s [n, T+1, d] -> [n, T, d, d]. rtol: relative
-    cut-off of the pseudo-inverse (S_r has rank min(r, d) in exact arithmetic)."""
-    C, S = _context_sums(numpy.asarray(s[:, :-1]))
+    cut-off of the pseudo-inverse (S_r has rank min(r, d) in exact arithmetic), for float64:
+    s is cast to float64 / complex128 first."""
+    C, S = _context_sums(_float64(s)[:, :-1])
     return C @ numpy.linalg.pinv(S, rtol=rtol, hermitian=True)
 
 
 def baselines(s, W, gd_steps=4):
     """Per-position test losses [T] on sequences s [n, T+1, d] with context matrices W [n, d, d]:
     "oracle" (W s_r), "least_squares", "gd1".."gd{gd_steps}" (k GD steps from 0 with the
-    optimal step per position), "last_value" (s_r), "zero"."""
-    s, W = numpy.asarray(s), numpy.asarray(W)
+    optimal step per position), "last_value" (s_r), "zero"; in float64 whatever s's dtype."""
+    s, W = _float64(s), _float64(W)
     x, y = s[:, :-1], s[:, 1:]
     out = {"oracle": _position_loss(_apply(W[:, None], x), y),
            "least_squares": _position_loss(_apply(least_squares(s), x), y)}
@@ -433,7 +443,8 @@ def probe(predict, s, W=None, eta=None):
     and, per position [T], the relative Frobenius error "err_*" and the cosine "cos_*" (real
     part of the Frobenius inner product) to the true W (if given, [n, d, d]), least squares
     (ls) and one-step GD (gd1) with step eta [T] (default: the optimal step on s); NaN where
-    the reference is 0.
+    the reference is 0. References and statistics are computed in float64 / complex128;
+    Gamma keeps the model's dtype.
     """
     x0 = s[:, :-1]
     n, T, d = x0.shape
@@ -446,19 +457,19 @@ def probe(predict, s, W=None, eta=None):
             parts.append(grad(lambda u: np.sum(np.imag(predict(x0 + u)[..., i])))(u0))
         rows.append(parts[0] if real else parts[0] + 1j * parts[1])     # [n, T, d]: d f_i / d x
     Gamma = numpy.stack([numpy.asarray(r) for r in rows], axis=2)       # [n, T, d, d]
-    host = numpy.asarray(s)
+    host, G = _float64(s), _float64(Gamma)
     C, _ = _context_sums(host[:, :-1])
-    eta = optimal_gd_step(host, 1) if eta is None else numpy.asarray(eta)
+    eta = optimal_gd_step(host, 1) if eta is None else _float64(eta)
     refs = {"ls": least_squares(host), "gd1": eta[None, :, None, None] * C}
     if W is not None:
-        refs = dict(W=numpy.broadcast_to(numpy.asarray(W)[:, None], Gamma.shape), **refs)
+        refs = dict(W=numpy.broadcast_to(_float64(W)[:, None], G.shape), **refs)
     out = {"Gamma": Gamma}
-    norm_G = numpy.linalg.norm(Gamma, axis=(2, 3))                       # [n, T]
+    norm_G = numpy.linalg.norm(G, axis=(2, 3))                           # [n, T]
     for name, R in refs.items():
         norm_R = numpy.linalg.norm(R, axis=(2, 3))                       # [n, T]
         with numpy.errstate(invalid="ignore", divide="ignore"):
-            err = numpy.linalg.norm(Gamma - R, axis=(2, 3)) / norm_R
-            cos = numpy.real(numpy.sum(numpy.conj(R) * Gamma, axis=(2, 3))) / (norm_R * norm_G)
+            err = numpy.linalg.norm(G - R, axis=(2, 3)) / norm_R
+            cos = numpy.real(numpy.sum(numpy.conj(R) * G, axis=(2, 3))) / (norm_R * norm_G)
         zero = numpy.all(norm_R == 0, axis=0)
         out["err_" + name] = numpy.where(zero, numpy.nan, numpy.mean(err, axis=0))
         out["cos_" + name] = numpy.where(zero, numpy.nan, numpy.mean(cos, axis=0))
