@@ -25,6 +25,7 @@ from autograd.misc import flatten
 from autograd.test_util import check_grads
 from autograd.tracer import Box, getval
 
+import bench
 import figures
 import icar
 import theory
@@ -1423,11 +1424,11 @@ def test_microbatched_gradient_equals_full_batch():
         return icar.mse(icar.transformer(p, s[:, :-1], cfg), s[:, 1:])
     full_loss, full = value_and_grad(loss)(params, s)
     for micro in (1, 3, 7, 100):  # 3 leaves a shorter last slice
-        part_loss, part = train.loss_and_grad_microbatched(loss, params, s, micro)
+        part_loss, part = bench.loss_and_grad_microbatched(loss, params, s, micro)
         assert abs(part_loss - full_loss) <= 1e-12
         np.testing.assert_allclose(flatten(part)[0], flatten(full)[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="micro"):
-        train.loss_and_grad_microbatched(loss, params, s, 0)
+        bench.loss_and_grad_microbatched(loss, params, s, 0)
 
 
 def test_set_blas_threads_round_trip():
@@ -1446,22 +1447,22 @@ def test_flop_counts_by_hand():
     qkv, scores_av, mask_pos = 3 * 2 * 2 * 3 * 2 * 2, 2 * 2 * 2 * 9 * 2, 2 * 2 * 9
     w_o, heads_sum = 2 * 2 * 3 * 4, 2 * 3 * 2
     positional, readout = 2 * 2 * 3 * 2 * 2 + 2 * 9 * 2, 2 * 2 * 3 * 2
-    assert train.transformer_flops(cfg, 2, 3) == 3 * (qkv + scores_av + mask_pos + w_o + heads_sum
+    assert bench.transformer_flops(cfg, 2, 3) == 3 * (qkv + scores_av + mask_pos + w_o + heads_sum
                                                            + positional + readout)
-    assert train.pe_only_flops(2, 3, 1, complex_data=False) == 3 * (2 * 9 * 2 + 2 * 3 + 3 * 2 * 3)
+    assert bench.pe_only_flops(2, 3, 1, complex_data=False) == 3 * (2 * 9 * 2 + 2 * 3 + 3 * 2 * 3)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def test_bench_writes_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "matmul_rate", lambda dtype: 100.0)  # no 1024^3 products here
+    monkeypatch.setattr(bench, "matmul_rate", lambda dtype: 100.0)  # no 1024^3 products here
     out = tmp_path / "bench.json"
-    assert train.bench(["--workloads", "pe-only", "--repeats", "2", "--no-tune-allocator",
-                             "--json", str(out)]) == 0
+    assert bench.main(["--workloads", "pe-only", "--repeats", "2", "--no-tune-allocator",
+                       "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     row = result["workloads"]["pe-only"]
     assert row["ms_per_step"] > 0 and row["peak_MB"] > 0
-    assert row["gflop_per_step"] == pytest.approx(train.pe_only_flops(1000, 30, 1) / 1e9, rel=1e-12)
+    assert row["gflop_per_step"] == pytest.approx(bench.pe_only_flops(1000, 30, 1) / 1e9, rel=1e-12)
     assert row["gflops"] == pytest.approx(row["gflop_per_step"] / row["ms_per_step"] * 1e3)
     assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / 100.0)
     assert row["meets_target"] == (row["ms_per_step"] <= 0.5)
@@ -1470,9 +1471,17 @@ def test_bench_writes_json(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_rejects_unknown_workload(capsys):
-    assert train.bench(["--workloads", "nonaug,fast"]) == 2
+    assert bench.main(["--workloads", "nonaug,fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fast" in err[0] and "nonaug" in err[0]
+
+
+def test_bench_script_and_train_alias_report_bad_arguments_alike():
+    for script, prefix in ((["bench.py"], "bench.py: "), (["train.py", "bench"], "train.py: bench: ")):
+        out = subprocess.run([sys.executable, *script, "--repeats", "x"], cwd=HERE,
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.startswith(prefix)
+        assert len(out.stderr.strip().splitlines()) == 1 and "--repeats" in out.stderr
 
 
 # ##############################################################################
