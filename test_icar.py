@@ -5,7 +5,7 @@ check_grads), or checks what a user sees (files, errors, the command line).
 Sections: icar.py (samplers, gradients, exact identities, bad input); theory.py (R1-R4
 against Monte Carlo and trained models); train.py (optimisers, resume, divergence,
 baselines, probe, command line); speed (every fast path against a plain reference, the
-benchmark); GPU arrays (a strict CuPy stand-in); figures.py.
+benchmark); GPU arrays (gpu.py's adapter on its strict CuPy stand-in); figures.py.
 Here `np` is NumPy and `anp` autograd's wrapper of it.
 """
 import email
@@ -16,21 +16,21 @@ import sys
 
 import autograd.numpy as anp
 import matplotlib.collections
+import numpy
 import numpy as np
-import numpy.lib.mixins
 import pytest
 from autograd import grad, value_and_grad
 from autograd.core import vspace
 from autograd.misc import flatten
 from autograd.test_util import check_grads
-from autograd.tracer import Box, getval
+from autograd.tracer import getval
 
 import bench
 import figures
 import icar
 import theory
 import train
-from train import cupy_backend, enable_autograd_for
+from gpu import STRICT, Strict, cupy_backend, enable_autograd_for
 
 
 def rng(seed=0):
@@ -1490,179 +1490,6 @@ def test_bench_script_and_train_alias_report_bad_arguments_alike():
 
 # ============================================================================ the stand-in
 
-class Strict(np.lib.mixins.NDArrayOperatorsMixin):
-    """A device-like array: wraps a numpy array, refuses every implicit host exchange."""
-
-    def __init__(self, a):
-        self._a = a
-
-    # --- what CuPy refuses
-    def __array__(self, *args, **kwargs):
-        raise TypeError("Implicit conversion to a NumPy array is not allowed; use .get()")
-
-    def view(self, *args, **kwargs):
-        if np.ndarray in args or kwargs.get("type") is np.ndarray:
-            raise TypeError("a device array has no np.ndarray view")
-        return Strict(self._a.view(*args, **kwargs))
-
-    def reshape(self, *shape, order="C"):
-        _check_order(order)
-        return Strict(self._a.reshape(*shape, order=order))
-
-    def ravel(self, order="C"):
-        _check_order(order)
-        return Strict(self._a.ravel(order=order))
-
-    # --- the protocols autograd and icar reach it through
-    def __array_function__(self, func, types, args, kwargs):
-        if func in (np.reshape, np.ravel):
-            _check_order(kwargs.get("order", "C"))
-        return _call(func, args, kwargs)
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        if any(isinstance(x, Box) for x in inputs):
-            return NotImplemented  # let autograd's box take the call
-        if method == "at":
-            return NotImplemented  # as CuPy 12 (cupy#7561): only the module's own add.at works
-        out = kwargs.get("out")
-        result = _call(getattr(ufunc, method), inputs, kwargs)
-        return out[0] if out is not None and len(out) == 1 else result
-
-    def __array_namespace__(self, api_version=None):
-        return STRICT
-
-    # --- array behaviour
-    shape = property(lambda self: self._a.shape)
-    ndim = property(lambda self: self._a.ndim)
-    size = property(lambda self: self._a.size)
-    dtype = property(lambda self: self._a.dtype)
-    T = property(lambda self: Strict(self._a.T))
-    real = property(lambda self: Strict(self._a.real))  # views, as in CuPy
-    imag = property(lambda self: Strict(self._a.imag))
-
-    def __getitem__(self, idx):
-        return _wrap(self._a[_unwrap_index(idx)])
-
-    def __setitem__(self, idx, value):
-        self._a[_unwrap_index(idx)] = _unwrap(value)
-
-    def __len__(self):
-        return len(self._a)
-
-    def __float__(self):
-        return float(self._a)
-
-    def __bool__(self):
-        return bool(self._a)
-
-    def item(self):
-        return self._a.item()
-
-    def __repr__(self):
-        return f"Strict({self._a!r})"
-
-    def get(self):
-        """The explicit copy to the host, as cupy.ndarray.get()."""
-        return self._a.copy()
-
-    def astype(self, dtype, copy=True):
-        return Strict(self._a.astype(dtype, copy=copy))
-
-    def conj(self):
-        return Strict(self._a.conj())
-
-    def copy(self):
-        return Strict(self._a.copy())
-
-
-def _check_order(order):
-    if order not in ("C", "F", "A"):
-        raise TypeError(f"order not understood: {order!r}")
-
-
-def _is_index_array(i):
-    return isinstance(i, (Strict, np.ndarray, list)) and _unwrap_index(i).dtype.kind in "iu"
-
-
-def _unwrap_index(idx):
-    """An index: CuPy copies host index arrays and lists to the device, so they pass here."""
-    if isinstance(idx, tuple):
-        return tuple(_unwrap_index(i) for i in idx)
-    if isinstance(idx, (list, np.ndarray)):
-        return np.asarray(_unwrap(list(idx)) if isinstance(idx, list) else idx)
-    return _unwrap(idx)
-
-
-def _unwrap(x):
-    """Strict -> its numpy array, recursively; a numpy array here is a host array mixed in."""
-    if isinstance(x, Strict):
-        return x._a
-    if isinstance(x, np.ndarray):
-        raise TypeError(f"a numpy array (shape {x.shape}) was mixed into a device-array call")
-    if isinstance(x, (list, tuple)):
-        return type(x)(_unwrap(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _unwrap(v) for k, v in x.items()}
-    return x
-
-
-def _wrap(x):
-    if isinstance(x, (np.ndarray, np.generic)):  # reductions give 0-d arrays, as in CuPy
-        return Strict(np.asarray(x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_wrap(v) for v in x)
-    return x
-
-
-def _call(func, args, kwargs):
-    return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
-
-
-class _StrictModule:
-    """The module of Strict arrays (as cupy): numpy's functions, returning Strict arrays."""
-
-    def __getattr__(self, name):
-        attr = getattr(np, name)
-        if isinstance(attr, np.ufunc):
-            return _StrictUfunc(attr)
-        if not callable(attr) or isinstance(attr, type):
-            return attr  # constants and dtypes
-        return lambda *args, **kwargs: _call(attr, args, kwargs)
-
-    @staticmethod
-    def asarray(a, dtype=None):
-        """The explicit copy to the device (cupy.asarray): the one entry for host arrays."""
-        return a.astype(dtype) if isinstance(a, Strict) else Strict(np.array(a, dtype=dtype))
-
-    @staticmethod
-    def asnumpy(a):
-        return a.get()
-
-
-class _StrictUfunc:
-    """A ufunc of the Strict module: calls refuse host arrays; add.at refuses complex values
-    at index arrays (no complex atomics); other methods (reduce, ...) are numpy's, which hand
-    Strict arguments to Strict.__array_ufunc__."""
-
-    def __init__(self, ufunc):
-        self.ufunc = ufunc
-
-    def __call__(self, *args, **kwargs):
-        return _call(self.ufunc, args, kwargs)
-
-    def at(self, target, idx, values):
-        if (self.ufunc is np.add and np.iscomplexobj(_unwrap(values))
-                and any(_is_index_array(i) for i in (idx if isinstance(idx, tuple) else (idx,)))):
-            raise TypeError("add.at does not support complex values with index arrays")
-        self.ufunc.at(target._a, _unwrap_index(idx), _unwrap(values))
-
-    def __getattr__(self, name):
-        return getattr(self.ufunc, name)
-
-
-STRICT = _StrictModule()
-
-
 @pytest.fixture(scope="module")
 def xp():
     enable_autograd_for(Strict, STRICT)
@@ -1899,6 +1726,20 @@ def test_cupy_backend_without_cupy_is_one_clear_value_error(monkeypatch):
 def test_array_module_of_a_type_without_array_namespace_is_its_package():
     fake = type("ndarray", (), {"__module__": "email.message"})()  # as CuPy < 14's cupy._core.core
     assert icar.array_module(fake) is email
+
+
+def test_importing_train_loads_neither_the_adapter_nor_the_benchmark():
+    code = "import sys, train; print(sorted({'gpu', 'bench'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_gpu_check_dry_run_on_the_stand_in(tmp_path):
+    out = subprocess.run([sys.executable, "gpu.py", "--dry"], cwd=HERE, capture_output=True,
+                         text=True, env=dict(os.environ, OUT=str(tmp_path)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["all_ok"] and report["dry"] and len(report["comparisons"]) == 14
 
 
 # ##############################################################################

@@ -59,14 +59,8 @@ import sys
 import time
 
 import autograd.numpy as np
-import autograd.numpy.numpy_vjps as _vjps
-import autograd.numpy.numpy_wrapper as _wrapper
 import numpy
 from autograd import grad, value_and_grad
-from autograd.core import primitive_vjps as _primitive_vjps
-from autograd.extend import SparseObject, defvjp, primitive
-from autograd.numpy.numpy_boxes import ArrayBox
-from autograd.numpy.numpy_vspaces import ArrayVSpace, ComplexArrayVSpace
 
 import icar
 
@@ -639,6 +633,15 @@ def _host(x):
     return x if isinstance(x, numpy.ndarray) else x.get()
 
 
+def array_module(backend):
+    """The array module of a backend: numpy, or cupy made traceable by autograd (gpu.py,
+    imported only here: NumPy runs never load the adapter)."""
+    if backend == "numpy":
+        return numpy
+    import gpu
+    return gpu.cupy_backend()
+
+
 def _generators(seed):
     """One generator per purpose: training data, test data, initialisation, minibatch order
     (the test set stays the same when n_train changes)."""
@@ -695,7 +698,7 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     """
     cfg = config(experiment, preset, **overrides)
     if cfg.get("backend") == "cupy":  # the population experiment has no backend option
-        cupy_backend()  # without CuPy: fail before anything is written
+        array_module("cupy")  # without CuPy: fail before anything is written
     run_dir = os.path.join(runs_dir, name or experiment)
     os.makedirs(run_dir, exist_ok=True)
     saved = dict(cfg, experiment=experiment, preset=preset, versions=_versions())
@@ -771,7 +774,7 @@ def pe_only_objective(s, first=1):
 
 def _train(experiment, cfg, ckpt, resume, quiet):
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
-    xp = cupy_backend() if cfg["backend"] == "cupy" else numpy
+    xp = array_module(cfg["backend"])
     _, _, init_rng, order_rng = _generators(cfg["seed"])
     s_train, s_test, W_test = datasets(cfg)
     s_train, s_test = xp.asarray(s_train), xp.asarray(s_test)
@@ -1096,174 +1099,6 @@ def main(argv=None):
         print(f"train.py: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-# ----------------------------------------------------------------------------- GPU arrays
-# autograd traces only numpy.ndarray. enable_autograd_for(array_type, xp) lets it trace a
-# device array type (CuPy: cupy.ndarray, cupy) whose module refuses host arrays mixed in and
-# whose arrays refuse implicit conversion to NumPy. Written for autograd 1.9.1 (pinned in
-# requirements.txt); it touches these private parts of autograd, each only for arrays that
-# are not NumPy's, so NumPy results stay bit-identical:
-#   ArrayBox / VSpace registry    trace the type; zeros and ones allocated on the device
-#   numpy_vjps.repeat_to_match_shape   VJPs of sum, mean, max, ... add host onp.zeros
-#   VJP of where                  builds host anp.zeros(g.shape)
-#   numpy_wrapper.concatenate_args     (concatenate, stack) calls .view(numpy.ndarray)
-#   numpy_wrapper.array           (stack) calls numpy.array on each argument
-#   numpy_vjps.untake             VJP of every index or slice: onp.add.at, which CuPy 12
-#                                 does not dispatch; CuPy's add.at has no complex atomics
-#   VJP of transpose              passes the inverse axes as a host array (anp.argsort)
-#   VJPs of reshape and ravel     pass order=None, which CuPy rejects
-# Still unsupported on the device: gradients of dot, einsum and trace, anp.array([...]) of
-# traced values, NumPy-scalar exponents (x ** numpy.float64(2)), autograd.misc.optimizers,
-# check_grads and forward mode.
-
-def _on_host(x):
-    return icar.array_module(x) is numpy
-
-
-class DeviceVSpace(ArrayVSpace):
-    """Vector space of a device array: no numpy.asarray (a host copy); zeros on the device."""
-
-    def __init__(self, value, xp):
-        self.shape, self.dtype, self.xp = value.shape, value.dtype, xp
-
-    def zeros(self):
-        return self.xp.zeros(self.shape, dtype=self.dtype)
-
-    def ones(self):
-        return self.xp.ones(self.shape, dtype=self.dtype)
-
-
-class DeviceComplexVSpace(ComplexArrayVSpace, DeviceVSpace):
-    def ones(self):
-        return DeviceVSpace.ones(self) + 1j * DeviceVSpace.ones(self)
-
-
-def _device_vspace(xp):
-    def make(value):
-        return (DeviceComplexVSpace if value.dtype.kind == "c" else DeviceVSpace)(value, xp)
-    return make
-
-
-def _repeat_to_match_shape(g, shape, dtype, axis, keepdims, _host=_vjps.repeat_to_match_shape):
-    """Broadcast g back to shape with zeros from the module that owns g."""
-    if _on_host(g) or shape == ():
-        return _host(g, shape, dtype, axis, keepdims)
-    if axis is None:
-        axis = range(len(shape))
-    axes = {a % len(shape) for a in (axis if isinstance(axis, (tuple, list, range)) else (axis,))}
-    kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
-    reps = int(numpy.prod([shape[a] for a in axes]))  # a Python int keeps float32 in float32
-    return np.reshape(g, kept) + icar.array_module(g).zeros(shape, dtype=dtype), reps
-
-
-def _device_vjps(fun, *makers):
-    """Give fun the VJP makers `makers` for device results, keeping autograd's own for NumPy."""
-    host = _primitive_vjps[fun]
-    defvjp(fun, *makers)
-    device = _primitive_vjps[fun]
-    _primitive_vjps[fun] = lambda argnums, ans, args, kwargs: (
-        (host if _on_host(ans) else device)(argnums, ans, args, kwargs))
-
-
-def _where_vjps():
-    where = np._original_where  # the primitive behind autograd.numpy.where
-    _device_vjps(where, None,
-                 lambda ans, c, x=None, y=None: lambda g: np.where(c, g, np.zeros_like(g)),
-                 lambda ans, c, x=None, y=None: lambda g: np.where(c, np.zeros_like(g), g))
-
-
-def _transpose_vjps():
-    def maker(ans, x, axes=None):
-        inverse = None if axes is None else tuple(int(a) for a in numpy.argsort(axes))
-        return lambda g: np.transpose(g, inverse)
-    _device_vjps(np.transpose, maker)
-
-
-def _reshape_vjps():
-    _device_vjps(np.reshape, lambda ans, x, shape, order=None: lambda g: np.reshape(g, np.shape(x)))
-    _device_vjps(np.ravel, lambda ans, x, order=None: lambda g: np.reshape(g, np.shape(x)))
-
-
-def _concatenate_args():
-    host = _wrapper.concatenate_args
-
-    @primitive
-    def concatenate_args(axis, *args):
-        devices = [a for a in args if not _on_host(a)]
-        if not devices:
-            return host(axis, *args)
-        return icar.array_module(devices[0]).concatenate(args, axis)
-
-    _primitive_vjps[concatenate_args] = _primitive_vjps[host]
-    _wrapper.concatenate_args = concatenate_args
-
-
-def _array():
-    host = _wrapper.array
-
-    def array(A, *args, **kwargs):
-        if type(A) in (list, tuple) or args or kwargs or _on_host(A):
-            return host(A, *args, **kwargs)
-        return A  # traced values are never written to, so stack needs no copy
-
-    _wrapper.array = array
-
-
-@primitive
-def _untake(x, idx, vs, _host=_vjps.untake):
-    """Scatter-add x into zeros of vs at idx, on x's device."""
-    if _on_host(x):
-        return _host(x, idx, vs)
-    xp = icar.array_module(x)
-
-    def mut_add(A):
-        if x.dtype.kind != "c":
-            xp.add.at(A, idx, x)
-            return A
-        parts = []
-        for part in (x.real, x.imag):  # add.at has no complex atomics on the device
-            total = xp.zeros(A.shape, dtype=part.dtype)
-            xp.add.at(total, idx, part)
-            parts.append(total)
-        A += parts[0] + 1j * parts[1]
-        return A
-
-    return SparseObject(vs, mut_add)
-
-
-defvjp(_untake, lambda ans, x, idx, _: lambda g: g[idx])
-
-
-def enable_autograd_for(array_type, xp):
-    """Let autograd trace arrays of array_type, owned by module xp (e.g. cupy.ndarray, cupy).
-
-    Idempotent: a second call changes nothing.
-    """
-    if array_type in ArrayBox.type_mappings:
-        return
-    ArrayBox.register(array_type)
-    DeviceVSpace.register(array_type, _device_vspace(xp))
-    if _vjps.repeat_to_match_shape is not _repeat_to_match_shape:
-        _vjps.repeat_to_match_shape = _repeat_to_match_shape
-        _vjps.untake = _untake
-        _where_vjps()
-        _transpose_vjps()
-        _reshape_vjps()
-        _concatenate_args()
-        _array()
-
-
-def cupy_backend():
-    """Import CuPy and let autograd trace its arrays; returns the cupy module."""
-    try:
-        import cupy
-    except ImportError as error:
-        raise ValueError(f"--backend cupy needs CuPy: install the wheel matching your CUDA, "
-                         f"e.g. pip install cupy-cuda12x ({error})") from None
-    enable_autograd_for(cupy.ndarray, cupy)
-    return cupy
-
 
 if __name__ == "__main__":
     sys.exit(main())
