@@ -37,7 +37,6 @@ The process is set up as training should be: tune_allocator() (glibc keeps freed
 between steps) and set_blas_threads(1) while the workloads run (icar.transformer runs batch
 slices in icar.THREADS threads of its own); the output says which took effect.
 """
-import argparse
 import os
 import sys
 import time
@@ -195,51 +194,49 @@ def _on(s, loss, micro=None):
 
 
 def _transformer_workload(name, dtype, micro, rng):
-    d, T, n = 5, 50, 1024
-    if name == "nonaug":
-        cfg = icar.transformer_config(d_in=d, d_out=d, T=T, heads=64, repeat=2, attention="linear",
-                                      positional=True, residual=False)
-    else:
-        cfg = icar.transformer_config(d_in=3 * d, d_out=d, T=T, heads=1, repeat=1,
-                                      attention="linear", positional=False, residual=True)
-    s, _ = icar.sample_sequences(rng, n, T, d, "haar", s1="fixed")
+    cfg = train.config(name, "paper")                            # the authors' M4 training
+    d, T, n = cfg["d"], cfg["T"], cfg["batch"]
+    s, _ = icar.sample_sequences(rng, n, T, d, cfg["family"], s1=cfg["s1"])
     s = s.astype(dtype)                                         # [n, T+1, d]
-    params = _cast(icar.init_params("transformer", rng, cfg=cfg), dtype)
+    params = _cast(train.init_model(name, cfg, rng), dtype)
+    predict = train.predictor(name, cfg)
 
     def loss(params, s):
-        x = s[:, :-1] if name == "nonaug" else icar.augment(s[:, :-1])
-        return icar.mse(icar.transformer(params, x, cfg), s[:, 1:])
+        return icar.mse(predict(params, s[:, :-1]), s[:, 1:])
 
-    step = _Trainer(_on(s, loss, micro), params, "adam", 1e-2)
-    flops = transformer_flops(cfg, n, T)
-    notes = (f"batch {n}, T {T}, embed {cfg['repeat'] * cfg['d_in']}, {cfg['heads']} heads, "
+    step = _Trainer(_on(s, loss, micro), params, cfg["optimizer"], cfg["lr"])
+    mcfg = train.model_config(cfg, name)
+    flops = transformer_flops(mcfg, n, T)
+    notes = (f"batch {n}, T {T}, embed {mcfg['repeat'] * mcfg['d_in']}, {mcfg['heads']} heads, "
              f"Adam, {numpy.dtype(dtype).name}, micro-batch {micro or n}; executed "
-             f"{transformer_flops(cfg, n, T, executed=True) / 1e9:.2f} GFLOP/step")
+             f"{transformer_flops(mcfg, n, T, executed=True) / 1e9:.2f} GFLOP/step")
     return step, flops, notes
 
 
 def _population_workload(steps):
-    d, H, T = 10, 8, 20
+    cfg = train.config("population", "paper")                   # Fig. 3 right
+    d, H, T = cfg["d"], cfg["heads"], cfg["T"]
 
     def run():
-        theory.train_population(H, d, T, "orthogonal", 1e-3, steps, numpy.random.default_rng(0))
+        theory.train_population(H, d, T, cfg["family"], cfg["lr"], steps, numpy.random.default_rng(0))
     return run, steps, population_flops(d, H, T), f"d {d}, H {H}, T {T}, {steps} GD steps per call"
 
 
 def _pe_only_workload(rng, moments):
-    T, n = 30, 1000
-    s, _ = icar.sample_sequences(rng, n, T, 1, "angle", mu=50.0)   # complex128 [n, T+1, 1]
-    params = icar.init_params("pe_only", rng, T=T)
+    cfg = train.config("pe-only")                               # Fig. 6
+    T, n, lr = cfg["T"], cfg["n_train"], cfg["lr"]
+    s, _ = icar.sample_sequences(rng, n, T, cfg["d"], cfg["family"], mu=cfg["mu"])  # complex128 [n, T+1, 1]
+    params = train.init_model("pe-only", cfg, rng)
     if moments:  # executed FLOPs: M P (2 T^3) and about 10 operations per entry of P
-        step = _Trainer(train.pe_only_objective(s), params, "gd", 0.5)
-        return step, 2 * T ** 3 + 10 * T ** 2, (f"{n} sequences, T {T}, GD lr 0.5 on "
+        step = _Trainer(train.pe_only_objective(s), params, "gd", lr)
+        return step, 2 * T ** 3 + 10 * T ** 2, (f"{n} sequences, T {T}, GD lr {lr:g} on "
                                                f"pe_only_objective (moments computed once, untimed)")
 
     def loss(params, s):  # position 0 has no query
         return icar.mse(icar.pe_only(params, s[:, :-1])[:, 1:], s[:, 2:])
 
-    step = _Trainer(_on(s, loss), params, "gd", 0.5)
-    return step, pe_only_flops(n, T, 1), f"{n} sequences, T {T}, complex128, GD lr 0.5, autograd"
+    step = _Trainer(_on(s, loss), params, "gd", lr)
+    return step, pe_only_flops(n, T, 1), f"{n} sequences, T {T}, complex128, GD lr {lr:g}, autograd"
 
 
 def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", population_steps=2000,
@@ -300,16 +297,11 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
     return result
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, through bench's handler
-        raise ValueError(message)
-
-
 def main(argv=None, prog="python bench.py", name="bench.py"):
     """Command line of the benchmark; returns the exit status. prog and name: how usage and
     error lines call it (train.py's alias passes its own)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _Parser(prog=prog, description="time one training step of each "
+    parser = train.Parser(prog=prog, description="time one training step of each "
                      "paper-size workload")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per workload (median)")
     parser.add_argument("--micro", type=int, default=0,
@@ -331,7 +323,7 @@ def main(argv=None, prog="python bench.py", name="bench.py"):
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     if args.json:
-        train._save_json(args.json, result)
+        train.save_json(args.json, result)
     return 0
 
 

@@ -391,22 +391,6 @@ STRICT = _StrictModule()
 TOL = 1e-10
 
 
-def tree(f, t):
-    if isinstance(t, dict):
-        return {k: tree(f, v) for k, v in t.items()}
-    if isinstance(t, list):
-        return [tree(f, v) for v in t]
-    return f(t)
-
-
-def leaves(t):
-    if isinstance(t, dict):
-        return [x for k in sorted(t) for x in leaves(t[k])]
-    if isinstance(t, list):
-        return [x for v in t for x in leaves(v)]
-    return [t]
-
-
 def next_state_loss(model):
     return lambda params, s: icar.mse(model(params, s[:, :-1]), s[:, 1:])
 
@@ -438,7 +422,7 @@ def compare(xp, asnumpy):
     rows, ok = [], True
     for name, (params, s, loss) in cases(numpy.random.default_rng(0)).items():
         value, g = loss(params, s), grad(loss)(params, s)
-        params_d, s_d = tree(xp.asarray, params), tree(xp.asarray, s)
+        params_d, s_d = train.tree_map(xp.asarray, params), train.tree_map(xp.asarray, s)
         try:
             value_d, g_d = loss(params_d, s_d), grad(loss)(params_d, s_d)
         except Exception as error:  # one model failing on the device must not hide the others
@@ -447,7 +431,7 @@ def compare(xp, asnumpy):
             print(f"{name:28s} FAIL {type(error).__name__}: {error}")
             continue
         err = max(numpy.max(numpy.abs(asnumpy(a) - b)) / (1 + numpy.max(numpy.abs(b)))
-                  for a, b in zip([value_d] + leaves(g_d), [numpy.asarray(value)] + leaves(g)))
+                  for a, b in zip([value_d] + train.tree_leaves(g_d), [numpy.asarray(value)] + train.tree_leaves(g)))
         rows.append({"model": name, "max_rel_err": float(err), "ok": bool(err <= TOL)})
         ok &= bool(err <= TOL)
         print(f"{name:28s} max rel err {err:.1e}  {'ok' if err <= TOL else 'FAIL'}")
@@ -461,7 +445,7 @@ def time_steps(xp, sync, n, T, heads, steps):
     predict = train.predictor("nonaug", cfg)
     s, _ = icar.sample_sequences(rng, n, T, 5, "haar")
     s = xp.asarray(s.astype(numpy.float32))
-    params = tree(lambda a: xp.asarray(a.astype(numpy.float32)), train.init_model("nonaug", cfg, rng))
+    params = train.tree_map(lambda a: xp.asarray(a.astype(numpy.float32)), train.init_model("nonaug", cfg, rng))
     step_fn = value_and_grad(next_state_loss(predict))
     state = train.adam_init(params)
     for i in range(steps + 1):  # step 0 warms up (CuPy compiles its kernels on first use)
@@ -473,7 +457,7 @@ def time_steps(xp, sync, n, T, heads, steps):
     sync()
     ms = 1e3 * (time.perf_counter() - start) / steps
     return {"n": n, "T": T, "heads": heads, "steps": steps, "ms_per_step": ms,
-            "loss_dtype": str(loss.dtype), "grad_dtype": str(leaves(g)[0].dtype)}
+            "loss_dtype": str(loss.dtype), "grad_dtype": str(train.tree_leaves(g)[0].dtype)}
 
 
 def main(argv=None):
@@ -514,7 +498,7 @@ def main(argv=None):
               "comparisons": rows, "timing": timing}
     folder = os.environ.get("OUT") or "."
     path = os.path.join(folder, "gpu_check.json")
-    train._save_json(path, report)
+    train.save_json(path, report)
     print(f"{'all comparisons ok' if ok else 'SOME COMPARISONS FAILED'}; wrote {path}")
     return 0 if ok else 1
 

@@ -926,15 +926,15 @@ def test_flatten_roundtrip_keeps_lists():
 
 def test_interrupted_write_leaves_previous_file(tmp_path):
     path = str(tmp_path / "metrics.npz")
-    train._save_npz(path, {"x": np.arange(3.0)})
+    train.save_npz(path, {"x": np.arange(3.0)})
 
     def crash(f):  # a partial write, then the process is interrupted
         f.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train._atomic_write(path, crash)
-    assert np.array_equal(train._load_npz(path)["x"], np.arange(3.0))
+        train.atomic_write(path, crash)
+    assert np.array_equal(train.load_npz(path)["x"], np.arange(3.0))
     assert os.listdir(tmp_path) == ["metrics.npz"]
 
 
@@ -954,7 +954,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
     monkeypatch.setattr(np, "savez", savez)
-    assert int(train._load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
+    assert int(train.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
     resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
     assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
     assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
@@ -1009,7 +1009,7 @@ def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
     with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
         train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
     step = int(str(e.value).split("at step ")[1].split(":")[0])
-    z = train._load_npz(str(tmp_path / "block" / "checkpoint.npz"))
+    z = train.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
     assert int(z["step"]) == step - 1
     assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
     # the command line: one line on stderr, non-zero status
@@ -1529,28 +1529,20 @@ def test_stand_in_refuses_what_cupy_refuses():
 # ============================================================================ helpers
 
 def to_device(tree):
-    if isinstance(tree, dict):
-        return {k: to_device(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [to_device(v) for v in tree]
-    return STRICT.asarray(tree)
+    return train.tree_map(STRICT.asarray, tree)
+
+
+def on_device(x):
+    assert isinstance(x, Strict), f"{type(x).__name__} left the device"
+    return x.get()
 
 
 def to_host(tree):
-    if isinstance(tree, dict):
-        return {k: to_host(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [to_host(v) for v in tree]
-    assert isinstance(tree, Strict), f"{type(tree).__name__} left the device"
-    return tree.get()
+    return train.tree_map(on_device, tree)
 
 
 def leaves(tree):
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in leaves(tree[k])]
-    if isinstance(tree, list):
-        return [x for v in tree for x in leaves(v)]
-    return [np.asarray(tree)]
+    return [np.asarray(x) for x in train.tree_leaves(tree)]
 
 
 def assert_close(device, host, tol=1e-12):
@@ -2131,15 +2123,15 @@ def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
     assert sample_gap < 1e-12 < 1e-4 < population_gap
     assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
     s = train.datasets(res["config"])[0]
-    eta = res["config"]["lr"] / 5
-    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * eta, 60)[-1] - panel["sample_row"])) > 1e-4
+    lr = res["config"]["lr"]
+    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * lr, 60)[-1] - panel["sample_row"])) > 1e-4
 
 
 def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
-    figures.atomic_write(str(tmp_path / "a" / "x.txt"), "hello")
-    figures.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
+    train.save_text(str(tmp_path / "a" / "x.txt"), "hello")
+    train.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
     assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
     assert os.listdir(tmp_path / "a") == ["x.txt"]

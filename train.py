@@ -45,8 +45,10 @@ A non-finite training loss stops the run at once (Diverged; exit status 1) and k
 last checkpoint, whose loss was finite. Bad settings: ValueError; exit status 2.
 
 Library: run, sweep, load, config, baselines, optimal_gd_step, probe, weight_blocks,
-query_predictor, tree_map, adam_init, adam_update, gd_update, main.
+query_predictor, tree_map, tree_leaves, adam_init, adam_update, gd_update, atomic_write,
+save_text, save_json, save_npz, load_npz, Parser, main.
 """
+import argparse
 import ctypes
 import hashlib
 import importlib.metadata
@@ -197,6 +199,15 @@ def tree_map(f, *trees):
     if isinstance(first, (list, tuple)):
         return [tree_map(f, *leaves) for leaves in zip(*trees)]
     return f(*trees)
+
+
+def tree_leaves(tree):
+    """The arrays of a parameter tree, in a fixed order (dict keys sorted)."""
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in tree_leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in tree_leaves(v)]
+    return [tree]
 
 
 def gd_update(params, grads, lr):
@@ -506,8 +517,10 @@ def weight_blocks(experiment, params, d):
 
 # ----------------------------------------------------------------------------- files
 
-def _atomic_write(path, write):
-    """write(file) into path + '.tmp', then rename: a reader sees the old or the new file."""
+def atomic_write(path, write):
+    """write(binary file) into path + '.tmp' (flushed to disk), then rename: a reader sees the
+    old or the new file. Creates path's folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -518,6 +531,23 @@ def _atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_json(path, obj):
+    save_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def save_npz(path, arrays):
+    atomic_write(path, lambda f: numpy.savez(f, **arrays))
+
+
+def load_npz(path):
+    with numpy.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _flatten(tree, prefix=""):
@@ -546,19 +576,6 @@ def _unflatten(flat):
     return lists(tree)
 
 
-def _save_npz(path, arrays):
-    _atomic_write(path, lambda f: numpy.savez(f, **arrays))
-
-
-def _load_npz(path):
-    with numpy.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _save_json(path, obj):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
-
-
 def code_fingerprint():
     """SHA-1 of the files that define every result (icar.py, theory.py, train.py): a cached
     run made by other code is stale."""
@@ -581,8 +598,8 @@ def load(run_dir):
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     metrics = {k: (float(v) if v.ndim == 0 else v)
-               for k, v in _load_npz(os.path.join(run_dir, "metrics.npz")).items()}
-    params = _unflatten(_load_npz(os.path.join(run_dir, "params.npz")))
+               for k, v in load_npz(os.path.join(run_dir, "metrics.npz")).items()}
+    params = _unflatten(load_npz(os.path.join(run_dir, "params.npz")))
     return {"config": cfg, "params": params, "metrics": metrics, "dir": run_dir}
 
 
@@ -667,11 +684,11 @@ def _checkpoint(path, step, params, opt, rng, perm, pos, history):
     arrays.update(step=numpy.asarray(step), rng=numpy.asarray(json.dumps(rng.bit_generator.state)),
                   perm=numpy.asarray(perm, dtype=numpy.int64), pos=numpy.asarray(pos),
                   **{f"history/{k}": numpy.asarray(v) for k, v in history.items()})
-    _save_npz(path, arrays)
+    save_npz(path, arrays)
 
 
 def _restore(path, xp):
-    z = _load_npz(path)
+    z = load_npz(path)
     def group(name, move=xp.asarray):
         return _unflatten({k[len(name) + 1:]: move(v) for k, v in z.items() if k.startswith(name + "/")})
 
@@ -718,13 +735,13 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
         for old_file in ("checkpoint.npz", "params.npz", "metrics.npz"):
             if os.path.exists(os.path.join(run_dir, old_file)):
                 os.remove(os.path.join(run_dir, old_file))
-    _save_json(config_path, saved)
+    save_json(config_path, saved)
     if experiment == "population":
         metrics, params = _population(cfg)
     else:
         metrics, params = _train(experiment, cfg, ckpt, resume, quiet)
-    _save_npz(os.path.join(run_dir, "params.npz"), _flatten(params))
-    _save_npz(os.path.join(run_dir, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
+    save_npz(os.path.join(run_dir, "params.npz"), _flatten(params))
+    save_npz(os.path.join(run_dir, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
     return load(run_dir)  # what was saved, on the host
 
 
@@ -737,15 +754,14 @@ def _population(cfg):
             "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
 
 
-def pe_only_objective(s, first=1):
-    """loss_and_grad(params) -> (loss, {"P": gradient}) of the training loss of M3,
-        mse(icar.pe_only(params, s[:, :-1])[:, first:], s[:, 1 + first:]),
-    from moments of the data computed once. M3 is linear in P: with
-    u[n, r, t] = conj(s_{r-1}) s_t^2 (per coordinate), f_r = sum_t P[r, t] u[n, r, t], so row
-    r of the loss is p_r^T M_r p_r - 2 b_r . p_r + c_r with M_r = Re(U_r^* U_r) / N,
-    b_r = Re(U_r^* y_r) / N over the N = n (T - first) d-vectors averaged. A step costs
-    O(T^3) instead of passes over the data; the values are those of autograd on
-    icar.pe_only up to rounding.
+def pe_only_moments(s, first=1):
+    """The training loss of M3, mse(icar.pe_only(params, s[:, :-1])[:, first:], s[:, 1 + first:]),
+    as a quadratic in P from moments of s [n, T+1, d]: (M [T, T, T], b [T, T], c).
+
+    M3 is linear in P: with u[n, r, t] = conj(s_{r-1}) s_t^2 (per coordinate),
+    f_r = sum_t P[r, t] u[n, r, t], so the loss is sum_r (p_r^T M_r p_r - 2 b_r . p_r) + c with
+    M_r = Re(U_r^* U_r) / N, b_r = Re(U_r^* y_r) / N over the N = n (T - first) d-vectors
+    averaged (rows r < first are 0), p_r the row r of P * mask.
     """
     x, y = s[:, :-1], s[:, 1:]                                  # [n, T, d] each
     n, T, d = icar._check_data(x)
@@ -762,7 +778,17 @@ def pe_only_objective(s, first=1):
     M = xp.real(uh @ u) / N * keep[:, :, None]                   # [T, T, T]
     b = xp.real(uh @ yr)[..., 0] / N * keep                      # [T, T]
     c = float(xp.sum(xp.real(yr * xp.conj(yr))[first:])) / N
-    mask = icar.causal_mask(xp, T, s)                            # [T, T]
+    return M, b, c
+
+
+def pe_only_objective(s, first=1):
+    """loss_and_grad(params) -> (loss, {"P": gradient}) of the training loss of M3 (see
+    pe_only_moments) from moments of the data computed once. A step costs O(T^3) instead of
+    passes over the data; the values are those of autograd on icar.pe_only up to rounding.
+    """
+    M, b, c = pe_only_moments(s, first)
+    xp = icar.array_module(s)
+    mask = icar.causal_mask(xp, M.shape[0], s)                   # [T, T]
 
     def loss_and_grad(params):
         P = params["P"] * mask                                  # [T, T]
@@ -885,7 +911,7 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
             print(f"-- {experiment} {sub}", file=sys.stderr)
         results.append(run(experiment, preset, base, sub, resume, quiet, **overrides, **point))
     rows = [_summary_row(experiment, r) for r in results]
-    _save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
+    save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
     columns = list(rows[0])
     table = "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
                       ["  ".join(f"{_fmt(row[c]):>14}" for c in columns) for row in rows])
@@ -950,6 +976,14 @@ experiments: augmented, nonaug, block, diagonal, pe-only, population, bench
 common flags: --preset quick|paper  --name NAME  --runs_dir DIR  --resume  --quiet
               --sweep KEY=V1,V2,...  (repeatable)
 python train.py EXPERIMENT --help lists its options with their defaults."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the other command lines (bench.py, figures.py): a bad argument raises
+    ValueError, which they print as one line with exit status 2, as train.py does."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 def _help(experiment):
