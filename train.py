@@ -59,14 +59,13 @@ import os
 import platform
 import sys
 import time
+import typing
 
 import autograd.numpy as np
 import numpy
 from autograd import grad, value_and_grad
 
 import icar
-
-EXPERIMENTS = ("augmented", "nonaug", "block", "diagonal", "pe-only", "population", "bench")
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -146,7 +145,7 @@ PRESETS = {
 
 def config(experiment, preset="quick", **overrides):
     """The checked settings of `experiment`: its preset with overrides (ValueError if bad)."""
-    icar._check_choice("experiment", experiment, [e for e in EXPERIMENTS if e != "bench"])
+    icar._check_choice("experiment", experiment, EXPERIMENTS)
     icar._check_choice("preset", preset, ("quick", "paper"))
     cfg = dict(PRESETS[experiment]["quick"])
     if preset == "paper":
@@ -170,17 +169,18 @@ def config(experiment, preset="quick", **overrides):
             if not (math.isfinite(value) and low_ok):
                 raise ValueError(f"option {key} must be a finite number "
                                  f"{'>= 0' if key in AT_LEAST_ZERO else '> 0'}, got {value!r}")
-    if experiment == "population":
-        icar._check_choice("family", cfg["family"], ("unitary", "orthogonal"))
+    families = EXPERIMENTS[experiment].families
+    if EXPERIMENTS[experiment].init is None:  # no sampled data: the families theory knows
+        icar._check_choice("family", cfg["family"], families)
     if cfg.get("batch", 0) > cfg.get("n_train", 0):
         raise ValueError(f"batch {cfg['batch']} exceeds n_train {cfg['n_train']}; allowed: "
                          f"0 (full batch) to n_train")
     if cfg.get("n_probe", 0) > cfg.get("n_test", 0):
         raise ValueError(f"n_probe {cfg['n_probe']} exceeds n_test {cfg['n_test']}; allowed: "
                          f"0 (no probe) to n_test")
-    if experiment != "pe-only" and cfg.get("family") == "angle":
-        raise ValueError("family 'angle' (d = 1) is only for pe-only; allowed here: "
-                         "unitary, orthogonal, haar")
+    if cfg.get("family", families[0]) not in families:  # only 'angle' reaches here
+        raise ValueError(f"family 'angle' (d = 1) is only for pe-only; allowed here: "
+                         f"{', '.join(families)}")
     return cfg
 
 
@@ -232,44 +232,30 @@ def adam_update(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 # ----------------------------------------------------------------------------- models
+# One function per model and role; the EXPERIMENTS table below says which each experiment uses.
 
-def model_config(cfg, experiment):
-    """icar.transformer_config of the M4 experiments."""
-    if experiment == "augmented":
-        return icar.transformer_config(d_in=3 * cfg["d"], d_out=cfg["d"], T=cfg["T"],
-                                       layers=cfg["layers"], heads=cfg["heads"], repeat=1,
-                                       attention=cfg["attention"], positional=False, residual=True)
+def _augmented_m4(cfg):
+    """icar.transformer_config of M4 on augmented tokens (0, s_t, s_{t-1})."""
+    return icar.transformer_config(d_in=3 * cfg["d"], d_out=cfg["d"], T=cfg["T"],
+                                   layers=cfg["layers"], heads=cfg["heads"], repeat=1,
+                                   attention=cfg["attention"], positional=False, residual=True)
+
+
+def _raw_m4(cfg):
+    """icar.transformer_config of M4 on raw tokens s_t, repeated twice, with positions."""
     return icar.transformer_config(d_in=cfg["d"], d_out=cfg["d"], T=cfg["T"], layers=cfg["layers"],
                                    heads=cfg["heads"], repeat=2, attention=cfg["attention"],
                                    positional=True, residual=False)
 
 
-def init_model(experiment, cfg, rng):
-    """Initial float64 parameters of the experiment's model."""
-    if experiment in ("augmented", "nonaug"):
-        return icar.init_params("transformer", rng, cfg=model_config(cfg, experiment))
-    if experiment == "block":
-        return icar.init_params("augmented_linear", rng, d=cfg["d"], form=cfg["form"],
-                                scale=cfg["init_scale"])
-    if experiment == "diagonal":
-        return icar.init_params("diagonal_heads", rng, d=cfg["d"], T=cfg["T"], H=cfg["heads"],
-                                scale=cfg["init_scale"])
-    return icar.init_params("pe_only", rng, T=cfg["T"])
+def _predict_augmented_m4(cfg):
+    mcfg = _augmented_m4(cfg)
+    return lambda params, s: icar.transformer(params, icar.augment(s), mcfg)
 
 
-def predictor(experiment, cfg):
-    """predict(params, s) -> f: s [n, T, d] inputs -> [n, T, d] predictions of s[:, 1:]."""
-    if experiment == "augmented":
-        mcfg = model_config(cfg, experiment)
-        return lambda params, s: icar.transformer(params, icar.augment(s), mcfg)
-    if experiment == "nonaug":
-        mcfg = model_config(cfg, experiment)
-        return lambda params, s: icar.transformer(params, s, mcfg)
-    if experiment == "block":
-        return lambda params, s: icar.augmented_linear(params, icar.augment(s))
-    if experiment == "diagonal":
-        return icar.diagonal_heads
-    return icar.pe_only
+def _predict_raw_m4(cfg):
+    mcfg = _raw_m4(cfg)
+    return lambda params, s: icar.transformer(params, s, mcfg)
 
 
 _swap = icar._swap
@@ -305,6 +291,129 @@ def _transformer_two_streams(params, x, xq, cfg):
     return g @ params["W_out"] + params["b_out"]                            # [n, T, d_out]
 
 
+def _query_augmented_m4(cfg, params, s):
+    """x_r replaces s_r in the middle slot of position r's own token (queries, residual)."""
+    mcfg = _augmented_m4(cfg)
+    e = icar.augment(s)                                                     # [n, T, 3d]
+    zeros = icar.array_module(s).zeros_like(s)
+    return lambda x: _transformer_two_streams(
+        params, e, e + np.concatenate([zeros, x - s, zeros], axis=-1), mcfg)
+
+
+def _query_raw_m4(cfg, params, s):
+    """x_r feeds position r's queries and residual stream; keys and values keep s_r."""
+    mcfg = _raw_m4(cfg)
+    return lambda x: _transformer_two_streams(params, s, x, mcfg)
+
+
+def _previous(s):
+    """(xp, causal mask [T, T], s_{r-1} [n, T, d] with s_{-1} = 0) of states s [n, T, d]."""
+    n, T, d = s.shape
+    xp = icar.array_module(s)
+    prev = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), s[:, :-1]], axis=1)  # [n, T, d]
+    return xp, icar.causal_mask(xp, T, s), prev
+
+
+def _query_m1(cfg, params, s):
+    """f_r = B (sum_{t<=r} s_t s_{t-1}^*) A x_r (full form: x_r in the query token only)."""
+    xp, mask, prev = _previous(s)
+    d = s.shape[-1]
+    if "A" in params:
+        def predict(x):
+            scores = ((x @ _swap(params["A"])) @ _swap(np.conj(prev))) * mask  # [n, T, T]
+            return (scores @ s) @ _swap(params["B"])                            # [n, T, d]
+        return predict
+    e = icar.augment(s)                                                          # [n, T, 3d]
+    def predict(x):
+        eq = np.concatenate([xp.zeros_like(s), x, prev], axis=-1)                # [n, T, 3d]
+        scores = ((eq @ _swap(params["W_KQ"])) @ _swap(np.conj(e))) * mask       # [n, T, T]
+        return (scores @ (e @ _swap(params["W_V"])))[..., :d]                    # [n, T, d]
+    return predict
+
+
+def _query_m2(cfg, params, s):
+    """x_r replaces the value of the newest token t = r in every head."""
+    xp, mask, prev = _previous(s)
+    eye = xp.eye(s.shape[1])                                                     # [T, T]
+    q = np.conj(prev)[:, None] * params["A"][None, :, None, :]                   # [n, H, T, d]
+    scores = (q @ _swap(s)[:, None]) * (params["P"] * mask)                      # [n, H, T, T]
+    newest = np.sum(scores * eye, axis=-1)[..., None]                            # [n, H, T, 1]
+    def predict(x):
+        heads = scores @ s[:, None] + newest * (x - s)[:, None]                  # [n, H, T, d]
+        return np.sum(heads * params["B"][None, :, None, :], axis=1)             # [n, T, d]
+    return predict
+
+
+def _query_m3(cfg, params, s):
+    """x_r replaces the value s_r^2 of the newest token t = r by s_r x_r."""
+    xp, mask, prev = _previous(s)
+    eye = xp.eye(s.shape[1])                                                     # [T, T]
+    weights = params["P"] * mask                                                 # [T, T]
+    def predict(x):
+        newest = np.sum(weights * eye, axis=-1)[:, None] * s                      # [n, T, d]: P[r, r] s_r
+        return np.conj(prev) * (weights @ (s * s) + newest * (x - s))            # [n, T, d]
+    return predict
+
+
+# ----------------------------------------------------------------------------- experiments
+
+class Experiment(typing.NamedTuple):
+    """What one experiment trains and how it is scored; training, evaluation, probe and
+    command line read this instead of the experiment's name."""
+    init: typing.Callable       # (cfg, rng) -> float64 parameters; None: theory's population loss
+    predictor: typing.Callable  # cfg -> predict(params, s [n, T, d]) -> f [n, T, d]
+    query: typing.Callable      # (cfg, params, s) -> predict(x), see query_predictor
+    families: tuple             # the families of W it accepts
+    first: int = 0              # first position of the "all" loss: 1 where position 0 has no query
+    moments: typing.Callable = None  # (s, first) -> loss_and_grad(params) of a full-batch "all" loss
+    transformer: typing.Callable = None  # M4: cfg -> icar.transformer_config
+    blocks: bool = False        # metrics hold weight_blocks (key-query and value in M1's layout)
+    depth_vs_gd: bool = False   # the summary puts each depth L next to k = L steps of GD
+
+
+_MATRICES = ("unitary", "orthogonal", "haar")  # the families of d x d context matrices
+EXPERIMENTS = {
+    "augmented": Experiment(
+        init=lambda cfg, rng: icar.init_params("transformer", rng, cfg=_augmented_m4(cfg)),
+        predictor=_predict_augmented_m4, query=_query_augmented_m4, families=_MATRICES,
+        transformer=_augmented_m4, blocks=True, depth_vs_gd=True),
+    "nonaug": Experiment(
+        init=lambda cfg, rng: icar.init_params("transformer", rng, cfg=_raw_m4(cfg)),
+        predictor=_predict_raw_m4, query=_query_raw_m4, families=_MATRICES, transformer=_raw_m4),
+    "block": Experiment(
+        init=lambda cfg, rng: icar.init_params("augmented_linear", rng, d=cfg["d"],
+                                               form=cfg["form"], scale=cfg["init_scale"]),
+        predictor=lambda cfg: lambda params, s: icar.augmented_linear(params, icar.augment(s)),
+        query=_query_m1, families=_MATRICES, blocks=True),
+    "diagonal": Experiment(
+        init=lambda cfg, rng: icar.init_params("diagonal_heads", rng, d=cfg["d"], T=cfg["T"],
+                                               H=cfg["heads"], scale=cfg["init_scale"]),
+        predictor=lambda cfg: icar.diagonal_heads, query=_query_m2, families=_MATRICES, first=1),
+    "pe-only": Experiment(
+        init=lambda cfg, rng: icar.init_params("pe_only", rng, T=cfg["T"]),
+        predictor=lambda cfg: icar.pe_only, query=_query_m3, families=icar.FAMILIES, first=1,
+        moments=lambda s, first: pe_only_objective(s, first)),
+    # theory's population losses are derived for two families
+    "population": Experiment(init=None, predictor=None, query=None, families=("unitary", "orthogonal")),
+}
+COMMANDS = (*EXPERIMENTS, "bench")
+
+
+def model_config(cfg, experiment):
+    """icar.transformer_config of the M4 experiments."""
+    return EXPERIMENTS[experiment].transformer(cfg)
+
+
+def init_model(experiment, cfg, rng):
+    """Initial float64 parameters of the experiment's model."""
+    return EXPERIMENTS[experiment].init(cfg, rng)
+
+
+def predictor(experiment, cfg):
+    """predict(params, s) -> f: s [n, T, d] inputs -> [n, T, d] predictions of s[:, 1:]."""
+    return EXPERIMENTS[experiment].predictor(cfg)
+
+
 def query_predictor(experiment, cfg, params, s):
     """predict(x) -> [n, T, d]: the model on context s [n, T, d] with the current state at each
     position r replaced by x_r only where it acts as the query of the in-context mapping.
@@ -314,44 +423,7 @@ def query_predictor(experiment, cfg, params, s):
     M2, M3 (query s_{r-1}): x_r replaces the value of the newest token t = r for query r.
     predict(s) is the model's ordinary prediction; predict is linear in x for M1, M2, M3.
     """
-    if experiment in ("augmented", "nonaug"):
-        mcfg = model_config(cfg, experiment)
-        if experiment == "augmented":
-            e = icar.augment(s)                                             # [n, T, 3d]
-            zeros = icar.array_module(s).zeros_like(s)
-            return lambda x: _transformer_two_streams(
-                params, e, e + np.concatenate([zeros, x - s, zeros], axis=-1), mcfg)
-        return lambda x: _transformer_two_streams(params, s, x, mcfg)
-    n, T, d = s.shape
-    xp = icar.array_module(s)
-    mask = icar.causal_mask(xp, T, s)                                       # [T, T]
-    prev = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), s[:, :-1]], axis=1)  # [n, T, d]
-    if experiment == "block" and "A" in params:
-        def predict(x):
-            scores = ((x @ _swap(params["A"])) @ _swap(np.conj(prev))) * mask  # [n, T, T]
-            return (scores @ s) @ _swap(params["B"])                            # [n, T, d]
-        return predict
-    if experiment == "block":
-        e = icar.augment(s)                                                      # [n, T, 3d]
-        def predict(x):
-            eq = np.concatenate([xp.zeros_like(s), x, prev], axis=-1)            # [n, T, 3d]
-            scores = ((eq @ _swap(params["W_KQ"])) @ _swap(np.conj(e))) * mask   # [n, T, T]
-            return (scores @ (e @ _swap(params["W_V"])))[..., :d]                # [n, T, d]
-        return predict
-    eye = xp.eye(T)                                                              # [T, T]
-    if experiment == "diagonal":
-        q = np.conj(prev)[:, None] * params["A"][None, :, None, :]               # [n, H, T, d]
-        scores = (q @ _swap(s)[:, None]) * (params["P"] * mask)                  # [n, H, T, T]
-        newest = np.sum(scores * eye, axis=-1)[..., None]                        # [n, H, T, 1]
-        def predict(x):
-            heads = scores @ s[:, None] + newest * (x - s)[:, None]              # [n, H, T, d]
-            return np.sum(heads * params["B"][None, :, None, :], axis=1)         # [n, T, d]
-        return predict
-    weights = params["P"] * mask                                                 # [T, T]
-    def predict(x):  # pe-only
-        newest = np.sum(weights * eye, axis=-1)[:, None] * s                      # [n, T, d]: P[r, r] s_r
-        return np.conj(prev) * (weights @ (s * s) + newest * (x - s))            # [n, T, d]
-    return predict
+    return EXPERIMENTS[experiment].query(cfg, params, s)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -497,7 +569,7 @@ def weight_blocks(experiment, params, d):
     share_KQ and share_V [L, H].
     """
     params = tree_map(numpy.asarray, params)
-    if experiment == "block":
+    if EXPERIMENTS[experiment].transformer is None:  # M1
         if "A" in params:
             KQ, V = numpy.zeros((3 * d, 3 * d)), numpy.zeros((3 * d, 3 * d))
             KQ[2 * d:, d:2 * d], V[:d, d:2 * d] = params["A"], params["B"]
@@ -736,7 +808,7 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
             if os.path.exists(os.path.join(run_dir, old_file)):
                 os.remove(os.path.join(run_dir, old_file))
     save_json(config_path, saved)
-    if experiment == "population":
+    if EXPERIMENTS[experiment].init is None:
         metrics, params = _population(cfg)
     else:
         metrics, params = _train(experiment, cfg, ckpt, resume, quiet)
@@ -805,7 +877,8 @@ def _train(experiment, cfg, ckpt, resume, quiet):
     s_train, s_test, W_test = datasets(cfg)
     s_train, s_test = xp.asarray(s_train), xp.asarray(s_test)
     predict = predictor(experiment, cfg)
-    first = 1 if experiment in ("diagonal", "pe-only") else 0  # position 0 has no query there
+    ex = EXPERIMENTS[experiment]
+    first = ex.first
 
     def objective(params, s):
         f = predict(params, s[:, :-1])                                      # [n, T, d]
@@ -815,9 +888,9 @@ def _train(experiment, cfg, ckpt, resume, quiet):
 
     step_fn = value_and_grad(objective)
     n, batch = cfg["n_train"], cfg["batch"] or cfg["n_train"]
-    if experiment == "pe-only" and cfg["loss"] == "all" and batch >= n:
+    if ex.moments and cfg["loss"] == "all" and batch >= n:
         # M3 is linear in P: the same loss and gradient from moments of the data, computed once
-        moments = pe_only_objective(s_train, first)
+        moments = ex.moments(s_train, first)
         step_fn = lambda params, s: moments(params)  # noqa: E731  (s is always s_train here)
     if resume:
         step, params, opt, order_rng, perm, pos, history = _restore(ckpt, xp)
@@ -880,7 +953,7 @@ def _evaluate(experiment, cfg, params, predict, s_test, W_test):
         found = probe(query_predictor(experiment, cfg, params, s[:, :-1]), s, W_test[:cfg["n_probe"]],
                       eta=optimal_gd_step(host, 1))
         out.update({"probe_" + k: v for k, v in found.items()})
-    if experiment in ("block", "augmented"):
+    if EXPERIMENTS[experiment].blocks:
         out.update({"weights_" + k: v for k, v in weight_blocks(experiment, params, cfg["d"]).items()})
     return out
 
@@ -926,18 +999,18 @@ def _loss_positions(cfg, experiment):
     """The positions the training loss averages over."""
     if cfg["loss"] == "last":
         return slice(-1, None)
-    return slice(1 if experiment in ("diagonal", "pe-only") else 0, None)
+    return slice(EXPERIMENTS[experiment].first, None)
 
 
 def _summary_row(experiment, result):
     cfg, m = result["config"], result["metrics"]
     row = {k: cfg[k] for k in ("layers", "heads", "attention", "sigma") if k in cfg}
-    if experiment == "population":
+    if EXPERIMENTS[experiment].init is None:
         row["loss"] = float(m["train_loss"][-1])
         return row
     at = _loss_positions(cfg, experiment)
     row["test_loss"] = float(numpy.mean(m["test_loss_position"][at]))
-    if experiment == "augmented" and f"baseline_gd{cfg['layers']}" in m:
+    if EXPERIMENTS[experiment].depth_vs_gd and f"baseline_gd{cfg['layers']}" in m:
         row["gd_k=L"] = float(numpy.mean(m[f"baseline_gd{cfg['layers']}"][at]))
     row["gd1"] = float(numpy.mean(m["baseline_gd1"][at]))
     row["least_squares"] = float(numpy.mean(m["baseline_least_squares"][at]))
@@ -947,7 +1020,7 @@ def _summary_row(experiment, result):
 def report(result):
     """A printable table of one run: test loss per position next to the baselines and probe."""
     cfg, m = result["config"], result["metrics"]
-    if cfg["experiment"] == "population":
+    if EXPERIMENTS[cfg["experiment"]].init is None:
         return (f"population {cfg['family']} d={cfg['d']} H={cfg['heads']} T={cfg['T']}: final "
                 f"loss {m['train_loss'][-1]:.6g} (minimum {m['min_loss']:.6g})\nsaved in {result['dir']}")
     T = cfg["T"]
@@ -993,8 +1066,7 @@ def _help(experiment):
              f"{'option':<18}{'quick':>11}{'paper':>11}  meaning"]
     for key in (k for k in OPTIONS if k in quick):
         kind, text = OPTIONS[key]
-        choices = [c for c in CHOICES.get(key, ()) if not (key == "family" and c == "angle"
-                                                            and experiment != "pe-only")]
+        choices = EXPERIMENTS[experiment].families if key == "family" else CHOICES.get(key, ())
         allowed = f" ({', '.join(choices)})" if choices else f" [{kind.__name__}]"
         lines.append(f"--{key:<16}{_fmt(quick[key]):>11}{_fmt(paper[key]):>11}  {text}{allowed}")
     lines += ["", "--preset quick|paper (quick)  --name NAME (the experiment)  --runs_dir DIR (runs)",
@@ -1104,7 +1176,7 @@ def main(argv=None):
     """Command line; returns the exit status (2: bad arguments, 1: diverged)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        print(f"train.py: name an experiment ({', '.join(EXPERIMENTS)}); --help for more",
+        print(f"train.py: name an experiment ({', '.join(COMMANDS)}); --help for more",
               file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
@@ -1115,7 +1187,7 @@ def main(argv=None):
         import bench  # bench imports train: the alias loads it only when asked
         return bench.main(args, prog="python train.py bench", name="train.py: bench")
     try:
-        icar._check_choice("experiment", experiment, EXPERIMENTS)
+        icar._check_choice("experiment", experiment, COMMANDS)
         if "-h" in args or "--help" in args:
             print(_help(experiment))
             return 0
