@@ -44,7 +44,10 @@ bit-identical to an uninterrupted one. Only checkpoint_every and log_every may c
 A non-finite training loss stops the run at once (Diverged; exit status 1) and keeps the
 last checkpoint, whose loss was finite. Bad settings: ValueError; exit status 2.
 
-Library: run, sweep, load, config, baselines, optimal_gd_step, probe, weight_blocks,
+Each experiment is described once, in EXPERIMENTS (its model, predictor, probe, loss
+positions, families and extra metrics); everything else reads that description.
+
+Library: run, sweep, load, config, EXPERIMENTS, baselines, optimal_gd_step, probe, weight_blocks,
 query_predictor, tree_map, tree_leaves, adam_init, adam_update, gd_update, atomic_write,
 save_text, save_json, save_npz, load_npz, Parser, main.
 """
