@@ -61,23 +61,6 @@ PUBLISHED = {
 
 # ----------------------------------------------------------------------------- files
 
-def _atomic(path, write):
-    """write(binary file) into a temporary file next to path (flushed to disk), then rename it
-    onto path (train._atomic_write), creating path's folder if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    train._atomic_write(path, write)
-
-
-def atomic_write(path, data):
-    """Write bytes or text to path atomically: a reader sees the old file or the new one."""
-    _atomic(path, lambda f: f.write(data.encode() if isinstance(data, str) else data))
-
-
-def save_npz(path, arrays):
-    """Atomic np.savez of a dict of arrays."""
-    _atomic(path, lambda f: np.savez(f, **arrays))
-
-
 def figures_fingerprint():
     """SHA-1 of this file: data computed by figures.py itself depends on its code."""
     with open(os.path.abspath(__file__), "rb") as f:
@@ -103,8 +86,7 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
                       "settings": settings}, sort_keys=True)
     if not retrain and os.path.exists(path):
         t0 = time.perf_counter()
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        data = train.load_npz(path)
         if "_key" in data and str(data["_key"]) == key:
             seconds = float(data["_seconds"])
             _record(ctx, seconds, time.perf_counter() - t0, True)
@@ -112,7 +94,7 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
     t0 = time.perf_counter()
     data = {k: np.asarray(v) for k, v in compute().items()}
     seconds = time.perf_counter() - t0
-    save_npz(path, dict(data, _key=np.asarray(key), _seconds=np.asarray(seconds)))
+    train.save_npz(path, dict(data, _key=np.asarray(key), _seconds=np.asarray(seconds)))
     _record(ctx, seconds, 0.0, False)
     return data
 
@@ -120,7 +102,7 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
 def save_figure(fig, out_dir, name):
     """Save fig as OUT/NAME.png and OUT/NAME.pdf (atomically); returns the PNG path."""
     for ext in ("png", "pdf"):
-        _atomic(os.path.join(out_dir, f"{name}.{ext}"),
+        train.atomic_write(os.path.join(out_dir, f"{name}.{ext}"),
                 lambda f: fig.savefig(f, format=ext, dpi=120 if ext == "png" else None,
                                       metadata={"CreationDate": None} if ext == "pdf" else None))
     plt.close(fig)
@@ -195,7 +177,7 @@ def write_summary(out_dir, results, preset):
         recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "cached": res.get("cached", "none"),
                           "note": res.get("note", ""),
                           "rows": [{k: _plain(v) for k, v in r.items()} for r in res.get("rows", [])]}
-    atomic_write(path, json.dumps(recorded, indent=1))
+    train.save_text(path, json.dumps(recorded, indent=1))  # in the order recorded
     lines = ["# Reproduced quantities", "",
              "Each value below is computed by `figures.py`; the expected column is a closed form "
              "of paper.md (section 4), or a value published by the authors where the source says so.",
@@ -213,7 +195,7 @@ def write_summary(out_dir, results, preset):
             r = recorded[name]
             cells = (name, r["preset"], runtime_cell(r.get("seconds"), r.get("cached", "none")), r["note"])
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    atomic_write(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
+    train.save_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
     return recorded
 
 
@@ -470,17 +452,17 @@ def train_cached(ctx, experiment, name, **overrides):
     res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
     seconds = time.perf_counter() - t0
     with open(config_path, "rb") as f:
-        atomic_write(seconds_path, json.dumps({"seconds": seconds, "config_sha1": hashlib.sha1(f.read()).hexdigest()}))
+        train.save_json(seconds_path, {"seconds": seconds, "config_sha1": hashlib.sha1(f.read()).hexdigest()})
     _record(ctx, seconds, 0.0, False)
     return res
 
 
 # ----------------------------------------------------------------------------- fig3
 
-FIG3_SETTINGS = (  # [code]: d = 10, T = 20; left unitary, right orthogonal
-    dict(family="unitary", heads=10, d=10, T=20, lr=1e-2, steps=100),
-    dict(family="orthogonal", heads=8, d=10, T=20, lr=1e-3, steps=100000),
-)
+# [code]: left unitary H = 10 (train.py's quick population preset), right orthogonal H = 8
+# (its paper preset); the seed is the figures' own
+FIG3_SETTINGS = tuple({k: v for k, v in train.config("population", preset).items() if k != "seed"}
+                      for preset in ("quick", "paper"))
 
 
 def lower(P):
@@ -558,22 +540,14 @@ def run_fig3(ctx):
 FIG6_MUS = (50.0, 100.0, 200.0, 300.0)  # [code]
 
 
-def sample_pe_only_trajectory(s, eta, steps):
-    """The exact gradient-descent path from P = 0, after `steps` steps of size eta, of the
-    *sample* loss of M3 on s [n, T+1, d]: row r >= 1 minimises p^T M_r p - 2 b_r^T p + c_r
-    with the data's moments M_r = Re(U_r^* U_r) / n, b_r = Re(U_r^* y_r) / n, where
-    U_r[(i, k), t] = conj(s_{r-1}) s_t^2 (sequence i, coordinate k; t <= r) and y_r = s_{r+1}
-    (train.pe_only_objective's quadratic, per row); theory.gd_path gives the path. -> P [T, T]
-    """
-    x, y = s[:, :-1], s[:, 1:]                                                  # [n, T, d] each
-    n, T, d = x.shape
-    query = np.concatenate([np.zeros((n, 1, d)), np.conj(x[:, :-1])], axis=1)  # [n, T, d]
-    rows = [None]
-    for r in range(1, T):  # rows are independent problems of different sizes
-        U = np.swapaxes(query[:, r, None, :] * x[:, :r + 1] ** 2, 1, 2).reshape(n * d, r + 1)  # [n*d, r+1]
-        rows.append((np.real(np.conj(U.T) @ U) / n,                            # M_r [r+1, r+1]
-                     np.real(np.conj(U.T) @ y[:, r].reshape(n * d)) / n))       # b_r [r+1]
-    return theory.gd_path(rows, eta=eta, steps=steps)
+def sample_pe_only_trajectory(s, lr, steps):
+    """The exact gradient-descent path from P = 0, after `steps` steps with learning rate lr,
+    of the *sample* loss of M3 that the pe-only experiment trains on s [n, T+1, d]: row r >= 1
+    minimises its own quadratic of train.pe_only_moments; theory.gd_path gives the path.
+    -> P [T, T]"""
+    M, b, _ = train.pe_only_moments(s)                                         # [T, T, T], [T, T]
+    rows = [None] + [(M[r, :r + 1, :r + 1], b[r, :r + 1]) for r in range(1, M.shape[0])]
+    return theory.gd_path(rows, eta=lr, steps=steps)
 
 
 def plot_fig6(panels, out_dir, name="fig6"):
@@ -607,10 +581,10 @@ def fig6_panel(res, mu):
     cfg, P = res["config"], np.asarray(res["params"]["P"])
     steps = len(res["metrics"]["train_loss"]) - 1
     # train.py averages the loss over the T - 1 positions r >= 1, so each row's own
-    # quadratic p^T M p - 2 b^T p + 1 sees the step lr / (T - 1)
+    # population quadratic p^T M p - 2 b^T p + 1 sees the step lr / (T - 1)
     eta = cfg["lr"] / (cfg["T"] - 1)
     closed = theory.pe_only_trajectory(cfg["T"], mu=mu, eta=eta, steps=steps)     # [T, T]
-    sample = sample_pe_only_trajectory(train.datasets(cfg)[0], eta, steps)       # [T, T]
+    sample = sample_pe_only_trajectory(train.datasets(cfg)[0], cfg["lr"], steps)  # [T, T]
     panel = dict(mu=mu, P=P, steps=steps, closed_row=closed[-1], sample_row=sample[-1], n_train=cfg["n_train"])
     rows = [row("fig6", f"mu={mu:g}: GD steps until the training loss < {cfg['target_loss']:g}", steps),
             row("fig6", f"mu={mu:g}: final training loss", float(res["metrics"]["train_loss"][-1]),
@@ -959,13 +933,8 @@ RUNNERS = {"fig1": run_fig1, "fig3": run_fig3, "fig4": run_fig4, "fig5": run_fig
            "fig6": run_fig6, "fig7": run_fig7, "r1": run_r1, "r2r3": run_r2r3}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, through main's handler
-        raise ValueError(message)
-
-
 def parse_args(argv):
-    p = _Parser(prog="figures.py", description="Reproduce the paper's figures and the summary table.")
+    p = train.Parser(prog="figures.py", description="Reproduce the paper's figures and the summary table.")
     p.add_argument("figures", nargs="*", metavar="FIGURE",
                    help=f"figures to make (default: all): {', '.join(FIGURES)}")
     p.add_argument("--preset", default="quick", help="quick (default, minutes) or paper (the authors' sizes)")

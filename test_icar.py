@@ -5,7 +5,7 @@ check_grads), or checks what a user sees (files, errors, the command line).
 Sections: icar.py (samplers, gradients, exact identities, bad input); theory.py (R1-R4
 against Monte Carlo and trained models); train.py (optimisers, resume, divergence,
 baselines, probe, command line); speed (every fast path against a plain reference, the
-benchmark); GPU arrays (a strict CuPy stand-in); figures.py.
+benchmark); GPU arrays (gpu.py's adapter on its strict CuPy stand-in); figures.py.
 Here `np` is NumPy and `anp` autograd's wrapper of it.
 """
 import email
@@ -16,21 +16,22 @@ import sys
 
 import autograd.numpy as anp
 import matplotlib.collections
+import numpy
 import numpy as np
-import numpy.lib.mixins
 import pytest
 from autograd import grad, value_and_grad
 from autograd.core import vspace
 from autograd.misc import flatten
 from autograd.test_util import check_grads
-from autograd.tracer import Box, getval
+from autograd.tracer import getval
 
+import bench
 import figures
 import fused
 import icar
 import theory
 import train
-from train import cupy_backend, enable_autograd_for
+from gpu import STRICT, Strict, cupy_backend, enable_autograd_for
 
 
 def rng(seed=0):
@@ -958,15 +959,15 @@ def test_flatten_roundtrip_keeps_lists():
 
 def test_interrupted_write_leaves_previous_file(tmp_path):
     path = str(tmp_path / "metrics.npz")
-    train._save_npz(path, {"x": np.arange(3.0)})
+    train.save_npz(path, {"x": np.arange(3.0)})
 
     def crash(f):  # a partial write, then the process is interrupted
         f.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train._atomic_write(path, crash)
-    assert np.array_equal(train._load_npz(path)["x"], np.arange(3.0))
+        train.atomic_write(path, crash)
+    assert np.array_equal(train.load_npz(path)["x"], np.arange(3.0))
     assert os.listdir(tmp_path) == ["metrics.npz"]
 
 
@@ -986,7 +987,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
     monkeypatch.setattr(np, "savez", savez)
-    assert int(train._load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
+    assert int(train.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
     resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
     assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
     assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
@@ -1041,7 +1042,7 @@ def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
     with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
         train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
     step = int(str(e.value).split("at step ")[1].split(":")[0])
-    z = train._load_npz(str(tmp_path / "block" / "checkpoint.npz"))
+    z = train.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
     assert int(z["step"]) == step - 1
     assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
     # the command line: one line on stderr, non-zero status
@@ -1681,11 +1682,11 @@ def test_microbatched_gradient_equals_full_batch():
         return icar.mse(icar.transformer(p, s[:, :-1], cfg), s[:, 1:])
     full_loss, full = value_and_grad(loss)(params, s)
     for micro in (1, 3, 7, 100):  # 3 leaves a shorter last slice
-        part_loss, part = train.loss_and_grad_microbatched(loss, params, s, micro)
+        part_loss, part = bench.loss_and_grad_microbatched(loss, params, s, micro)
         assert abs(part_loss - full_loss) <= 1e-12
         np.testing.assert_allclose(flatten(part)[0], flatten(full)[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="micro"):
-        train.loss_and_grad_microbatched(loss, params, s, 0)
+        bench.loss_and_grad_microbatched(loss, params, s, 0)
 
 
 def test_set_blas_threads_round_trip():
@@ -1704,22 +1705,22 @@ def test_flop_counts_by_hand():
     qkv, scores_av, mask_pos = 3 * 2 * 2 * 3 * 2 * 2, 2 * 2 * 2 * 9 * 2, 2 * 2 * 9
     w_o, heads_sum = 2 * 2 * 3 * 4, 2 * 3 * 2
     positional, readout = 2 * 2 * 3 * 2 * 2 + 2 * 9 * 2, 2 * 2 * 3 * 2
-    assert train.transformer_flops(cfg, 2, 3) == 3 * (qkv + scores_av + mask_pos + w_o + heads_sum
+    assert bench.transformer_flops(cfg, 2, 3) == 3 * (qkv + scores_av + mask_pos + w_o + heads_sum
                                                            + positional + readout)
-    assert train.pe_only_flops(2, 3, 1, complex_data=False) == 3 * (2 * 9 * 2 + 2 * 3 + 3 * 2 * 3)
+    assert bench.pe_only_flops(2, 3, 1, complex_data=False) == 3 * (2 * 9 * 2 + 2 * 3 + 3 * 2 * 3)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def test_bench_writes_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "matmul_rate", lambda dtype: 100.0)  # no 1024^3 products here
+    monkeypatch.setattr(bench, "matmul_rate", lambda dtype: 100.0)  # no 1024^3 products here
     out = tmp_path / "bench.json"
-    assert train.bench(["--workloads", "pe-only", "--repeats", "2", "--no-tune-allocator",
-                             "--json", str(out)]) == 0
+    assert bench.main(["--workloads", "pe-only", "--repeats", "2", "--no-tune-allocator",
+                       "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     row = result["workloads"]["pe-only"]
     assert row["ms_per_step"] > 0 and row["peak_MB"] > 0
-    assert row["gflop_per_step"] == pytest.approx(train.pe_only_flops(1000, 30, 1) / 1e9, rel=1e-12)
+    assert row["gflop_per_step"] == pytest.approx(bench.pe_only_flops(1000, 30, 1) / 1e9, rel=1e-12)
     assert row["gflops"] == pytest.approx(row["gflop_per_step"] / row["ms_per_step"] * 1e3)
     assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / 100.0)
     assert row["meets_target"] == (row["ms_per_step"] <= 0.5)
@@ -1728,9 +1729,17 @@ def test_bench_writes_json(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_rejects_unknown_workload(capsys):
-    assert train.bench(["--workloads", "nonaug,fast"]) == 2
+    assert bench.main(["--workloads", "nonaug,fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fast" in err[0] and "nonaug" in err[0]
+
+
+def test_bench_script_and_train_alias_report_bad_arguments_alike():
+    for script, prefix in ((["bench.py"], "bench.py: "), (["train.py", "bench"], "train.py: bench: ")):
+        out = subprocess.run([sys.executable, *script, "--repeats", "x"], cwd=HERE,
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.startswith(prefix)
+        assert len(out.stderr.strip().splitlines()) == 1 and "--repeats" in out.stderr
 
 
 # ##############################################################################
@@ -1738,179 +1747,6 @@ def test_bench_rejects_unknown_workload(capsys):
 # ##############################################################################
 
 # ============================================================================ the stand-in
-
-class Strict(np.lib.mixins.NDArrayOperatorsMixin):
-    """A device-like array: wraps a numpy array, refuses every implicit host exchange."""
-
-    def __init__(self, a):
-        self._a = a
-
-    # --- what CuPy refuses
-    def __array__(self, *args, **kwargs):
-        raise TypeError("Implicit conversion to a NumPy array is not allowed; use .get()")
-
-    def view(self, *args, **kwargs):
-        if np.ndarray in args or kwargs.get("type") is np.ndarray:
-            raise TypeError("a device array has no np.ndarray view")
-        return Strict(self._a.view(*args, **kwargs))
-
-    def reshape(self, *shape, order="C"):
-        _check_order(order)
-        return Strict(self._a.reshape(*shape, order=order))
-
-    def ravel(self, order="C"):
-        _check_order(order)
-        return Strict(self._a.ravel(order=order))
-
-    # --- the protocols autograd and icar reach it through
-    def __array_function__(self, func, types, args, kwargs):
-        if func in (np.reshape, np.ravel):
-            _check_order(kwargs.get("order", "C"))
-        return _call(func, args, kwargs)
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        if any(isinstance(x, Box) for x in inputs):
-            return NotImplemented  # let autograd's box take the call
-        if method == "at":
-            return NotImplemented  # as CuPy 12 (cupy#7561): only the module's own add.at works
-        out = kwargs.get("out")
-        result = _call(getattr(ufunc, method), inputs, kwargs)
-        return out[0] if out is not None and len(out) == 1 else result
-
-    def __array_namespace__(self, api_version=None):
-        return STRICT
-
-    # --- array behaviour
-    shape = property(lambda self: self._a.shape)
-    ndim = property(lambda self: self._a.ndim)
-    size = property(lambda self: self._a.size)
-    dtype = property(lambda self: self._a.dtype)
-    T = property(lambda self: Strict(self._a.T))
-    real = property(lambda self: Strict(self._a.real))  # views, as in CuPy
-    imag = property(lambda self: Strict(self._a.imag))
-
-    def __getitem__(self, idx):
-        return _wrap(self._a[_unwrap_index(idx)])
-
-    def __setitem__(self, idx, value):
-        self._a[_unwrap_index(idx)] = _unwrap(value)
-
-    def __len__(self):
-        return len(self._a)
-
-    def __float__(self):
-        return float(self._a)
-
-    def __bool__(self):
-        return bool(self._a)
-
-    def item(self):
-        return self._a.item()
-
-    def __repr__(self):
-        return f"Strict({self._a!r})"
-
-    def get(self):
-        """The explicit copy to the host, as cupy.ndarray.get()."""
-        return self._a.copy()
-
-    def astype(self, dtype, copy=True):
-        return Strict(self._a.astype(dtype, copy=copy))
-
-    def conj(self):
-        return Strict(self._a.conj())
-
-    def copy(self):
-        return Strict(self._a.copy())
-
-
-def _check_order(order):
-    if order not in ("C", "F", "A"):
-        raise TypeError(f"order not understood: {order!r}")
-
-
-def _is_index_array(i):
-    return isinstance(i, (Strict, np.ndarray, list)) and _unwrap_index(i).dtype.kind in "iu"
-
-
-def _unwrap_index(idx):
-    """An index: CuPy copies host index arrays and lists to the device, so they pass here."""
-    if isinstance(idx, tuple):
-        return tuple(_unwrap_index(i) for i in idx)
-    if isinstance(idx, (list, np.ndarray)):
-        return np.asarray(_unwrap(list(idx)) if isinstance(idx, list) else idx)
-    return _unwrap(idx)
-
-
-def _unwrap(x):
-    """Strict -> its numpy array, recursively; a numpy array here is a host array mixed in."""
-    if isinstance(x, Strict):
-        return x._a
-    if isinstance(x, np.ndarray):
-        raise TypeError(f"a numpy array (shape {x.shape}) was mixed into a device-array call")
-    if isinstance(x, (list, tuple)):
-        return type(x)(_unwrap(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _unwrap(v) for k, v in x.items()}
-    return x
-
-
-def _wrap(x):
-    if isinstance(x, (np.ndarray, np.generic)):  # reductions give 0-d arrays, as in CuPy
-        return Strict(np.asarray(x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_wrap(v) for v in x)
-    return x
-
-
-def _call(func, args, kwargs):
-    return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
-
-
-class _StrictModule:
-    """The module of Strict arrays (as cupy): numpy's functions, returning Strict arrays."""
-
-    def __getattr__(self, name):
-        attr = getattr(np, name)
-        if isinstance(attr, np.ufunc):
-            return _StrictUfunc(attr)
-        if not callable(attr) or isinstance(attr, type):
-            return attr  # constants and dtypes
-        return lambda *args, **kwargs: _call(attr, args, kwargs)
-
-    @staticmethod
-    def asarray(a, dtype=None):
-        """The explicit copy to the device (cupy.asarray): the one entry for host arrays."""
-        return a.astype(dtype) if isinstance(a, Strict) else Strict(np.array(a, dtype=dtype))
-
-    @staticmethod
-    def asnumpy(a):
-        return a.get()
-
-
-class _StrictUfunc:
-    """A ufunc of the Strict module: calls refuse host arrays; add.at refuses complex values
-    at index arrays (no complex atomics); other methods (reduce, ...) are numpy's, which hand
-    Strict arguments to Strict.__array_ufunc__."""
-
-    def __init__(self, ufunc):
-        self.ufunc = ufunc
-
-    def __call__(self, *args, **kwargs):
-        return _call(self.ufunc, args, kwargs)
-
-    def at(self, target, idx, values):
-        if (self.ufunc is np.add and np.iscomplexobj(_unwrap(values))
-                and any(_is_index_array(i) for i in (idx if isinstance(idx, tuple) else (idx,)))):
-            raise TypeError("add.at does not support complex values with index arrays")
-        self.ufunc.at(target._a, _unwrap_index(idx), _unwrap(values))
-
-    def __getattr__(self, name):
-        return getattr(self.ufunc, name)
-
-
-STRICT = _StrictModule()
-
 
 @pytest.fixture(scope="module")
 def xp():
@@ -1951,28 +1787,20 @@ def test_stand_in_refuses_what_cupy_refuses():
 # ============================================================================ helpers
 
 def to_device(tree):
-    if isinstance(tree, dict):
-        return {k: to_device(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [to_device(v) for v in tree]
-    return STRICT.asarray(tree)
+    return train.tree_map(STRICT.asarray, tree)
+
+
+def on_device(x):
+    assert isinstance(x, Strict), f"{type(x).__name__} left the device"
+    return x.get()
 
 
 def to_host(tree):
-    if isinstance(tree, dict):
-        return {k: to_host(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [to_host(v) for v in tree]
-    assert isinstance(tree, Strict), f"{type(tree).__name__} left the device"
-    return tree.get()
+    return train.tree_map(on_device, tree)
 
 
 def leaves(tree):
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in leaves(tree[k])]
-    if isinstance(tree, list):
-        return [x for v in tree for x in leaves(v)]
-    return [np.asarray(tree)]
+    return [np.asarray(x) for x in train.tree_leaves(tree)]
 
 
 def assert_close(device, host, tol=1e-12):
@@ -2148,6 +1976,22 @@ def test_cupy_backend_without_cupy_is_one_clear_value_error(monkeypatch):
 def test_array_module_of_a_type_without_array_namespace_is_its_package():
     fake = type("ndarray", (), {"__module__": "email.message"})()  # as CuPy < 14's cupy._core.core
     assert icar.array_module(fake) is email
+
+
+def test_importing_train_loads_neither_the_adapter_nor_the_benchmark():
+    code = "import sys, train; print(sorted({'gpu', 'bench'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_gpu_check_dry_run_on_the_stand_in(tmp_path):
+    out = subprocess.run([sys.executable, "gpu.py", "--dry"], cwd=HERE, capture_output=True,
+                         text=True, env=dict(os.environ, OUT=str(tmp_path)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    models = [c["model"] for c in report["comparisons"]]
+    assert report["all_ok"] and report["dry"] and len(models) == 18
+    assert sum(m.startswith("M4 plain") for m in models) == 4  # icar.transformer beside fused
 
 
 # ##############################################################################
@@ -2540,15 +2384,15 @@ def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
     assert sample_gap < 1e-12 < 1e-4 < population_gap
     assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
     s = train.datasets(res["config"])[0]
-    eta = res["config"]["lr"] / 5
-    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * eta, 60)[-1] - panel["sample_row"])) > 1e-4
+    lr = res["config"]["lr"]
+    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * lr, 60)[-1] - panel["sample_row"])) > 1e-4
 
 
 def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
-    figures.atomic_write(str(tmp_path / "a" / "x.txt"), "hello")
-    figures.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
+    train.save_text(str(tmp_path / "a" / "x.txt"), "hello")
+    train.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
     assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
     assert os.listdir(tmp_path / "a") == ["x.txt"]

@@ -11,7 +11,7 @@ Experiments (names of paper.md):
     diagonal    M2, diagonal heads with a positional matrix P, on sampled data (R2, R3)
     pe-only     M3, only P is trained, narrow angles, plain GD (R4, Fig. 6)
     population  GD on (A, B, P) through theory.population_loss, no sampling (Fig. 3)
-    bench       the speed benchmark
+    bench       the speed benchmark: the same as python bench.py
 The `quick` preset (default) runs in seconds to a couple of minutes on 2 cores; `paper` uses
 the authors' sizes (paper.md, marked [code]). Every option overrides the preset.
 
@@ -44,8 +44,12 @@ bit-identical to an uninterrupted one. Only checkpoint_every and log_every may c
 A non-finite training loss stops the run at once (Diverged; exit status 1) and keeps the
 last checkpoint, whose loss was finite. Bad settings: ValueError; exit status 2.
 
-Library: run, sweep, load, config, baselines, optimal_gd_step, probe, weight_blocks,
-query_predictor, tree_map, adam_init, adam_update, gd_update, main.
+Each experiment is described once, in EXPERIMENTS (its model, predictor, probe, loss
+positions, families and extra metrics); everything else reads that description.
+
+Library: run, sweep, load, config, EXPERIMENTS, baselines, optimal_gd_step, probe, weight_blocks,
+query_predictor, tree_map, tree_leaves, adam_init, adam_update, gd_update, atomic_write,
+save_text, save_json, save_npz, load_npz, Parser, main.
 """
 import argparse
 import hashlib
@@ -57,22 +61,14 @@ import os
 import platform
 import sys
 import time
-import tracemalloc
+import typing
 
 import autograd.numpy as np
-import autograd.numpy.numpy_vjps as _vjps
-import autograd.numpy.numpy_wrapper as _wrapper
 import numpy
 from autograd import grad, value_and_grad
-from autograd.core import primitive_vjps as _primitive_vjps
-from autograd.extend import SparseObject, defvjp, primitive
-from autograd.numpy.numpy_boxes import ArrayBox
-from autograd.numpy.numpy_vspaces import ArrayVSpace, ComplexArrayVSpace
 
 import fused
 import icar
-
-EXPERIMENTS = ("augmented", "nonaug", "block", "diagonal", "pe-only", "population", "bench")
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -152,7 +148,7 @@ PRESETS = {
 
 def config(experiment, preset="quick", **overrides):
     """The checked settings of `experiment`: its preset with overrides (ValueError if bad)."""
-    icar.check_choice("experiment", experiment, [e for e in EXPERIMENTS if e != "bench"])
+    icar.check_choice("experiment", experiment, EXPERIMENTS)
     icar.check_choice("preset", preset, ("quick", "paper"))
     cfg = dict(PRESETS[experiment]["quick"])
     if preset == "paper":
@@ -176,17 +172,18 @@ def config(experiment, preset="quick", **overrides):
             if not (math.isfinite(value) and low_ok):
                 raise ValueError(f"option {key} must be a finite number "
                                  f"{'>= 0' if key in AT_LEAST_ZERO else '> 0'}, got {value!r}")
-    if experiment == "population":
-        icar.check_choice("family", cfg["family"], ("unitary", "orthogonal"))
+    families = EXPERIMENTS[experiment].families
+    if EXPERIMENTS[experiment].init is None:  # no sampled data: the families theory knows
+        icar.check_choice("family", cfg["family"], families)
     if cfg.get("batch", 0) > cfg.get("n_train", 0):
         raise ValueError(f"batch {cfg['batch']} exceeds n_train {cfg['n_train']}; allowed: "
                          f"0 (full batch) to n_train")
     if cfg.get("n_probe", 0) > cfg.get("n_test", 0):
         raise ValueError(f"n_probe {cfg['n_probe']} exceeds n_test {cfg['n_test']}; allowed: "
                          f"0 (no probe) to n_test")
-    if experiment != "pe-only" and cfg.get("family") == "angle":
-        raise ValueError("family 'angle' (d = 1) is only for pe-only; allowed here: "
-                         "unitary, orthogonal, haar")
+    if cfg.get("family", families[0]) not in families:  # only 'angle' reaches here
+        raise ValueError(f"family 'angle' (d = 1) is only for pe-only; allowed here: "
+                         f"{', '.join(families)}")
     return cfg
 
 
@@ -205,6 +202,15 @@ def tree_map(f, *trees):
     if isinstance(first, (list, tuple)):
         return [tree_map(f, *leaves) for leaves in zip(*trees)]
     return f(*trees)
+
+
+def tree_leaves(tree):
+    """The arrays of a parameter tree, in a fixed order (dict keys sorted)."""
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in tree_leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in tree_leaves(v)]
+    return [tree]
 
 
 def gd_update(params, grads, lr):
@@ -229,44 +235,30 @@ def adam_update(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 # ----------------------------------------------------------------------------- models
+# One function per model and role; the EXPERIMENTS table below says which each experiment uses.
 
-def model_config(cfg, experiment):
-    """icar.transformer_config of the M4 experiments."""
-    if experiment == "augmented":
-        return icar.transformer_config(d_in=3 * cfg["d"], d_out=cfg["d"], T=cfg["T"],
-                                       layers=cfg["layers"], heads=cfg["heads"], repeat=1,
-                                       attention=cfg["attention"], positional=False, residual=True)
+def _augmented_m4(cfg):
+    """icar.transformer_config of M4 on augmented tokens (0, s_t, s_{t-1})."""
+    return icar.transformer_config(d_in=3 * cfg["d"], d_out=cfg["d"], T=cfg["T"],
+                                   layers=cfg["layers"], heads=cfg["heads"], repeat=1,
+                                   attention=cfg["attention"], positional=False, residual=True)
+
+
+def _raw_m4(cfg):
+    """icar.transformer_config of M4 on raw tokens s_t, repeated twice, with positions."""
     return icar.transformer_config(d_in=cfg["d"], d_out=cfg["d"], T=cfg["T"], layers=cfg["layers"],
                                    heads=cfg["heads"], repeat=2, attention=cfg["attention"],
                                    positional=True, residual=False)
 
 
-def init_model(experiment, cfg, rng):
-    """Initial float64 parameters of the experiment's model."""
-    if experiment in ("augmented", "nonaug"):
-        return icar.init_params("transformer", rng, cfg=model_config(cfg, experiment))
-    if experiment == "block":
-        return icar.init_params("augmented_linear", rng, d=cfg["d"], form=cfg["form"],
-                                scale=cfg["init_scale"])
-    if experiment == "diagonal":
-        return icar.init_params("diagonal_heads", rng, d=cfg["d"], T=cfg["T"], H=cfg["heads"],
-                                scale=cfg["init_scale"])
-    return icar.init_params("pe_only", rng, T=cfg["T"])
+def _predict_augmented_m4(cfg):
+    mcfg = _augmented_m4(cfg)
+    return lambda params, s: fused.transformer(params, icar.augment(s), mcfg)
 
 
-def predictor(experiment, cfg):
-    """predict(params, s) -> f: s [n, T, d] inputs -> [n, T, d] predictions of s[:, 1:]."""
-    if experiment == "augmented":
-        mcfg = model_config(cfg, experiment)
-        return lambda params, s: fused.transformer(params, icar.augment(s), mcfg)
-    if experiment == "nonaug":
-        mcfg = model_config(cfg, experiment)
-        return lambda params, s: fused.transformer(params, s, mcfg)
-    if experiment == "block":
-        return lambda params, s: icar.augmented_linear(params, icar.augment(s))
-    if experiment == "diagonal":
-        return icar.diagonal_heads
-    return icar.pe_only
+def _predict_raw_m4(cfg):
+    mcfg = _raw_m4(cfg)
+    return lambda params, s: fused.transformer(params, s, mcfg)
 
 
 _swap = icar.swap
@@ -284,6 +276,129 @@ def _transformer_two_streams(params, x, xq, cfg):
     return g @ params["W_out"] + params["b_out"]                            # [n, T, d_out]
 
 
+def _query_augmented_m4(cfg, params, s):
+    """x_r replaces s_r in the middle slot of position r's own token (queries, residual)."""
+    mcfg = _augmented_m4(cfg)
+    e = icar.augment(s)                                                     # [n, T, 3d]
+    zeros = icar.array_module(s).zeros_like(s)
+    return lambda x: _transformer_two_streams(
+        params, e, e + np.concatenate([zeros, x - s, zeros], axis=-1), mcfg)
+
+
+def _query_raw_m4(cfg, params, s):
+    """x_r feeds position r's queries and residual stream; keys and values keep s_r."""
+    mcfg = _raw_m4(cfg)
+    return lambda x: _transformer_two_streams(params, s, x, mcfg)
+
+
+def _previous(s):
+    """(xp, causal mask [T, T], s_{r-1} [n, T, d] with s_{-1} = 0) of states s [n, T, d]."""
+    n, T, d = s.shape
+    xp = icar.array_module(s)
+    prev = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), s[:, :-1]], axis=1)  # [n, T, d]
+    return xp, icar.causal_mask(xp, T, s), prev
+
+
+def _query_m1(cfg, params, s):
+    """f_r = B (sum_{t<=r} s_t s_{t-1}^*) A x_r (full form: x_r in the query token only)."""
+    xp, mask, prev = _previous(s)
+    d = s.shape[-1]
+    if "A" in params:
+        def predict(x):
+            scores = ((x @ _swap(params["A"])) @ _swap(np.conj(prev))) * mask  # [n, T, T]
+            return (scores @ s) @ _swap(params["B"])                            # [n, T, d]
+        return predict
+    e = icar.augment(s)                                                          # [n, T, 3d]
+    def predict(x):
+        eq = np.concatenate([xp.zeros_like(s), x, prev], axis=-1)                # [n, T, 3d]
+        scores = ((eq @ _swap(params["W_KQ"])) @ _swap(np.conj(e))) * mask       # [n, T, T]
+        return (scores @ (e @ _swap(params["W_V"])))[..., :d]                    # [n, T, d]
+    return predict
+
+
+def _query_m2(cfg, params, s):
+    """x_r replaces the value of the newest token t = r in every head."""
+    xp, mask, prev = _previous(s)
+    eye = xp.eye(s.shape[1])                                                     # [T, T]
+    q = np.conj(prev)[:, None] * params["A"][None, :, None, :]                   # [n, H, T, d]
+    scores = (q @ _swap(s)[:, None]) * (params["P"] * mask)                      # [n, H, T, T]
+    newest = np.sum(scores * eye, axis=-1)[..., None]                            # [n, H, T, 1]
+    def predict(x):
+        heads = scores @ s[:, None] + newest * (x - s)[:, None]                  # [n, H, T, d]
+        return np.sum(heads * params["B"][None, :, None, :], axis=1)             # [n, T, d]
+    return predict
+
+
+def _query_m3(cfg, params, s):
+    """x_r replaces the value s_r^2 of the newest token t = r by s_r x_r."""
+    xp, mask, prev = _previous(s)
+    eye = xp.eye(s.shape[1])                                                     # [T, T]
+    weights = params["P"] * mask                                                 # [T, T]
+    def predict(x):
+        newest = np.sum(weights * eye, axis=-1)[:, None] * s                      # [n, T, d]: P[r, r] s_r
+        return np.conj(prev) * (weights @ (s * s) + newest * (x - s))            # [n, T, d]
+    return predict
+
+
+# ----------------------------------------------------------------------------- experiments
+
+class Experiment(typing.NamedTuple):
+    """What one experiment trains and how it is scored; training, evaluation, probe and
+    command line read this instead of the experiment's name."""
+    init: typing.Callable       # (cfg, rng) -> float64 parameters; None: theory's population loss
+    predictor: typing.Callable  # cfg -> predict(params, s [n, T, d]) -> f [n, T, d]
+    query: typing.Callable      # (cfg, params, s) -> predict(x), see query_predictor
+    families: tuple             # the families of W it accepts
+    first: int = 0              # first position of the "all" loss: 1 where position 0 has no query
+    moments: typing.Callable = None  # (s, first) -> loss_and_grad(params) of a full-batch "all" loss
+    transformer: typing.Callable = None  # M4: cfg -> icar.transformer_config
+    blocks: bool = False        # metrics hold weight_blocks (key-query and value in M1's layout)
+    depth_vs_gd: bool = False   # the summary puts each depth L next to k = L steps of GD
+
+
+_MATRICES = ("unitary", "orthogonal", "haar")  # the families of d x d context matrices
+EXPERIMENTS = {
+    "augmented": Experiment(
+        init=lambda cfg, rng: icar.init_params("transformer", rng, cfg=_augmented_m4(cfg)),
+        predictor=_predict_augmented_m4, query=_query_augmented_m4, families=_MATRICES,
+        transformer=_augmented_m4, blocks=True, depth_vs_gd=True),
+    "nonaug": Experiment(
+        init=lambda cfg, rng: icar.init_params("transformer", rng, cfg=_raw_m4(cfg)),
+        predictor=_predict_raw_m4, query=_query_raw_m4, families=_MATRICES, transformer=_raw_m4),
+    "block": Experiment(
+        init=lambda cfg, rng: icar.init_params("augmented_linear", rng, d=cfg["d"],
+                                               form=cfg["form"], scale=cfg["init_scale"]),
+        predictor=lambda cfg: lambda params, s: icar.augmented_linear(params, icar.augment(s)),
+        query=_query_m1, families=_MATRICES, blocks=True),
+    "diagonal": Experiment(
+        init=lambda cfg, rng: icar.init_params("diagonal_heads", rng, d=cfg["d"], T=cfg["T"],
+                                               H=cfg["heads"], scale=cfg["init_scale"]),
+        predictor=lambda cfg: icar.diagonal_heads, query=_query_m2, families=_MATRICES, first=1),
+    "pe-only": Experiment(
+        init=lambda cfg, rng: icar.init_params("pe_only", rng, T=cfg["T"]),
+        predictor=lambda cfg: icar.pe_only, query=_query_m3, families=icar.FAMILIES, first=1,
+        moments=lambda s, first: pe_only_objective(s, first)),
+    # theory's population losses are derived for two families
+    "population": Experiment(init=None, predictor=None, query=None, families=("unitary", "orthogonal")),
+}
+COMMANDS = (*EXPERIMENTS, "bench")
+
+
+def model_config(cfg, experiment):
+    """icar.transformer_config of the M4 experiments."""
+    return EXPERIMENTS[experiment].transformer(cfg)
+
+
+def init_model(experiment, cfg, rng):
+    """Initial float64 parameters of the experiment's model."""
+    return EXPERIMENTS[experiment].init(cfg, rng)
+
+
+def predictor(experiment, cfg):
+    """predict(params, s) -> f: s [n, T, d] inputs -> [n, T, d] predictions of s[:, 1:]."""
+    return EXPERIMENTS[experiment].predictor(cfg)
+
+
 def query_predictor(experiment, cfg, params, s):
     """predict(x) -> [n, T, d]: the model on context s [n, T, d] with the current state at each
     position r replaced by x_r only where it acts as the query of the in-context mapping.
@@ -293,44 +408,7 @@ def query_predictor(experiment, cfg, params, s):
     M2, M3 (query s_{r-1}): x_r replaces the value of the newest token t = r for query r.
     predict(s) is the model's ordinary prediction; predict is linear in x for M1, M2, M3.
     """
-    if experiment in ("augmented", "nonaug"):
-        mcfg = model_config(cfg, experiment)
-        if experiment == "augmented":
-            e = icar.augment(s)                                             # [n, T, 3d]
-            zeros = icar.array_module(s).zeros_like(s)
-            return lambda x: _transformer_two_streams(
-                params, e, e + np.concatenate([zeros, x - s, zeros], axis=-1), mcfg)
-        return lambda x: _transformer_two_streams(params, s, x, mcfg)
-    n, T, d = s.shape
-    xp = icar.array_module(s)
-    mask = icar.causal_mask(xp, T, s)                                       # [T, T]
-    prev = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), s[:, :-1]], axis=1)  # [n, T, d]
-    if experiment == "block" and "A" in params:
-        def predict(x):
-            scores = ((x @ _swap(params["A"])) @ _swap(np.conj(prev))) * mask  # [n, T, T]
-            return (scores @ s) @ _swap(params["B"])                            # [n, T, d]
-        return predict
-    if experiment == "block":
-        e = icar.augment(s)                                                      # [n, T, 3d]
-        def predict(x):
-            eq = np.concatenate([xp.zeros_like(s), x, prev], axis=-1)            # [n, T, 3d]
-            scores = ((eq @ _swap(params["W_KQ"])) @ _swap(np.conj(e))) * mask   # [n, T, T]
-            return (scores @ (e @ _swap(params["W_V"])))[..., :d]                # [n, T, d]
-        return predict
-    eye = xp.eye(T)                                                              # [T, T]
-    if experiment == "diagonal":
-        q = np.conj(prev)[:, None] * params["A"][None, :, None, :]               # [n, H, T, d]
-        scores = (q @ _swap(s)[:, None]) * (params["P"] * mask)                  # [n, H, T, T]
-        newest = np.sum(scores * eye, axis=-1)[..., None]                        # [n, H, T, 1]
-        def predict(x):
-            heads = scores @ s[:, None] + newest * (x - s)[:, None]              # [n, H, T, d]
-            return np.sum(heads * params["B"][None, :, None, :], axis=1)         # [n, T, d]
-        return predict
-    weights = params["P"] * mask                                                 # [T, T]
-    def predict(x):  # pe-only
-        newest = np.sum(weights * eye, axis=-1)[:, None] * s                      # [n, T, d]: P[r, r] s_r
-        return np.conj(prev) * (weights @ (s * s) + newest * (x - s))            # [n, T, d]
-    return predict
+    return EXPERIMENTS[experiment].query(cfg, params, s)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -487,7 +565,7 @@ def weight_blocks(experiment, params, d):
     share_KQ and share_V [L, H].
     """
     params = tree_map(numpy.asarray, params)
-    if experiment == "block":
+    if EXPERIMENTS[experiment].transformer is None:  # M1
         if "A" in params:
             KQ, V = numpy.zeros((3 * d, 3 * d)), numpy.zeros((3 * d, 3 * d))
             KQ[2 * d:, d:2 * d], V[:d, d:2 * d] = params["A"], params["B"]
@@ -507,8 +585,10 @@ def weight_blocks(experiment, params, d):
 
 # ----------------------------------------------------------------------------- files
 
-def _atomic_write(path, write):
-    """write(file) into path + '.tmp', then rename: a reader sees the old or the new file."""
+def atomic_write(path, write):
+    """write(binary file) into path + '.tmp' (flushed to disk), then rename: a reader sees the
+    old or the new file. Creates path's folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -519,6 +599,23 @@ def _atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_json(path, obj):
+    save_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def save_npz(path, arrays):
+    atomic_write(path, lambda f: numpy.savez(f, **arrays))
+
+
+def load_npz(path):
+    with numpy.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _flatten(tree, prefix=""):
@@ -547,19 +644,6 @@ def _unflatten(flat):
     return lists(tree)
 
 
-def _save_npz(path, arrays):
-    _atomic_write(path, lambda f: numpy.savez(f, **arrays))
-
-
-def _load_npz(path):
-    with numpy.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _save_json(path, obj):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
-
-
 def code_fingerprint():
     """SHA-1 of the files that define every result (icar.py, fused.py, theory.py, train.py):
     a cached run made by other code is stale."""
@@ -582,8 +666,8 @@ def load(run_dir):
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     metrics = {k: (float(v) if v.ndim == 0 else v)
-               for k, v in _load_npz(os.path.join(run_dir, "metrics.npz")).items()}
-    params = _unflatten(_load_npz(os.path.join(run_dir, "params.npz")))
+               for k, v in load_npz(os.path.join(run_dir, "metrics.npz")).items()}
+    params = _unflatten(load_npz(os.path.join(run_dir, "params.npz")))
     return {"config": cfg, "params": params, "metrics": metrics, "dir": run_dir}
 
 
@@ -634,6 +718,15 @@ def _host(x):
     return x if isinstance(x, numpy.ndarray) else x.get()
 
 
+def array_module(backend):
+    """The array module of a backend: numpy, or cupy made traceable by autograd (gpu.py,
+    imported only here: NumPy runs never load the adapter)."""
+    if backend == "numpy":
+        return numpy
+    import gpu
+    return gpu.cupy_backend()
+
+
 def _generators(seed):
     """One generator per purpose: training data, test data, initialisation, minibatch order
     (the test set stays the same when n_train changes)."""
@@ -659,11 +752,11 @@ def _checkpoint(path, step, params, opt, rng, perm, pos, history):
     arrays.update(step=numpy.asarray(step), rng=numpy.asarray(json.dumps(rng.bit_generator.state)),
                   perm=numpy.asarray(perm, dtype=numpy.int64), pos=numpy.asarray(pos),
                   **{f"history/{k}": numpy.asarray(v) for k, v in history.items()})
-    _save_npz(path, arrays)
+    save_npz(path, arrays)
 
 
 def _restore(path, xp):
-    z = _load_npz(path)
+    z = load_npz(path)
     def group(name, move=xp.asarray):
         return _unflatten({k[len(name) + 1:]: move(v) for k, v in z.items() if k.startswith(name + "/")})
 
@@ -690,7 +783,7 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     """
     cfg = config(experiment, preset, **overrides)
     if cfg.get("backend") == "cupy":  # the population experiment has no backend option
-        cupy_backend()  # without CuPy: fail before anything is written
+        array_module("cupy")  # without CuPy: fail before anything is written
     run_dir = os.path.join(runs_dir, name or experiment)
     os.makedirs(run_dir, exist_ok=True)
     saved = dict(cfg, experiment=experiment, preset=preset, versions=_versions())
@@ -710,13 +803,13 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
         for old_file in ("checkpoint.npz", "params.npz", "metrics.npz"):
             if os.path.exists(os.path.join(run_dir, old_file)):
                 os.remove(os.path.join(run_dir, old_file))
-    _save_json(config_path, saved)
-    if experiment == "population":
+    save_json(config_path, saved)
+    if EXPERIMENTS[experiment].init is None:
         metrics, params = _population(cfg)
     else:
         metrics, params = _train(experiment, cfg, ckpt, resume, quiet)
-    _save_npz(os.path.join(run_dir, "params.npz"), _flatten(params))
-    _save_npz(os.path.join(run_dir, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
+    save_npz(os.path.join(run_dir, "params.npz"), _flatten(params))
+    save_npz(os.path.join(run_dir, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
     return load(run_dir)  # what was saved, on the host
 
 
@@ -729,15 +822,14 @@ def _population(cfg):
             "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
 
 
-def pe_only_objective(s, first=1):
-    """loss_and_grad(params) -> (loss, {"P": gradient}) of the training loss of M3,
-        mse(icar.pe_only(params, s[:, :-1])[:, first:], s[:, 1 + first:]),
-    from moments of the data computed once. M3 is linear in P: with
-    u[n, r, t] = conj(s_{r-1}) s_t^2 (per coordinate), f_r = sum_t P[r, t] u[n, r, t], so row
-    r of the loss is p_r^T M_r p_r - 2 b_r . p_r + c_r with M_r = Re(U_r^* U_r) / N,
-    b_r = Re(U_r^* y_r) / N over the N = n (T - first) d-vectors averaged. A step costs
-    O(T^3) instead of passes over the data; the values are those of autograd on
-    icar.pe_only up to rounding.
+def pe_only_moments(s, first=1):
+    """The training loss of M3, mse(icar.pe_only(params, s[:, :-1])[:, first:], s[:, 1 + first:]),
+    as a quadratic in P from moments of s [n, T+1, d]: (M [T, T, T], b [T, T], c).
+
+    M3 is linear in P: with u[n, r, t] = conj(s_{r-1}) s_t^2 (per coordinate),
+    f_r = sum_t P[r, t] u[n, r, t], so the loss is sum_r (p_r^T M_r p_r - 2 b_r . p_r) + c with
+    M_r = Re(U_r^* U_r) / N, b_r = Re(U_r^* y_r) / N over the N = n (T - first) d-vectors
+    averaged (rows r < first are 0), p_r the row r of P * mask.
     """
     x, y = s[:, :-1], s[:, 1:]                                  # [n, T, d] each
     n, T, d = icar.check_data(x)
@@ -754,7 +846,17 @@ def pe_only_objective(s, first=1):
     M = xp.real(uh @ u) / N * keep[:, :, None]                   # [T, T, T]
     b = xp.real(uh @ yr)[..., 0] / N * keep                      # [T, T]
     c = float(xp.sum(xp.real(yr * xp.conj(yr))[first:])) / N
-    mask = icar.causal_mask(xp, T, s)                            # [T, T]
+    return M, b, c
+
+
+def pe_only_objective(s, first=1):
+    """loss_and_grad(params) -> (loss, {"P": gradient}) of the training loss of M3 (see
+    pe_only_moments) from moments of the data computed once. A step costs O(T^3) instead of
+    passes over the data; the values are those of autograd on icar.pe_only up to rounding.
+    """
+    M, b, c = pe_only_moments(s, first)
+    xp = icar.array_module(s)
+    mask = icar.causal_mask(xp, M.shape[0], s)                   # [T, T]
 
     def loss_and_grad(params):
         P = params["P"] * mask                                  # [T, T]
@@ -766,12 +868,13 @@ def pe_only_objective(s, first=1):
 
 def _train(experiment, cfg, ckpt, resume, quiet):
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
-    xp = cupy_backend() if cfg["backend"] == "cupy" else numpy
+    xp = array_module(cfg["backend"])
     _, _, init_rng, order_rng = _generators(cfg["seed"])
     s_train, s_test, W_test = datasets(cfg)
     s_train, s_test = xp.asarray(s_train), xp.asarray(s_test)
     predict = predictor(experiment, cfg)
-    first = 1 if experiment in ("diagonal", "pe-only") else 0  # position 0 has no query there
+    ex = EXPERIMENTS[experiment]
+    first = ex.first
 
     def objective(params, s):
         f = predict(params, s[:, :-1])                                      # [n, T, d]
@@ -781,9 +884,9 @@ def _train(experiment, cfg, ckpt, resume, quiet):
 
     step_fn = value_and_grad(objective)
     n, batch = cfg["n_train"], cfg["batch"] or cfg["n_train"]
-    if experiment == "pe-only" and cfg["loss"] == "all" and batch >= n:
+    if ex.moments and cfg["loss"] == "all" and batch >= n:
         # M3 is linear in P: the same loss and gradient from moments of the data, computed once
-        moments = pe_only_objective(s_train, first)
+        moments = ex.moments(s_train, first)
         step_fn = lambda params, s: moments(params)  # noqa: E731  (s is always s_train here)
     if resume:
         step, params, opt, order_rng, perm, pos, history = _restore(ckpt, xp)
@@ -846,7 +949,7 @@ def _evaluate(experiment, cfg, params, predict, s_test, W_test):
         found = probe(query_predictor(experiment, cfg, params, s[:, :-1]), s, W_test[:cfg["n_probe"]],
                       eta=optimal_gd_step(host, 1))
         out.update({"probe_" + k: v for k, v in found.items()})
-    if experiment in ("block", "augmented"):
+    if EXPERIMENTS[experiment].blocks:
         out.update({"weights_" + k: v for k, v in weight_blocks(experiment, params, cfg["d"]).items()})
     return out
 
@@ -877,7 +980,7 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
             print(f"-- {experiment} {sub}", file=sys.stderr)
         results.append(run(experiment, preset, base, sub, resume, quiet, **overrides, **point))
     rows = [_summary_row(experiment, r) for r in results]
-    _save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
+    save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
     columns = list(rows[0])
     table = "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
                       ["  ".join(f"{_fmt(row[c]):>14}" for c in columns) for row in rows])
@@ -892,18 +995,18 @@ def _loss_positions(cfg, experiment):
     """The positions the training loss averages over."""
     if cfg["loss"] == "last":
         return slice(-1, None)
-    return slice(1 if experiment in ("diagonal", "pe-only") else 0, None)
+    return slice(EXPERIMENTS[experiment].first, None)
 
 
 def _summary_row(experiment, result):
     cfg, m = result["config"], result["metrics"]
     row = {k: cfg[k] for k in ("layers", "heads", "attention", "sigma") if k in cfg}
-    if experiment == "population":
+    if EXPERIMENTS[experiment].init is None:
         row["loss"] = float(m["train_loss"][-1])
         return row
     at = _loss_positions(cfg, experiment)
     row["test_loss"] = float(numpy.mean(m["test_loss_position"][at]))
-    if experiment == "augmented" and f"baseline_gd{cfg['layers']}" in m:
+    if EXPERIMENTS[experiment].depth_vs_gd and f"baseline_gd{cfg['layers']}" in m:
         row["gd_k=L"] = float(numpy.mean(m[f"baseline_gd{cfg['layers']}"][at]))
     row["gd1"] = float(numpy.mean(m["baseline_gd1"][at]))
     row["least_squares"] = float(numpy.mean(m["baseline_least_squares"][at]))
@@ -913,7 +1016,7 @@ def _summary_row(experiment, result):
 def report(result):
     """A printable table of one run: test loss per position next to the baselines and probe."""
     cfg, m = result["config"], result["metrics"]
-    if cfg["experiment"] == "population":
+    if EXPERIMENTS[cfg["experiment"]].init is None:
         return (f"population {cfg['family']} d={cfg['d']} H={cfg['heads']} T={cfg['T']}: final "
                 f"loss {m['train_loss'][-1]:.6g} (minimum {m['min_loss']:.6g})\nsaved in {result['dir']}")
     T = cfg["T"]
@@ -944,6 +1047,14 @@ common flags: --preset quick|paper  --name NAME  --runs_dir DIR  --resume  --qui
 python train.py EXPERIMENT --help lists its options with their defaults."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse for the other command lines (bench.py, figures.py): a bad argument raises
+    ValueError, which they print as one line with exit status 2, as train.py does."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def _help(experiment):
     quick = config(experiment, "quick")
     paper = config(experiment, "paper")
@@ -951,8 +1062,7 @@ def _help(experiment):
              f"{'option':<18}{'quick':>11}{'paper':>11}  meaning"]
     for key in (k for k in OPTIONS if k in quick):
         kind, text = OPTIONS[key]
-        choices = [c for c in CHOICES.get(key, ()) if not (key == "family" and c == "angle"
-                                                            and experiment != "pe-only")]
+        choices = EXPERIMENTS[experiment].families if key == "family" else CHOICES.get(key, ())
         allowed = f" ({', '.join(choices)})" if choices else f" [{kind.__name__}]"
         lines.append(f"--{key:<16}{_fmt(quick[key]):>11}{_fmt(paper[key]):>11}  {text}{allowed}")
     lines += ["", "--preset quick|paper (quick)  --name NAME (the experiment)  --runs_dir DIR (runs)",
@@ -1009,7 +1119,7 @@ def main(argv=None):
     """Command line; returns the exit status (2: bad arguments, 1: diverged)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        print(f"train.py: name an experiment ({', '.join(EXPERIMENTS)}); --help for more",
+        print(f"train.py: name an experiment ({', '.join(COMMANDS)}); --help for more",
               file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
@@ -1017,9 +1127,10 @@ def main(argv=None):
         return 0
     experiment, args = argv[0], argv[1:]
     if experiment == "bench":
-        return bench(args)
+        import bench  # bench imports train: the alias loads it only when asked
+        return bench.main(args, prog="python train.py bench", name="train.py: bench")
     try:
-        icar.check_choice("experiment", experiment, EXPERIMENTS)
+        icar.check_choice("experiment", experiment, COMMANDS)
         if "-h" in args or "--help" in args:
             print(_help(experiment))
             return 0
@@ -1037,496 +1148,6 @@ def main(argv=None):
         print(f"train.py: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-# ----------------------------------------------------------------------------- GPU arrays
-# autograd traces only numpy.ndarray. enable_autograd_for(array_type, xp) lets it trace a
-# device array type (CuPy: cupy.ndarray, cupy) whose module refuses host arrays mixed in and
-# whose arrays refuse implicit conversion to NumPy. Written for autograd 1.9.1 (pinned in
-# requirements.txt); it touches these private parts of autograd, each only for arrays that
-# are not NumPy's, so NumPy results stay bit-identical:
-#   ArrayBox / VSpace registry    trace the type; zeros and ones allocated on the device
-#   numpy_vjps.repeat_to_match_shape   VJPs of sum, mean, max, ... add host onp.zeros
-#   VJP of where                  builds host anp.zeros(g.shape)
-#   numpy_wrapper.concatenate_args     (concatenate, stack) calls .view(numpy.ndarray)
-#   numpy_wrapper.array           (stack) calls numpy.array on each argument
-#   numpy_vjps.untake             VJP of every index or slice: onp.add.at, which CuPy 12
-#                                 does not dispatch; CuPy's add.at has no complex atomics
-#   VJP of transpose              passes the inverse axes as a host array (anp.argsort)
-#   VJPs of reshape and ravel     pass order=None, which CuPy rejects
-# Still unsupported on the device: gradients of dot, einsum and trace, anp.array([...]) of
-# traced values, NumPy-scalar exponents (x ** numpy.float64(2)), autograd.misc.optimizers,
-# check_grads and forward mode.
-
-def _on_host(x):
-    return icar.array_module(x) is numpy
-
-
-class DeviceVSpace(ArrayVSpace):
-    """Vector space of a device array: no numpy.asarray (a host copy); zeros on the device."""
-
-    def __init__(self, value, xp):
-        self.shape, self.dtype, self.xp = value.shape, value.dtype, xp
-
-    def zeros(self):
-        return self.xp.zeros(self.shape, dtype=self.dtype)
-
-    def ones(self):
-        return self.xp.ones(self.shape, dtype=self.dtype)
-
-
-class DeviceComplexVSpace(ComplexArrayVSpace, DeviceVSpace):
-    def ones(self):
-        return DeviceVSpace.ones(self) + 1j * DeviceVSpace.ones(self)
-
-
-def _device_vspace(xp):
-    def make(value):
-        return (DeviceComplexVSpace if value.dtype.kind == "c" else DeviceVSpace)(value, xp)
-    return make
-
-
-def _repeat_to_match_shape(g, shape, dtype, axis, keepdims, _host=_vjps.repeat_to_match_shape):
-    """Broadcast g back to shape with zeros from the module that owns g."""
-    if _on_host(g) or shape == ():
-        return _host(g, shape, dtype, axis, keepdims)
-    if axis is None:
-        axis = range(len(shape))
-    axes = {a % len(shape) for a in (axis if isinstance(axis, (tuple, list, range)) else (axis,))}
-    kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
-    reps = int(numpy.prod([shape[a] for a in axes]))  # a Python int keeps float32 in float32
-    return np.reshape(g, kept) + icar.array_module(g).zeros(shape, dtype=dtype), reps
-
-
-def _device_vjps(fun, *makers):
-    """Give fun the VJP makers `makers` for device results, keeping autograd's own for NumPy."""
-    host = _primitive_vjps[fun]
-    defvjp(fun, *makers)
-    device = _primitive_vjps[fun]
-    _primitive_vjps[fun] = lambda argnums, ans, args, kwargs: (
-        (host if _on_host(ans) else device)(argnums, ans, args, kwargs))
-
-
-def _where_vjps():
-    where = np._original_where  # the primitive behind autograd.numpy.where
-    _device_vjps(where, None,
-                 lambda ans, c, x=None, y=None: lambda g: np.where(c, g, np.zeros_like(g)),
-                 lambda ans, c, x=None, y=None: lambda g: np.where(c, np.zeros_like(g), g))
-
-
-def _transpose_vjps():
-    def maker(ans, x, axes=None):
-        inverse = None if axes is None else tuple(int(a) for a in numpy.argsort(axes))
-        return lambda g: np.transpose(g, inverse)
-    _device_vjps(np.transpose, maker)
-
-
-def _reshape_vjps():
-    _device_vjps(np.reshape, lambda ans, x, shape, order=None: lambda g: np.reshape(g, np.shape(x)))
-    _device_vjps(np.ravel, lambda ans, x, order=None: lambda g: np.reshape(g, np.shape(x)))
-
-
-def _concatenate_args():
-    host = _wrapper.concatenate_args
-
-    @primitive
-    def concatenate_args(axis, *args):
-        devices = [a for a in args if not _on_host(a)]
-        if not devices:
-            return host(axis, *args)
-        return icar.array_module(devices[0]).concatenate(args, axis)
-
-    _primitive_vjps[concatenate_args] = _primitive_vjps[host]
-    _wrapper.concatenate_args = concatenate_args
-
-
-def _array():
-    host = _wrapper.array
-
-    def array(A, *args, **kwargs):
-        if type(A) in (list, tuple) or args or kwargs or _on_host(A):
-            return host(A, *args, **kwargs)
-        return A  # traced values are never written to, so stack needs no copy
-
-    _wrapper.array = array
-
-
-@primitive
-def _untake(x, idx, vs, _host=_vjps.untake):
-    """Scatter-add x into zeros of vs at idx, on x's device."""
-    if _on_host(x):
-        return _host(x, idx, vs)
-    xp = icar.array_module(x)
-
-    def mut_add(A):
-        if x.dtype.kind != "c":
-            xp.add.at(A, idx, x)
-            return A
-        parts = []
-        for part in (x.real, x.imag):  # add.at has no complex atomics on the device
-            total = xp.zeros(A.shape, dtype=part.dtype)
-            xp.add.at(total, idx, part)
-            parts.append(total)
-        A += parts[0] + 1j * parts[1]
-        return A
-
-    return SparseObject(vs, mut_add)
-
-
-defvjp(_untake, lambda ans, x, idx, _: lambda g: g[idx])
-
-
-def enable_autograd_for(array_type, xp):
-    """Let autograd trace arrays of array_type, owned by module xp (e.g. cupy.ndarray, cupy).
-
-    Idempotent: a second call changes nothing.
-    """
-    if array_type in ArrayBox.type_mappings:
-        return
-    ArrayBox.register(array_type)
-    DeviceVSpace.register(array_type, _device_vspace(xp))
-    if _vjps.repeat_to_match_shape is not _repeat_to_match_shape:
-        _vjps.repeat_to_match_shape = _repeat_to_match_shape
-        _vjps.untake = _untake
-        _where_vjps()
-        _transpose_vjps()
-        _reshape_vjps()
-        _concatenate_args()
-        _array()
-
-
-def cupy_backend():
-    """Import CuPy and let autograd trace its arrays; returns the cupy module."""
-    try:
-        import cupy
-    except ImportError as error:
-        raise ValueError(f"--backend cupy needs CuPy: install the wheel matching your CUDA, "
-                         f"e.g. pip install cupy-cuda12x ({error})") from None
-    enable_autograd_for(cupy.ndarray, cupy)
-    return cupy
-
-
-# ----------------------------------------------------------------------------- benchmark
-# The speed benchmark: time one training step of each paper-size workload.
-#
-#     python train.py bench [--repeats 5] [--micro 0] [--workloads nonaug,augmented,...] [--json FILE]
-#
-# Workloads (the authors' sizes, paper.md [code]):
-#     nonaug      M4 on raw tokens: batch 1024, 50 positions, d = 5 repeated twice (embed 10),
-#                 64 heads, linear token scores times softmax positional scores, LayerNorm, no
-#                 residual; Adam; float32 (--micro m: the gradient accumulated over slices of
-#                 m sequences, as loss_and_grad_microbatched does)
-#     augmented   M4 on augmented tokens (size 15 = 3d): batch 1024, 50 positions, 1 head,
-#                 linear attention, LayerNorm, residual; Adam; float32
-#     population  Fig. 3 right: GD on (A, B, P) through theory's population loss, d = 10,
-#                 H = 8, T = 20, orthogonal family
-#     pe-only     Fig. 6: M3, T = 30, 1000 complex "angle" sequences (mu = 50), GD, lr 0.5,
-#                 autograd through icar.pe_only
-#     pe-only-moments  the same GD steps through pe_only_objective (exact moments of the data)
-#
-# For each: the median (and the minimum) over `repeats` timed steps after a warm-up step, the
-# peak of memory allocated during one step (tracemalloc, which NumPy reports its array buffers
-# to; BLAS work buffers are not included), the FLOP count of one step (below), the GFLOP/s it
-# implies, and that rate as a fraction of this machine's matrix-multiply rate in the same
-# precision, measured in the same process: the fastest of 15 products C = A @ B of [1024, 1024]
-# operands, with every BLAS thread and with one (the larger of the two is used: with other
-# processes on the machine, a threaded product can be the slower).
-#
-# FLOP counts (transformer_flops, pe_only_flops, population_flops) count what the model
-# computes as written in its docstring, not what the code executes: a matrix product
-# [m, k] @ [k, p] costs 2mkp, an elementwise operation 1 per real entry (a complex product 6,
-# a complex-by-real product 2), and one training step (forward and backward) costs 3 times
-# the forward pass (each product's gradient takes two products of the same size). Masked
-# entries count as computed. fused.transformer, which training runs, executes fewer: see
-# transformer_flops(executed=True). pe-only-moments counts what it executes (2 T^3 + 10 T^2).
-#
-# The process is set up as training should be: fused.tune_allocator() (glibc keeps freed memory
-# between steps) and fused.set_blas_threads(1) while the workloads run (fused.transformer runs
-# batch slices in fused.THREADS threads of its own); the output says which took effect.
-
-WORKLOADS = ("nonaug", "augmented", "population", "pe-only", "pe-only-moments")
-TARGET_MS = {"nonaug": 1200.0, "augmented": 50.0, "population": 0.3, "pe-only": 0.5,
-             "pe-only-moments": 0.5}
-
-
-# ----------------------------------------------------------------------------- training step
-
-def loss_and_grad_microbatched(loss_fn, params, batch, micro):
-    """value_and_grad(loss_fn)(params, batch), computed over slices of at most `micro`
-    sequences and combined with weights (slice size / batch size).
-
-    loss_fn(params, s) must average over the first axis of s (as icar.mse does), so that
-    the combination is the full-batch loss and gradient up to rounding; the memory the
-    gradient takes is that of one slice.
-    """
-    micro = icar.check_int("micro", micro, 1)
-    n = batch.shape[0]
-    step = value_and_grad(loss_fn)
-    if micro >= n:
-        return step(params, batch)
-    loss, grads = 0.0, None
-    for start in range(0, n, micro):
-        part = batch[start:start + micro]
-        w = part.shape[0] / n                                   # Python float: keeps float32
-        value, g = step(params, part)
-        loss = loss + w * value
-        grads = (tree_map(lambda g: w * g, g) if grads is None
-                 else tree_map(lambda acc, g: acc + w * g, grads, g))
-    return loss, grads
-
-
-# ----------------------------------------------------------------------------- FLOP counts
-
-def transformer_flops(cfg, n, T, executed=False):
-    """FLOPs of one training step of M4 (icar.transformer) on n sequences of T tokens.
-
-    Forward, per layer, as the docstring writes it (E = repeat * d_in, H heads):
-        q, k, v          3 * 2 n T E (H E)
-        q . k, a @ v     2 * 2 n H T^2 E
-        a = scores*mask  n H T^2 (and n H T^2 more with positional weights)
-        W_O              2 n T E^2 (after the sum over heads, n H T E)
-        positional       2 * 2 T E (H E) + 2 H T^2 E (batch-independent)
-    plus the read-out 2 n T E d_out; a step is 3 forward passes.
-    executed=True counts fused.transformer's products instead: with z = (h, 1) of size D
-    (d_in + 1 in the first layer, E + 1 after), z G [2 n T D H D], scores and a @ z
-    [2 * 2 n H P D] over the P (query, key) pairs formed (T^2, or fewer with linear
-    attention's causal blocks), and the output [2 n T (H D) E].
-    """
-    E, H = cfg["repeat"] * cfg["d_in"], cfg["heads"]
-    pairs = (sum((r1 - r0) * r1 for r0, r1 in fused.causal_blocks(T)) if cfg["attention"] == "linear"
-             else T * T)
-    total = 0
-    for layer in range(cfg["layers"]):
-        if executed:
-            D = (cfg["d_in"] if layer == 0 else E) + 1
-            fwd = 2 * n * T * D * H * D + 4 * n * H * pairs * D + 2 * n * T * H * D * E
-        else:
-            fwd = 6 * n * T * E * H * E + 4 * n * H * T * T * E + 2 * n * T * E * E + n * H * T * E
-        fwd += n * H * (pairs if executed else T * T) * (2 if cfg["positional"] else 1)
-        if cfg["positional"]:
-            fwd += 4 * T * E * H * E + 2 * H * T * T * E
-        total += fwd
-    total += 2 * n * T * E * cfg["d_out"]
-    return 3 * total
-
-
-def pe_only_flops(n, T, d, complex_data=True):
-    """FLOPs of one GD step of icar.pe_only: the product (P * mask) s^2 [T, T] @ [T, n d]
-    (2 T^2 n d real, twice that on complex data), the query product (n T d, 6 each on
-    complex data) and the squared error (3 per real entry, 8 per complex one); 3 forward
-    passes per step."""
-    c = 2 if complex_data else 1
-    fwd = c * 2 * T * T * n * d + ((6 if complex_data else 1) + (8 if complex_data else 3)) * n * T * d
-    return 3 * fwd
-
-
-def population_flops(d, H, T):
-    """FLOPs of one GD step on theory's population loss with its hand-written gradient:
-    C = B^T A and the gradients B G, A G^T (3 * 2 H d^2), about 17 operations per entry of
-    [d, d] arrays (taus, G) and 22 per entry of [T, T] arrays (row sums, dL/dP, the update)."""
-    return 6 * H * d * d + 17 * d * d + 22 * T * T
-
-
-# ----------------------------------------------------------------------------- measurement
-
-def matmul_rate(dtype, size=1024, repeats=15):
-    """This machine's matrix-multiply rate (GFLOP/s): the fastest of `repeats` products
-    [size, size] @ [size, size] in `dtype` after a warm-up one (the least disturbed by other
-    processes: the rate the machine can reach)."""
-    rng = numpy.random.default_rng(0)
-    A, B = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
-    return 2 * size ** 3 / min(_times(lambda: A @ B, repeats)) / 1e9
-
-
-def _times(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def _peak_bytes(fn):
-    """Peak bytes allocated (tracemalloc, NumPy buffers included) while fn runs."""
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-def _cast(params, dtype):
-    return tree_map(lambda p: p.astype(dtype), params)
-
-
-class _Trainer:
-    """A training loop's state, advanced one step per call (parameters and optimiser move);
-    loss_and_grad(params) -> (loss, grads)."""
-
-    def __init__(self, loss_and_grad, params, opt, lr):
-        self.loss_and_grad, self.params, self.lr = loss_and_grad, params, lr
-        self.opt = adam_init(params) if opt == "adam" else None
-
-    def __call__(self):
-        loss, grads = self.loss_and_grad(self.params)
-        if self.opt is None:
-            self.params = gd_update(self.params, grads, self.lr)
-        else:
-            self.params, self.opt = adam_update(self.params, grads, self.opt, self.lr)
-        return loss
-
-
-def _on(s, loss, micro=None):
-    """loss_and_grad(params) of loss(params, s), over micro-batches where micro is given."""
-    if micro:
-        return lambda params: loss_and_grad_microbatched(loss, params, s, micro)
-    step = value_and_grad(loss)
-    return lambda params: step(params, s)
-
-
-def _transformer_workload(name, dtype, micro, rng):
-    d, T, n = 5, 50, 1024
-    if name == "nonaug":
-        cfg = icar.transformer_config(d_in=d, d_out=d, T=T, heads=64, repeat=2, attention="linear",
-                                      positional=True, residual=False)
-    else:
-        cfg = icar.transformer_config(d_in=3 * d, d_out=d, T=T, heads=1, repeat=1,
-                                      attention="linear", positional=False, residual=True)
-    s, _ = icar.sample_sequences(rng, n, T, d, "haar", s1="fixed")
-    s = s.astype(dtype)                                         # [n, T+1, d]
-    params = _cast(icar.init_params("transformer", rng, cfg=cfg), dtype)
-
-    def loss(params, s):
-        x = s[:, :-1] if name == "nonaug" else icar.augment(s[:, :-1])
-        return icar.mse(fused.transformer(params, x, cfg), s[:, 1:])
-
-    step = _Trainer(_on(s, loss, micro), params, "adam", 1e-2)
-    flops = transformer_flops(cfg, n, T)
-    notes = (f"batch {n}, T {T}, embed {cfg['repeat'] * cfg['d_in']}, {cfg['heads']} heads, "
-             f"Adam, {numpy.dtype(dtype).name}, micro-batch {micro or n}; executed "
-             f"{transformer_flops(cfg, n, T, executed=True) / 1e9:.2f} GFLOP/step")
-    return step, flops, notes
-
-
-def _population_workload(steps):
-    import theory  # the layer above icar: imported only where it is needed
-    d, H, T = 10, 8, 20
-
-    def run():
-        theory.train_population(H, d, T, "orthogonal", 1e-3, steps, numpy.random.default_rng(0))
-    return run, steps, population_flops(d, H, T), f"d {d}, H {H}, T {T}, {steps} GD steps per call"
-
-
-def _pe_only_workload(rng, moments):
-    T, n = 30, 1000
-    s, _ = icar.sample_sequences(rng, n, T, 1, "angle", mu=50.0)   # complex128 [n, T+1, 1]
-    params = icar.init_params("pe_only", rng, T=T)
-    if moments:  # executed FLOPs: M P (2 T^3) and about 10 operations per entry of P
-        step = _Trainer(pe_only_objective(s), params, "gd", 0.5)
-        return step, 2 * T ** 3 + 10 * T ** 2, (f"{n} sequences, T {T}, GD lr 0.5 on "
-                                               f"pe_only_objective (moments computed once, untimed)")
-
-    def loss(params, s):  # position 0 has no query
-        return icar.mse(icar.pe_only(params, s[:, :-1])[:, 1:], s[:, 2:])
-
-    step = _Trainer(_on(s, loss), params, "gd", 0.5)
-    return step, pe_only_flops(n, T, 1), f"{n} sequences, T {T}, complex128, GD lr 0.5, autograd"
-
-
-def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", population_steps=2000,
-                  tune=True, out=None):
-    """Time each workload, printing a line each to `out` (default sys.stdout); return the
-    results as a dict (see the module docstring)."""
-    out = sys.stdout if out is None else out
-    for w in workloads:
-        icar.check_choice("workload", w, WORKLOADS)
-    repeats, micro = icar.check_int("repeats", repeats, 1), icar.check_int("micro", micro, 0)
-    load_before = os.getloadavg()
-    tuned = fused.tune_allocator() if tune else False
-    rates = {k: matmul_rate(k) for k in ("float32", "float64")}
-    blas_threads = fused.set_blas_threads(1)                    # None: BLAS left as it is
-    one_thread = ({k: matmul_rate(k) for k in ("float32", "float64")} if blas_threads is not None
-                  else None)
-    result = {"matmul_gflops": rates, "matmul_gflops_one_blas_thread": one_thread,
-              "cpus": os.cpu_count(), "fused_threads": fused.THREADS, "numpy": numpy.__version__,
-              "repeats": repeats, "allocator_tuned": tuned,
-              "blas_threads": {"matmul": blas_threads, "workloads": 1 if blas_threads else None},
-              "workloads": {}}
-    print(f"matrix multiply: {rates['float32']:.1f} GFLOP/s float32, {rates['float64']:.1f} "
-          f"float64 ({os.cpu_count()} CPUs"
-          + (f"; one BLAS thread: {one_thread['float32']:.1f}, {one_thread['float64']:.1f}"
-             if one_thread else "")
-          + f"); load average {load_before[0]:.2f}; allocator {'tuned' if tuned else 'as is'}; "
-          f"workloads with {fused.THREADS} threads of fused.transformer and "
-          f"{'1 BLAS thread' if blas_threads else 'BLAS threads as they are'}", file=out)
-    rng = numpy.random.default_rng(0)
-    for name in workloads:
-        if name in ("nonaug", "augmented"):
-            fn, flops, notes = _transformer_workload(name, dtype, micro, rng)
-            per_call, prec = 1, dtype
-        elif name == "population":
-            fn, per_call, flops, notes = _population_workload(population_steps)
-            prec = "float64"
-        else:
-            fn, flops, notes = _pe_only_workload(rng, moments=name == "pe-only-moments")
-            per_call, prec = 1, "float64"
-        times = numpy.asarray(_times(fn, repeats)) / per_call
-        peak = _peak_bytes(fn)
-        med = float(numpy.median(times))
-        gflops = flops / med / 1e9
-        best = max(rates[prec], one_thread[prec]) if one_thread else rates[prec]
-        row = {"ms_per_step": 1e3 * med, "ms_min": 1e3 * float(times.min()),
-               "target_ms": TARGET_MS[name], "meets_target": 1e3 * med <= TARGET_MS[name],
-               "peak_MB": peak / 1e6, "gflop_per_step": flops / 1e9, "gflops": gflops,
-               "fraction_of_matmul": gflops / best, "precision": prec, "notes": notes}
-        result["workloads"][name] = row
-        print(f"{name:<15} {row['ms_per_step']:9.3f} ms/step (min {row['ms_min']:.3f}, target "
-              f"{row['target_ms']:g})  peak {row['peak_MB']:8.1f} MB  {row['gflop_per_step']:9.4f} "
-              f"GFLOP/step  {gflops:7.2f} GFLOP/s = {100 * row['fraction_of_matmul']:5.1f}% of "
-              f"{prec} matmul  [{notes}]", file=out, flush=True)
-    if blas_threads is not None:
-        fused.set_blas_threads(blas_threads)
-    result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
-    print(f"load average after: {result['load_average']['after'][0]:.2f}", file=out)
-    return result
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, through bench's handler
-        raise ValueError(message)
-
-
-def bench(argv):
-    """Command line of the benchmark; returns the exit status."""
-    parser = _Parser(prog="python train.py bench", description="time one training step of each "
-                     "paper-size workload")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per workload (median)")
-    parser.add_argument("--micro", type=int, default=0,
-                        help="micro-batch of the M4 workloads (0: the whole batch)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                        help="precision of the M4 workloads")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help=f"comma-separated subset of {', '.join(WORKLOADS)}")
-    parser.add_argument("--no-tune-allocator", action="store_true",
-                        help="leave glibc's malloc as it is (see fused.tune_allocator)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    try:
-        args = parser.parse_args(argv)
-        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-            raise ValueError(f"--json {args.json!r}: no such folder")
-        result = run_benchmark([w for w in args.workloads.split(",") if w], args.repeats,
-                               args.micro, args.dtype, tune=not args.no_tune_allocator)
-    except ValueError as e:
-        print(f"train.py: bench: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        _save_json(args.json, result)
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
