@@ -318,15 +318,20 @@ def main(argv=None, prog="python bench.py", name="bench.py"):
         args = parser.parse_args(argv)
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json {args.json!r}: no such folder")
+        if args.json and os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json!r} is a folder; expected a file name")
         result = run_benchmark([w for w in args.workloads.split(",") if w], args.repeats,
                                args.micro, args.dtype, tune=not args.no_tune_allocator)
+        if args.json:
+            train.save_json(args.json, result)
     except ValueError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        train.save_json(args.json, result)
+    except (train.FileFault, OSError, MemoryError) as e:
+        print(f"{name}: {train.fault_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    train.run_command(main)

@@ -86,7 +86,11 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
                       "settings": settings}, sort_keys=True)
     if not retrain and os.path.exists(path):
         t0 = time.perf_counter()
-        data = train.load_npz(path)
+        try:
+            data = train.load_npz(path, "a figures cache")
+        except train.FileFault as e:  # a damaged cache is recomputed
+            progress(name, f"recomputing: {e}", getattr(ctx, "quiet", False))
+            data = {}
         if "_key" in data and str(data["_key"]) == key:
             seconds = float(data["_seconds"])
             _record(ctx, seconds, time.perf_counter() - t0, True)
@@ -171,8 +175,7 @@ def write_summary(out_dir, results, preset):
     path = os.path.join(out_dir, "summary.json")
     recorded = {}
     if os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f)
+        recorded = train.load_json(path, "the summary of earlier figures")
     for name, res in results.items():
         recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "cached": res.get("cached", "none"),
                           "note": res.get("note", ""),
@@ -429,24 +432,25 @@ def train_cached(ctx, experiment, name, **overrides):
     done = all(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "params.npz", "metrics.npz"))
     if done and not ctx.retrain:
         t0 = time.perf_counter()
-        with open(config_path, "rb") as f:
-            raw = f.read()
-        saved = json.loads(raw)
-        same = all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT)
-        fresh = saved.get("versions", {}).get("code") == train.code_fingerprint()
-        if same and fresh:
-            progress(name, f"reusing {run_dir}", ctx.quiet)
-            res = train.load(run_dir)
-            seconds = None
-            if os.path.exists(seconds_path):
-                with open(seconds_path) as f:
-                    timing = json.load(f)
-                if timing.get("config_sha1") == hashlib.sha1(raw).hexdigest():  # of this very run
-                    seconds = timing["seconds"]
-            _record(ctx, seconds, time.perf_counter() - t0, True)
-            return res
-        if same:
-            progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
+        try:
+            saved = train.load_json(config_path, "a run's config.json")
+            same = all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT)
+            fresh = saved.get("versions", {}).get("code") == train.code_fingerprint()
+            res = train.load(run_dir) if same and fresh else None
+            if res is not None:
+                progress(name, f"reusing {run_dir}", ctx.quiet)
+                seconds = None
+                if os.path.exists(seconds_path):
+                    timing = train.load_json(seconds_path, "a run's seconds.json")
+                    with open(config_path, "rb") as f:  # the time of this very run
+                        if timing.get("config_sha1") == hashlib.sha1(f.read()).hexdigest():
+                            seconds = timing.get("seconds")
+                _record(ctx, seconds, time.perf_counter() - t0, True)
+                return res
+            if same:
+                progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
+        except (train.FileFault, AttributeError) as e:  # damaged (or not a dict): trained again
+            progress(name, f"retraining: {e}", ctx.quiet)
     progress(name, f"training {experiment} -> {run_dir}", ctx.quiet)
     t0 = time.perf_counter()
     res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
@@ -1023,7 +1027,10 @@ def main(argv=None):
     except ValueError as e:
         print(f"figures.py: error: {e}", file=sys.stderr)
         return 2
+    except (train.FileFault, OSError, MemoryError) as e:
+        print(f"figures.py: error: {train.fault_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    train.run_command(main)

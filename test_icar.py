@@ -11,6 +11,7 @@ Here `np` is NumPy and `anp` autograd's wrapper of it.
 import email
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -1053,19 +1054,35 @@ def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
     assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
 
 
-def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys):
+def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError, match=r"non-finite loss \(nan\).*init_scale 1e\+200 is too large"):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert not (tmp_path / "block").exists()  # found before any file was written
+    # a loss finite on check_run's 2 sequences but not on the training data: Diverged at step 0
+    monkeypatch.setattr(train, "check_run", lambda experiment, cfg: None)
     with pytest.raises(train.Diverged, match=r"at step 0, before any update.*nothing was saved"):
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert not (tmp_path / "block" / "checkpoint.npz").exists()
+    assert os.listdir(tmp_path / "block") == []
     assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
     assert "population loss became" in capsys.readouterr().err
 
 
 def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
     train.run("block", runs_dir=str(tmp_path), quiet=True, **TINY)
-    with pytest.raises(train.Diverged):
+    before = folder_bytes(tmp_path / "block")
+    with pytest.raises(ValueError):  # a start that fails leaves the earlier run as it was
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert sorted(os.listdir(tmp_path / "block")) == ["config.json"]
+    assert folder_bytes(tmp_path / "block") == before
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, steps=3))
+    assert sorted(os.listdir(tmp_path / "block")) == ["checkpoint.npz", "config.json", "metrics.npz",
+                                                      "params.npz"]
+    assert train.load(str(tmp_path / "block"))["metrics"]["steps_done"] == 3
+
+
+def folder_bytes(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _, files in os.walk(folder) for f in files}
 
 
 def test_pe_only_in_float32_trains_in_float32(tmp_path):
@@ -2396,3 +2413,180 @@ def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
     train.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
     assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
     assert os.listdir(tmp_path / "a") == ["x.txt"]
+# ---------------------------------------------------------------------------- nothing saved is lost
+
+def _finished_run(runs):
+    """A finished tiny run in runs/block and the bytes of every file under runs."""
+    train.run("block", runs_dir=str(runs), quiet=True, **TINY)
+    return folder_bytes(runs)
+
+
+def _bad_commands(runs, a_file):
+    """(argv, exit status) of command lines that must fail with one line and touch no file."""
+    r = ["--runs_dir", str(runs), "--quiet"]
+    two = [
+        (["block", "--T", "1"], 2), (["diagonal", "--family", "orthogonal", "--d", "3"], 2),
+        (["pe-only", "--d", "2"], 2), (["pe-only", "--family", "orthogonal"], 2),
+        (["block", "--init_scale", "1e200"], 2), (["block", "--name", "../x"], 2),
+        (["block", "--name", "/tmp/icar-abs"], 2), (["block", "--name", ".."], 2),
+        (["block", "--name", "."], 2), (["block", "--name", ""], 2), (["block", "--name", "a/b"], 2),
+        (["block", "--name", ".hidden"], 2), (["block", "--name", "-x"], 2),
+        (["block", "--steps", "5", "--steps", "7"], 2),
+        (["block", "--sweep", "lr=0.1", "--sweep", "lr=0.2"], 2),
+        (["block", "--sweep", "lr=0.1,1e-1"], 2), (["block", "--steps", "1e30"], 2),
+        (["block", "--steps", "10000000000000"], 2), (["pe-only", "--family", "unitary", "--mu", "7"], 2),
+        (["block", "--runs_dir", "/dev/null"], 2), (["block", "--runs_dir", "/proc/icar-runs"], 2),
+        (["block", "--runs_dir", a_file], 2), (["block", "--sweep", "T=5,1"], 2),
+        (["block", "--bogus", "1"], 2), (["block", "--steps"], 2), (["block", "steps"], 2),
+        (["nope"], 2), ([], 2), (["block", "--preset", "huge"], 2), (["block", "--family", "angle"], 2),
+        (["population", "--family", "haar"], 2), (["population", "--family", "orthogonal", "--d", "5"], 2),
+        (["block", "--batch", "100000"], 2), (["block", "--n_probe", "100000"], 2),
+        (["block", "--lr", "nan"], 2), (["block", "--lr", "-1"], 2), (["block", "--sigma", "inf"], 2),
+        (["block", "--dtype", "float16"], 2), (["block", "--backend", "cupy"], 2),
+        (["block", "--name", "other", "--resume"], 2), (["block", "--sweep", "lr"], 2),
+        (["block", "--sweep", "bogus=1,2"], 2), (["block", "--sweep", "steps=5", "--steps", "5"], 2),
+        (["block", "--name", "x", "--name", "y"], 2), (["block", "--resume", "--resume"], 2),
+        (["diagonal", "--heads", "0"], 2), (["block", "--form", "diag"], 2), (["block", "--seed", "-1"], 2),
+        (["block", "--resume", "--steps", "9"], 2), (["block", "--sweep", "form=block,full,diag"], 2),
+    ]
+    return [(argv[:1] + r + argv[1:] if argv and argv[0] != "nope" else argv, code) for argv, code in two]
+
+
+def test_bad_command_lines_give_one_line_and_touch_no_file(tmp_path, capsys):
+    """More than 40 bad command lines after a finished run: each prints one line on stderr,
+    exits 2, and leaves every file under the runs folder byte-identical (and writes nothing)."""
+    runs, a_file = tmp_path / "runs", tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    before = _finished_run(runs)
+    table = _bad_commands(runs, str(a_file))
+    assert len(table) >= 40
+    for argv, code in table:
+        assert train.main(argv) == code, argv
+        out = capsys.readouterr()
+        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("train.py: "), (argv, out.err)
+        assert out.out == "", argv
+        assert folder_bytes(runs) == before, argv
+    assert sorted(os.listdir(runs)) == ["block"] and not os.path.exists("/tmp/icar-abs")
+
+
+@pytest.mark.parametrize("damage, code, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), 1, r"checkpoint.npz: cannot be read as a checkpoint"),
+    (lambda p: p.write_bytes(b""), 1, r"checkpoint.npz: cannot be read as a checkpoint"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 8), 1, r"checkpoint.npz: cannot be read as a checkpoint"),
+    (lambda p: np.savez(open(p, "wb"), step=np.asarray(1)), 1, r"checkpoint.npz: an incomplete checkpoint"),
+    (lambda p: (p.parent / "config.json").unlink(), 1, r"config.json: no such file"),
+    (lambda p: (p.parent / "config.json").write_text("{bad json"), 1, r"config.json: not valid JSON"),
+    (lambda p: train.save_npz(str(p), dict(np.load(p), step=np.asarray(99))), 2,
+     r"does not belong to this run: its step 99 is past steps=5"),
+    (lambda p: train.save_npz(str(p), {k: (np.zeros((3, 3)) if k == "params/A" else v)
+                                      for k, v in np.load(p).items()}), 2,
+     r"does not belong to this run: its parameters"),
+])
+def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path, capsys, damage, code, message):
+    argv = ["block", "--steps", "5", "--n_train", "16", "--n_test", "8", "--n_probe", "4",
+            "--runs_dir", str(tmp_path), "--quiet"]
+    assert train.main(argv) == 0
+    capsys.readouterr()
+    damage(tmp_path / "block" / "checkpoint.npz")
+    before = folder_bytes(tmp_path)
+    assert train.main(argv + ["--resume"]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert folder_bytes(tmp_path) == before
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    before = _finished_run(tmp_path)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    assert train.main(["block", "--steps", "3", "--runs_dir", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"train.py: cannot write {tmp_path}/block/.fresh/config.json: "
+                                        "No space left on device"]
+    assert folder_bytes(tmp_path) == before  # no .tmp file, the earlier run intact
+    monkeypatch.undo()
+    (tmp_path / "block" / "params.npz").unlink()
+    (tmp_path / "block" / "params.npz").mkdir()  # a result path that is a folder: found first
+    assert train.main(["block", "--steps", "3", "--runs_dir", str(tmp_path), "--quiet"]) == 2
+    assert "params.npz is a folder" in capsys.readouterr().err
+
+
+def test_a_fresh_run_replaces_the_old_one_only_after_its_first_checkpoint(tmp_path, monkeypatch):
+    before = _finished_run(tmp_path)
+    real = train._checkpoint
+    calls = []
+
+    def crash(nth):
+        def checkpoint(*args):
+            calls.append(1)
+            if len(calls) == nth:
+                raise KeyboardInterrupt
+            return real(*args)
+        return checkpoint
+    monkeypatch.setattr(train, "_checkpoint", crash(1))  # killed while writing the first one
+    with pytest.raises(KeyboardInterrupt):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, seed=5))
+    assert folder_bytes(tmp_path) == before
+    calls.clear()
+    monkeypatch.setattr(train, "_checkpoint", crash(2))  # killed after the first checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, seed=5, checkpoint_every=2))
+    assert sorted(os.listdir(tmp_path / "block")) == ["checkpoint.npz", "config.json"]
+    monkeypatch.setattr(train, "_checkpoint", real)
+    resumed = train.run("block", runs_dir=str(tmp_path), quiet=True, resume=True,
+                        **dict(TINY, seed=5, checkpoint_every=2))
+    whole = train.run("block", runs_dir=str(tmp_path / "whole"), quiet=True, **dict(TINY, seed=5))
+    np.testing.assert_array_equal(resumed["params"]["A"], whole["params"]["A"])
+
+
+def test_sweeps_check_every_point_first_and_show_the_swept_key(tmp_path, capsys):
+    with pytest.raises(ValueError, match="T must be an integer >= 2"):
+        train.sweep("block", {"T": [5, 1]}, runs_dir=str(tmp_path), quiet=True,
+                    **{k: v for k, v in TINY.items() if k != "T"})
+    assert not (tmp_path / "block").exists()  # the good point did not train
+    with pytest.raises(ValueError, match="distinct values"):
+        train.sweep("block", {"lr": [0.1, 1e-1]}, runs_dir=str(tmp_path), quiet=True, **TINY)
+    _, table = train.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path), quiet=True, **TINY)
+    assert table.split()[0] == "lr" and "0.02" in table
+
+
+def test_ignored_settings_are_not_stored_and_help_lists_only_allowed_families(tmp_path, capsys):
+    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, family="unitary"))
+    assert "mu" not in result["config"] and result["config"]["family"] == "unitary"
+    assert train.main(["population", "--help"]) == 0
+    family = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--family")]
+    assert family and family[0].endswith("(unitary, orthogonal)")
+
+
+def test_a_closed_pipe_ends_a_command_quietly():
+    code = "import train; train.run_command(lambda: print('x' * 10 ** 6) or 0)"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()  # as `| head` does
+    err = p.stderr.read()
+    assert p.wait() == 0 and err == b""
+    for script in ("train.py", "bench.py", "figures.py", "gpu.py"):
+        assert "run_command(main)" in open(os.path.join(HERE, script)).read()
+
+
+def test_figures_recompute_a_damaged_cache(tmp_path):
+    calls = []
+    compute = lambda: calls.append(1) or {"x": np.arange(3)}  # noqa: E731
+    figures.cached(str(tmp_path), "t", compute, False, {"a": 1})
+    path = tmp_path / "figures-t" / "data.npz"
+    path.write_bytes(path.read_bytes()[:50])  # truncated
+    np.testing.assert_array_equal(figures.cached(str(tmp_path), "t", compute, False, {"a": 1})["x"],
+                                  np.arange(3))
+    assert len(calls) == 2
+
+
+def test_ci_runs_the_readme_set_up_and_test_lines():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("## Set up and run", 1)[1].split("```")[1].strip().splitlines()
+    ci = [line for line in open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+          if line and not line.startswith(("#", "set ", "cd ", "rm "))]
+    assert len(block) == 2 and ci == [block[0].split(" && .venv/bin/python figures.py")[0], block[1]]
+    assert block[0].startswith("python3 -m venv .venv && ")

@@ -59,9 +59,12 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import sys
 import time
 import typing
+import zipfile
 
 import autograd.numpy as np
 import numpy
@@ -105,6 +108,7 @@ CHOICES = {"family": icar.FAMILIES, "s1": ("random", "fixed"), "attention": ("li
            "form": ("block", "full"), "loss": ("all", "last"), "optimizer": ("adam", "gd"),
            "dtype": ("float64", "float32"), "backend": ("numpy", "cupy")}
 AT_LEAST_ZERO = {"sigma", "batch", "target_loss", "n_probe", "seed"}  # others: > 0
+MAX_INT = 2 ** 31 - 1  # integer options beyond this are typing errors (and would not fit memory)
 NOT_RESULT = {"checkpoint_every", "log_every"}  # may change on --resume
 
 _DATA = dict(seed=0, sigma=0.0, n_test=512, n_probe=128, dtype="float64", backend="numpy",
@@ -172,6 +176,13 @@ def config(experiment, preset="quick", **overrides):
             if not (math.isfinite(value) and low_ok):
                 raise ValueError(f"option {key} must be a finite number "
                                  f"{'>= 0' if key in AT_LEAST_ZERO else '> 0'}, got {value!r}")
+            if OPTIONS[key][0] is int and value > MAX_INT:
+                raise ValueError(f"option {key} must be at most {MAX_INT}, got {value!r}")
+    if "mu" in cfg and cfg["family"] != "angle":  # mu is the angle law's: never stored unused
+        if "mu" in overrides:
+            raise ValueError(f"option mu is only used by family 'angle', got family "
+                             f"{cfg['family']!r}")
+        del cfg["mu"]
     families = EXPERIMENTS[experiment].families
     if EXPERIMENTS[experiment].init is None:  # no sampled data: the families theory knows
         icar.check_choice("family", cfg["family"], families)
@@ -585,20 +596,49 @@ def weight_blocks(experiment, params, d):
 
 # ----------------------------------------------------------------------------- files
 
+class FileFault(Exception):
+    """A file that cannot be written (a full disk, no permission) or read back (truncated,
+    empty, foreign): a fault of the machine or of the file, not of the settings (exit status 1)."""
+
+
 def atomic_write(path, write):
     """write(binary file) into path + '.tmp' (flushed to disk), then rename: a reader sees the
-    old or the new file. Creates path's folder if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    old or the new file, never a partial one. Creates path's folder if needed; FileFault
+    naming path if the disk refuses."""
     tmp = path + ".tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise FileFault(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_file(path, what, read):
+    """read(path), with every way the file can be missing, damaged or foreign turned into one
+    FileFault naming the file and what it should have been."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise FileFault(f"{path}: no such file (expected {what})") from None
+    except json.JSONDecodeError as e:
+        raise FileFault(f"{path}: not valid JSON ({e}); expected {what}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "truncated, empty or not this kind of file"
+        raise FileFault(f"{path}: cannot be read as {what} ({why})") from None
+
+
+def load_json(path, what="a JSON file"):
+    def read(p):
+        with open(p, "rb") as f:
+            return json.loads(f.read())
+    return read_file(path, what, read)
 
 
 def save_text(path, text):
@@ -613,9 +653,11 @@ def save_npz(path, arrays):
     atomic_write(path, lambda f: numpy.savez(f, **arrays))
 
 
-def load_npz(path):
-    with numpy.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def load_npz(path, what="a .npz file of arrays"):
+    def read(p):
+        with numpy.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    return read_file(path, what, read)
 
 
 def _flatten(tree, prefix=""):
@@ -663,11 +705,10 @@ def _versions():
 
 def load(run_dir):
     """The result of `run` read back from runs/NAME: config, params, metrics, dir."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
     metrics = {k: (float(v) if v.ndim == 0 else v)
-               for k, v in load_npz(os.path.join(run_dir, "metrics.npz")).items()}
-    params = _unflatten(load_npz(os.path.join(run_dir, "params.npz")))
+               for k, v in load_npz(os.path.join(run_dir, "metrics.npz"), "a run's metrics").items()}
+    params = _unflatten(load_npz(os.path.join(run_dir, "params.npz"), "a run's parameters"))
     return {"config": cfg, "params": params, "metrics": metrics, "dir": run_dir}
 
 
@@ -756,17 +797,104 @@ def _checkpoint(path, step, params, opt, rng, perm, pos, history):
 
 
 def _restore(path, xp):
-    z = load_npz(path)
+    z = load_npz(path, "a checkpoint")
     def group(name, move=xp.asarray):
         return _unflatten({k[len(name) + 1:]: move(v) for k, v in z.items() if k.startswith(name + "/")})
 
-    opt = None
-    if "opt_t" in z:
-        opt = dict(group("opt"), t=int(z["opt_t"]))
-    rng = numpy.random.default_rng()
-    rng.bit_generator.state = json.loads(str(z["rng"]))
-    history = {k: list(v) for k, v in group("history", move=numpy.asarray).items()}
-    return int(z["step"]), group("params"), opt, rng, z["perm"], int(z["pos"]), history
+    try:
+        opt = dict(group("opt"), t=int(z["opt_t"])) if "opt_t" in z else None
+        rng = numpy.random.default_rng()
+        rng.bit_generator.state = json.loads(str(z["rng"]))
+        history = {k: list(v) for k, v in group("history", move=numpy.asarray).items()}
+        return int(z["step"]), group("params"), opt, rng, z["perm"], int(z["pos"]), history
+    except (KeyError, ValueError, TypeError) as e:
+        raise FileFault(f"{path}: an incomplete checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _check_belongs(path, state, experiment, cfg):
+    """ValueError unless the restored checkpoint `state` can continue the run of cfg."""
+    step, params, opt, _, perm, pos, history = state
+    init = init_model(experiment, cfg, numpy.random.default_rng(0))
+    want = {k: v.shape for k, v in _flatten(init).items()}
+    have = {k: numpy.shape(v) for k, v in _flatten(tree_map(_host, params)).items()}
+    bad = (f"its step {step} is past steps={cfg['steps']}" if not 0 <= step <= cfg["steps"] else
+           f"its parameters {have} differ from the model's {want}" if have != want else
+           "its optimiser state is not the one of --optimizer " + cfg["optimizer"]
+           if (opt is None) != (cfg["optimizer"] == "gd") else
+           f"its minibatch order covers {len(perm)} sequences, not n_train={cfg['n_train']}"
+           if len(perm) != cfg["n_train"] or not 0 <= pos <= cfg["n_train"] else None)
+    if bad is None and opt is not None:
+        moments = {k: numpy.shape(v) for k, v in _flatten(tree_map(_host, opt["m"])).items()}
+        bad = "its optimiser state does not match the parameters" if moments != want else None
+    if bad:
+        raise ValueError(f"--resume: {path} does not belong to this run: {bad}")
+
+
+RUN_FILES = ("config.json", "checkpoint.npz", "params.npz", "metrics.npz")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*")
+
+
+def run_folder(runs_dir, name):
+    """runs_dir/name, where name must be one plain folder name, so that a run writes (and
+    replaces) files inside runs_dir only."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"run name {name!r} must be one plain folder name: letters, digits and "
+                         f"_ . , = + -, not starting with '.' or '-'")
+    return os.path.join(runs_dir, name)
+
+
+def _prepare_folder(run_dir):
+    """Create run_dir; ValueError if it cannot hold a run's files (a bad --runs_dir or name)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the run folder {run_dir} ({e.strerror or e}); "
+                         f"expected a writable folder") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"the run folder {run_dir} is not writable; expected a writable folder")
+    for f in RUN_FILES:
+        if os.path.isdir(os.path.join(run_dir, f)):
+            raise ValueError(f"{os.path.join(run_dir, f)} is a folder; a run writes a file there")
+    if os.path.exists(os.path.join(run_dir, ".replaced")):
+        raise ValueError(f"{os.path.join(run_dir, '.replaced')} holds an earlier run's files, set "
+                         f"aside by an interrupted start; move them back or delete the folder")
+
+
+def check_run(experiment, cfg):
+    """Build what a run of cfg needs on 2 sequences, so that a setting that passes `config` but
+    fails later (T or d wrong for the family, an init scale whose loss overflows, no CuPy)
+    raises ValueError before any file is touched."""
+    rng = numpy.random.default_rng(0)
+    if EXPERIMENTS[experiment].init is None:
+        import theory
+        theory.train_population(cfg["heads"], cfg["d"], cfg["T"], cfg["family"], cfg["lr"], 0, rng)
+        return
+    array_module(cfg["backend"])  # without CuPy: ValueError
+    s = _to_dtype(_sample(cfg, rng, 2)[0], cfg["dtype"])
+    params = tree_map(lambda p: p.astype(cfg["dtype"]), init_model(experiment, cfg, rng))
+    with numpy.errstate(all="ignore"):
+        loss = float(icar.mse(predictor(experiment, cfg)(params, s[:, :-1]), s[:, 1:]))
+    if not math.isfinite(loss):
+        raise ValueError(f"the initial parameters give a non-finite loss ({loss}) on sampled "
+                         f"data in {cfg['dtype']}: init_scale {cfg.get('init_scale')} is too large")
+
+
+def _replace_run(stage, run_dir):
+    """Move a fresh run's files from stage into run_dir, in place of an earlier run's. The
+    earlier files are first renamed into run_dir/.replaced, then removed: an interruption in
+    between leaves every file on disk (_prepare_folder then says where)."""
+    aside = os.path.join(run_dir, ".replaced")
+    try:
+        os.makedirs(aside)
+        for f in RUN_FILES:
+            if os.path.exists(os.path.join(run_dir, f)):
+                os.replace(os.path.join(run_dir, f), os.path.join(aside, f))
+        for f in os.listdir(stage):
+            os.replace(os.path.join(stage, f), os.path.join(run_dir, f))
+        os.rmdir(stage)
+        shutil.rmtree(aside)
+    except OSError as e:
+        raise FileFault(f"cannot move the new run into {run_dir}: {e.strerror or e}") from None
 
 
 def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
@@ -774,7 +902,10 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     """Train `experiment` with its preset and overrides; evaluate, probe, save in runs_dir/name.
 
     Returns {"config", "params", "metrics", "dir"} as `load` reads them back. Raises ValueError
-    for bad settings, Diverged (a ValueError) on a non-finite training loss. Metrics:
+    for bad settings (all checked, and the model built once, before any file is touched),
+    Diverged (a ValueError) on a non-finite training loss, FileFault when a file cannot be
+    written or read. A fresh run is written into run_dir/.fresh and replaces an earlier run's
+    files only once it has written its first checkpoint. Metrics:
         train_loss [steps + 1]; test_step, test_loss (every log_every steps); steps_done
         test_loss_position [T]; baseline_<name> [T] (see `baselines`)
         probe_Gamma [n_probe, T, d, d], probe_err_<ref>, probe_cos_<ref> [T] (see `probe`)
@@ -782,34 +913,42 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     population: train_loss [steps + 1], min_loss.
     """
     cfg = config(experiment, preset, **overrides)
-    if cfg.get("backend") == "cupy":  # the population experiment has no backend option
-        array_module("cupy")  # without CuPy: fail before anything is written
-    run_dir = os.path.join(runs_dir, name or experiment)
-    os.makedirs(run_dir, exist_ok=True)
-    saved = dict(cfg, experiment=experiment, preset=preset, versions=_versions())
-    config_path = os.path.join(run_dir, "config.json")
+    run_dir = run_folder(runs_dir, experiment if name is None else name)
+    check_run(experiment, cfg)
     ckpt = os.path.join(run_dir, "checkpoint.npz")
+    if resume and not os.path.exists(ckpt):
+        raise ValueError(f"--resume: no checkpoint in {run_dir}; run without --resume first")
+    _prepare_folder(run_dir)
+    saved = dict(cfg, experiment=experiment, preset=preset, versions=_versions())
     if resume:
-        if not os.path.exists(ckpt):
-            raise ValueError(f"--resume: no checkpoint in {run_dir}; run without --resume first")
-        with open(config_path) as f:
-            old = json.load(f)
+        old = load_json(os.path.join(run_dir, "config.json"), "the config.json of the run to resume")
         changed = sorted(k for k in set(old) | set(saved) if k not in NOT_RESULT | {"versions"}
                          and old.get(k) != saved.get(k))
         if changed:
             raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in "
                              f"{run_dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
-    else:  # a fresh run: no file of an earlier run in this folder may outlive it
-        for old_file in ("checkpoint.npz", "params.npz", "metrics.npz"):
-            if os.path.exists(os.path.join(run_dir, old_file)):
-                os.remove(os.path.join(run_dir, old_file))
-    save_json(config_path, saved)
-    if EXPERIMENTS[experiment].init is None:
-        metrics, params = _population(cfg)
-    else:
-        metrics, params = _train(experiment, cfg, ckpt, resume, quiet)
-    save_npz(os.path.join(run_dir, "params.npz"), _flatten(params))
-    save_npz(os.path.join(run_dir, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
+        state = _restore(ckpt, array_module(cfg["backend"]))
+        _check_belongs(ckpt, state, experiment, cfg)
+        folder, replace = run_dir, None
+    else:  # a fresh run: staged apart until it has a checkpoint, then it replaces the old files
+        folder, state = os.path.join(run_dir, ".fresh"), None
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier start that made no checkpoint
+        replace = lambda: _replace_run(folder, run_dir)  # noqa: E731
+    try:
+        save_json(os.path.join(folder, "config.json"), saved)
+        if EXPERIMENTS[experiment].init is None:  # no checkpoints: every file staged, then moved
+            metrics, params = _population(cfg)
+            folder = folder if replace else run_dir
+        else:
+            metrics, params = _train(experiment, cfg, ckpt, state, quiet, replace, folder)
+            folder, replace = run_dir, None
+        save_npz(os.path.join(folder, "params.npz"), _flatten(params))
+        save_npz(os.path.join(folder, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
+        if replace:
+            replace()
+    finally:  # a fresh start that stopped before its first checkpoint leaves nothing behind
+        if not resume:
+            shutil.rmtree(os.path.join(run_dir, ".fresh"), ignore_errors=True)
     return load(run_dir)  # what was saved, on the host
 
 
@@ -866,7 +1005,9 @@ def pe_only_objective(s, first=1):
     return loss_and_grad
 
 
-def _train(experiment, cfg, ckpt, resume, quiet):
+def _train(experiment, cfg, ckpt, state, quiet, replace=None, folder=None):
+    """Training loop; state: a restored checkpoint (resume) or None. A fresh run checkpoints
+    into folder until replace() has moved its files to ckpt's folder."""
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
     xp = array_module(cfg["backend"])
     _, _, init_rng, order_rng = _generators(cfg["seed"])
@@ -888,8 +1029,8 @@ def _train(experiment, cfg, ckpt, resume, quiet):
         # M3 is linear in P: the same loss and gradient from moments of the data, computed once
         moments = ex.moments(s_train, first)
         step_fn = lambda params, s: moments(params)  # noqa: E731  (s is always s_train here)
-    if resume:
-        step, params, opt, order_rng, perm, pos, history = _restore(ckpt, xp)
+    if state is not None:
+        step, params, opt, order_rng, perm, pos, history = state
     else:
         params = tree_map(lambda p: xp.asarray(p.astype(cfg["dtype"])),
                           init_model(experiment, cfg, init_rng))
@@ -897,7 +1038,7 @@ def _train(experiment, cfg, ckpt, resume, quiet):
         step, perm, pos = 0, numpy.arange(n), n
         history = {"train_loss": [], "test_step": [], "test_loss": []}
     progress = _Progress(cfg["steps"], quiet)
-    last_checkpoint = step if resume else None
+    last_checkpoint = step if state is not None else None
     with numpy.errstate(over="ignore", invalid="ignore"):
         while True:
             if batch < n and pos + batch > n:  # a new epoch: reshuffle
@@ -913,9 +1054,15 @@ def _train(experiment, cfg, ckpt, resume, quiet):
                 raise Diverged(f"training loss is {loss} at step {step}: the learning rate "
                                f"{cfg['lr']} is likely too large; the last finite checkpoint "
                                f"(step {last_checkpoint}) is kept in {ckpt}")
-            done = step == cfg["steps"] or loss < cfg["target_loss"]
+            done = step >= cfg["steps"] or loss < cfg["target_loss"]
             if step % cfg["checkpoint_every"] == 0 or done:  # the state before step's records
-                _checkpoint(ckpt, step, params, opt, order_rng, perm, pos, history)
+                if replace is None:
+                    _checkpoint(ckpt, step, params, opt, order_rng, perm, pos, history)
+                else:  # the first checkpoint of a fresh run: now it replaces the earlier run
+                    _checkpoint(os.path.join(folder, "checkpoint.npz"), step, params, opt,
+                                order_rng, perm, pos, history)
+                    replace()
+                    replace = None
                 last_checkpoint = step
             history["train_loss"].append(loss)
             if step % cfg["log_every"] == 0 or done:
@@ -969,17 +1116,23 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
     if clash:
         raise ValueError(f"option(s) {sorted(clash)} are both swept and fixed; give each once")
     keys = list(grid)
+    for k in keys:
+        values = [config(experiment, preset, **overrides, **{k: v})[k] for v in grid[k]]
+        if not values or len(set(values)) < len(values):
+            raise ValueError(f"--sweep {k} needs distinct values, got {list(grid[k])}")
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-    for point in points:  # check every setting before the first run starts
-        config(experiment, preset, **overrides, **point)
-    base = os.path.join(runs_dir, name or experiment)
+    base = run_folder(runs_dir, experiment if name is None else name)
+    subs = [",".join(f"{k}={v}" for k, v in point.items()) for point in points]
+    for point in points:  # every setting checked before the first run starts
+        check_run(experiment, config(experiment, preset, **overrides, **point))
+    for sub in subs:
+        _prepare_folder(run_folder(base, sub))
     results = []
-    for point in points:
-        sub = ",".join(f"{k}={v}" for k, v in point.items())
+    for point, sub in zip(points, subs):
         if not quiet:
             print(f"-- {experiment} {sub}", file=sys.stderr)
         results.append(run(experiment, preset, base, sub, resume, quiet, **overrides, **point))
-    rows = [_summary_row(experiment, r) for r in results]
+    rows = [_summary_row(experiment, r, keys) for r in results]
     save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
     columns = list(rows[0])
     table = "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
@@ -998,9 +1151,9 @@ def _loss_positions(cfg, experiment):
     return slice(EXPERIMENTS[experiment].first, None)
 
 
-def _summary_row(experiment, result):
+def _summary_row(experiment, result, swept=()):
     cfg, m = result["config"], result["metrics"]
-    row = {k: cfg[k] for k in ("layers", "heads", "attention", "sigma") if k in cfg}
+    row = {k: cfg[k] for k in (*swept, "layers", "heads", "attention", "sigma") if k in cfg}
     if EXPERIMENTS[experiment].init is None:
         row["loss"] = float(m["train_loss"][-1])
         return row
@@ -1084,13 +1237,16 @@ def _parse_value(key, text, cfg):
 def _parse(experiment, args):
     """args -> (run keywords, overrides, sweep grid)."""
     flags = {"preset": "quick", "name": None, "runs_dir": "runs", "resume": False, "quiet": False}
-    raw, grid = {}, {}
+    raw, grid, seen = {}, {}, set()
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) < 3:
             raise ValueError(f"expected --option, got {arg!r}")
         key = arg[2:].replace("-", "_")
+        if key in seen and key != "sweep":
+            raise ValueError(f"option --{key} is given twice; give each option once")
+        seen.add(key)
         if key in ("resume", "quiet"):
             flags[key] = True
             i += 1
@@ -1104,12 +1260,18 @@ def _parse(experiment, args):
             if "=" not in value:
                 raise ValueError(f"--sweep needs KEY=V1,V2,..., got {value!r}")
             k, values = value.split("=", 1)
-            grid[k.replace("-", "_")] = values.split(",")
+            k = k.replace("-", "_")
+            if k in grid:
+                raise ValueError(f"--sweep {k} is given twice; give all its values in one --sweep")
+            grid[k] = values.split(",")
         else:
             raw[key] = value
         i += 2
     icar.check_choice("preset", flags["preset"], ("quick", "paper"))
     cfg = config(experiment, flags["preset"])
+    clash = set(grid) & set(raw)
+    if clash:
+        raise ValueError(f"option(s) {sorted(clash)} are both swept and fixed; give each once")
     overrides = {k: _parse_value(k, v, cfg) for k, v in raw.items()}
     grid = {k: [_parse_value(k, v, cfg) for v in vs] for k, vs in grid.items()}
     return flags, overrides, grid
@@ -1147,7 +1309,35 @@ def main(argv=None):
     except ValueError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
+    except (FileFault, OSError, MemoryError) as e:
+        print(f"train.py: {fault_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("train.py: interrupted; files already written are intact, and --resume continues "
+              "from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
+
+def fault_line(e):
+    """One line for a fault of the machine or of a file."""
+    if isinstance(e, MemoryError):
+        return "out of memory: try fewer sequences (n_train, n_test, batch) or a smaller model"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+def run_command(main):
+    """sys.exit(main()), quietly when the reader of standard output goes away first
+    (`python train.py --help | head`)."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        status = 0
+    sys.exit(status)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
