@@ -1,13 +1,68 @@
-"""Tests of icar: each one compares a computation with an independent reference (an exact
-identity, a closed form of paper.md, Monte Carlo, a trained model, or autograd's
-check_grads), or checks what a user sees (files, errors, the command line).
+"""Tests of icar, by the claim of paper.md each proves. Each test compares a computation
+with an independent reference (an exact identity, a closed form of paper.md, Monte Carlo,
+a trained model, or autograd's check_grads), or checks what a user sees (files, errors,
+the command line). Here `np` is NumPy and `anp` autograd's wrapper of it. figures.py (and
+so matplotlib) is imported only inside the tests that use it (sections 5 and 9).
 
-Sections: icar.py (samplers, gradients, exact identities, bad input); theory.py (R1-R4
-against Monte Carlo and trained models); train.py (optimisers, resume, divergence,
-baselines, probe, command line); speed (every fast path against a plain reference, the
-benchmark); GPU arrays (gpu.py's adapter on its strict CuPy stand-in); figures.py.
-Here `np` is NumPy and `anp` autograd's wrapper of it.
+Sections (headers `# ==== N.`): 1 data and models, 2 R1, 3 R2/R3, 4 R4, 5 Figs. 3-7,
+6 fast == plain, 7 training plumbing, 8 GPU, 9 figures. Claim -> section: main tests
+Samplers (families, noise, s_1) -> 1: test_sampler_W_is_orthogonal_or_unitary_and_s_follows_W,
+    test_haar_statistics
+M1 is one GD step -> 1: test_block_M1_is_one_gradient_step_on_the_inner_objective,
+    test_block_M1_complex_is_eta_sum_s_t_conj_s_prev,
+    test_block_M1_equals_full_M1_with_the_blocks_embedded
+M2-M4 definitions -> 1: test_M3_is_M2_with_C_identity, test_models_are_causal,
+    test_positional_attention_is_a_causal_softmax, test_check_grads_every_model,
+    test_M1_M2_M3_keep_float32_in_value_and_gradients
+icar.py alone, its bad input -> 1: test_icar_alone_trains_every_model,
+    test_bad_sizes_are_rejected
+R1 eta*, L* -> 2: test_r1_step_sizes_minimise_the_loss, test_r1_gd_loss_matches_monte_carlo,
+    test_r1_trained_block_form_is_one_gd_step, test_r1_trained_full_form_reaches_L_star
+R2 minimum (d-H)_+ and minimisers -> 3: test_population_loss_matches_monte_carlo,
+    test_population_gradient_matches_autograd, test_minimiser_reaches_min_loss,
+    test_M2_minimisers_predict_their_family_exactly_and_not_the_other,
+    test_fig3_left_unitary_reaches_c_identity
+R3 (d-2H)_+, zero-loss set, local minima -> 3:
+    test_orthogonal_loss_holds_in_eigen_coordinates_only,
+    test_orthogonal_half_heads_reach_rank_d_over_2_minimiser_or_spurious_minima,
+    test_below_threshold_loss_settles_at_min_loss_or_spurious_minima,
+    test_heads_reading_differences_are_spurious_local_minima
+R4 closed form and GD path -> 4: test_pe_only_loss_matches_monte_carlo,
+    test_pe_only_gd_follows_exact_path_at_narrow_angles,
+    test_pe_only_trajectory_is_gradient_descent_on_the_population_loss,
+    test_pe_only_gd_converges_to_solution; theory.py's bad input:
+    test_user_errors_raise_value_error
+Fig. 3 values -> 5: test_fig3_rows_are_computed_from_the_parameters
+    (Fig. 1: test_fig1_orbits_stay_on_circles)
+Fig. 4 logic -> 5: test_ar_refit_is_exact_on_ar_data_and_not_on_shuffled_tokens,
+    test_ar_refit_matches_per_window_lstsq, test_fig4_on_the_shipped_text_with_the_real_table
+Fig. 5/7 baselines -> 5: test_baselines_match_paper_numbers,
+    test_least_squares_equals_per_position_lstsq,
+    test_k_step_gd_prediction_equals_explicit_gradient_descent,
+    test_optimal_one_step_is_the_vertex_of_the_quadratic_loss,
+    test_baselines_recomputed_from_independent_estimators
+Fig. 5/7 probe and weight blocks -> 5: test_probe_references_match_their_definitions,
+    test_probe_m1_one_gd_step_and_oracle, test_probe_of_the_r2_minimiser_is_w,
+    test_two_stream_transformer_is_icar_and_local, test_weight_blocks_m4_reproduce_the_scores
+Fig. 6 (trained P is the GD path) -> 5: test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss
+fused == plain -> 6: test_fused_transformer_equals_icar_transformer,
+    test_fused_transformer_second_derivatives, test_linear_attention_equals_plain_products,
+    test_pe_only_objective_matches_autograd, test_microbatched_gradient_equals_full_batch
+Benchmark FLOP counts -> 6: test_flop_counts_by_hand, test_bench_writes_json
+Optimisers -> 7: test_adam_matches_scalar_reference_and_gd_is_one_line
+Resume bit-identical -> 7: test_resume_equals_uninterrupted, test_resume_refuses_changed_settings
+Run files, divergence -> 7: test_crash_while_writing_a_checkpoint_keeps_the_previous_one,
+    test_divergence_stops_and_keeps_last_finite_checkpoint
+Sweeps, command line, bad input of train.py -> 7: test_sweep_over_layers_writes_summary,
+    test_every_experiment_runs_end_to_end, test_bad_arguments_exit_2_with_one_line
+GPU adapter -> 8: test_loss_and_gradients_on_the_device_equal_numpy,
+    test_twenty_adam_steps_on_the_device_equal_numpy, test_gpu_check_dry_run_on_the_stand_in
+Every figure, its command line and cache -> 9:
+    test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars,
+    test_train_cached_reuses_a_finished_run_and_retrains_on_request
 """
+
+
 import email
 import json
 import os
@@ -15,7 +70,6 @@ import subprocess
 import sys
 
 import autograd.numpy as anp
-import matplotlib.collections
 import numpy
 import numpy as np
 import pytest
@@ -26,7 +80,6 @@ from autograd.test_util import check_grads
 from autograd.tracer import getval
 
 import bench
-import figures
 import fused
 import icar
 import theory
@@ -45,7 +98,14 @@ def complex_haar_data(n, T, d, seed):
     return s * phase
 
 
-# ============================================================================ samplers
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ==== 1. data and models ==================================================================
+# Proves that the samplers draw what paper.md describes and that M1-M4 are the paper's
+# models, against exact identities, check_grads, gradients (causality) and dtypes.
+
+# ---- samplers ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family, d", [("unitary", 3), ("orthogonal", 4), ("haar", 5), ("angle", 1)])
 def test_sampler_W_is_orthogonal_or_unitary_and_s_follows_W(family, d):
@@ -129,7 +189,7 @@ def test_augment_tokens():
     assert np.all(e[:, 0, 4:] == 0) and np.array_equal(e[:, 1:, 4:], s[:, :-1])
 
 
-# ============================================================================ gradients
+# ---- gradients (check_grads) and dtypes --------------------------------------------------
 
 def _models(d, T, complex_data):
     """(name, function of params, params) for every model on real or complex data."""
@@ -204,7 +264,7 @@ def test_softmax_ignores_large_masked_scores(dtype):
     check_grads(lambda z: icar.softmax(z, mask), modes=["rev"], order=1)(z.astype(np.float64))
 
 
-# ============================================================================ exact identities
+# ---- exact identities: M1 is one GD step, M3 is M2 with C = I, causality -----------------
 
 def test_block_M1_is_one_gradient_step_on_the_inner_objective():
     """A = I, B = eta I: f_T = W_1 s_T with W_1 = W_0 - eta grad L(W_0), W_0 = 0."""
@@ -247,32 +307,6 @@ def test_block_M1_equals_full_M1_with_the_blocks_embedded():
     assert np.max(np.abs(full - block)) < 1e-12
 
 
-def r2_minimiser(d, T, c):
-    """C = c I with H = d heads, p_T = 1/c (R2)."""
-    return {"A": np.eye(d), "B": c * np.eye(d), "P": np.eye(T) / c}
-
-
-def r3_minimiser(d, T, c):
-    """C = c (I_{d/2} kron 1 1^T) with H = d/2 heads, p_T = 1/c, p_{T-1} = -1/(2c) (R3)."""
-    heads = np.kron(np.eye(d // 2), np.ones((1, 2)))                     # [d/2, d]
-    return {"A": heads, "B": c * heads, "P": (np.eye(T) - 0.5 * np.eye(T, k=-1)) / c}
-
-
-def _error_after_first(params, s):
-    f = icar.diagonal_heads(params, s[:, :-1])
-    return np.max(np.abs(f[:, 1:] - s[:, 2:]))   # position 0 has no query
-
-
-def test_M2_minimisers_predict_their_family_exactly_and_not_the_other():
-    d, T, c = 4, 8, -1.3
-    su = icar.sample_sequences(rng(18), 20, T, d, "unitary")[0]
-    so = icar.sample_sequences(rng(19), 20, T, d, "orthogonal")[0]
-    assert _error_after_first(r2_minimiser(d, T, c), su) < 1e-10
-    assert _error_after_first(r3_minimiser(d, T, c), so) < 1e-10
-    assert _error_after_first(r3_minimiser(d, T, c), su) > 0.1
-    assert _error_after_first(r2_minimiser(d, T, c), so) > 0.1
-
-
 def test_M3_with_p_T_one_predicts_full_circle_sequences():
     s = icar.sample_sequences(rng(20), 10, 6, 1, "unitary")[0]
     f = icar.pe_only({"P": np.eye(6)}, s[:, :-1])
@@ -308,7 +342,20 @@ def test_models_are_causal():
         assert np.max(np.abs(a[:, -1] - b[:, -1])) > 1e-6
 
 
-# ============================================================================ bad input
+def test_positional_attention_is_a_causal_softmax():
+    cfg = icar.transformer_config(d_in=3, d_out=3, T=6, heads=2, repeat=2, positional=True, residual=False)
+    params = icar.init_params("transformer", rng(8), cfg=cfg)
+    a = icar.positional_attention(params["layers"][0], params["pos"][:5])      # [2, 5, 5]
+    assert a.shape == (2, 5, 5)
+    assert np.allclose(a.sum(-1), 1) and np.all(np.triu(a, 1) == 0)
+    lay, p = params["layers"][0], params["pos"][:5]
+    h, r = 1, 3  # one entry by hand
+    z = [(p[r] @ lay["W_Q"][h] + lay["b_Q"][h]) @ (p[t] @ lay["W_K"][h] + lay["b_K"][h]) / np.sqrt(6)
+         for t in range(r + 1)]
+    assert np.allclose(a[h, r, :r + 1], np.exp(z) / np.sum(np.exp(z)))
+
+
+# ---- bad input of icar.py ----------------------------------------------------------------
 
 def _bad(match, f, *args, **kwargs):
     with pytest.raises(ValueError, match=match):
@@ -384,7 +431,7 @@ def test_angle_family_needs_d_one_and_mu_only_for_angle():
     _bad(r"mu is only used by family 'angle'", icar.sample_sequences, rng(), 2, 3, 2, "haar", mu=5.0)
 
 
-# ============================================================================ standing alone
+# ---- icar.py standing alone --------------------------------------------------------------
 
 ALONE = """
 import numpy as np
@@ -416,9 +463,10 @@ def test_icar_alone_trains_every_model(tmp_path):
     imported = {line.split()[1].split(".")[0] for line in open(icar.__file__) if line.startswith(("import ", "from "))}
     assert imported == {"importlib", "numbers", "numpy", "autograd"}  # no threads, no os
 
-# ##############################################################################
-# theory.py: R1-R4
-# ##############################################################################
+
+# ==== 2. R1: one GD step, augmented (M1) ==================================================
+# Proves theory.py's eta*, GD loss and L* of R1 against Monte Carlo and against M1 trained
+# by Adam (block and full form). The helpers serve sections 2-4.
 
 def assert_monte_carlo(value, per_sequence, k=4.0):
     """value agrees with the mean of per_sequence [n, ...] within k standard errors (plus
@@ -443,8 +491,6 @@ def adam(objective, params, steps, lr):
         params, state = train.adam_update(params, g(params), state, lr)
     return params
 
-
-# ----------------------------------------------------------------------------- R1
 
 def test_r1_step_sizes_minimise_the_loss():
     for T, d in [(5, 3), (20, 10), (2, 1)]:
@@ -550,7 +596,39 @@ def test_r1_fixed_first_state_beats_one_gd_step():
     assert test.mean() + 4 * test.std() / np.sqrt(test.size) < theory.gd_loss(T, d)
 
 
-# ----------------------------------------------------------------------------- R2, R3
+# ==== 3. R2 / R3: diagonal heads (M2), population losses, minimisers, local minima ========
+# Proves the population losses of R2/R3 against Monte Carlo and autograd, the minimum values
+# (d-H)_+ and (d-2H)_+ at the minimisers, and the local minima, against the Hessian and GD.
+
+# ---- the minimisers by hand predict their family exactly ---------------------------------
+
+def r2_minimiser(d, T, c):
+    """C = c I with H = d heads, p_T = 1/c (R2)."""
+    return {"A": np.eye(d), "B": c * np.eye(d), "P": np.eye(T) / c}
+
+
+def r3_minimiser(d, T, c):
+    """C = c (I_{d/2} kron 1 1^T) with H = d/2 heads, p_T = 1/c, p_{T-1} = -1/(2c) (R3)."""
+    heads = np.kron(np.eye(d // 2), np.ones((1, 2)))                     # [d/2, d]
+    return {"A": heads, "B": c * heads, "P": (np.eye(T) - 0.5 * np.eye(T, k=-1)) / c}
+
+
+def _error_after_first(params, s):
+    f = icar.diagonal_heads(params, s[:, :-1])
+    return np.max(np.abs(f[:, 1:] - s[:, 2:]))   # position 0 has no query
+
+
+def test_M2_minimisers_predict_their_family_exactly_and_not_the_other():
+    d, T, c = 4, 8, -1.3
+    su = icar.sample_sequences(rng(18), 20, T, d, "unitary")[0]
+    so = icar.sample_sequences(rng(19), 20, T, d, "orthogonal")[0]
+    assert _error_after_first(r2_minimiser(d, T, c), su) < 1e-10
+    assert _error_after_first(r3_minimiser(d, T, c), so) < 1e-10
+    assert _error_after_first(r3_minimiser(d, T, c), su) > 0.1
+    assert _error_after_first(r2_minimiser(d, T, c), so) > 0.1
+
+
+# ---- population losses and minimisers ----------------------------------------------------
 
 def model_data(rng, n, T, d, family):
     """Sampled sequences in the coordinates where R2/R3 hold (eigen-basis for "orthogonal")."""
@@ -648,6 +726,8 @@ def test_fig3_left_unitary_reaches_c_identity():
     AB = A @ B.T
     assert np.linalg.norm(AB - c * np.eye(H)) < 1e-3 * np.linalg.norm(AB)
 
+
+# ---- local minima ------------------------------------------------------------------------
 
 def population_hessian(params, family, h=1e-5):
     """Eigenvalues of the Hessian of population_loss in (A, B, P), by central differences of
@@ -786,7 +866,9 @@ def test_heads_reading_differences_are_spurious_local_minima(d, H, T, alpha):
         assert abs(after - loss) < 1e-6
 
 
-# ----------------------------------------------------------------------------- R4
+# ==== 4. R4: positional encoding only (M3) ================================================
+# Proves R4's closed-form loss against Monte Carlo and its GD path of P against plain
+# gradient descent on samples and on the population loss; then theory.py's bad input.
 
 def uniform_phi(mu):
     """E[exp(i k theta)] for theta ~ U[0, 2 pi / mu], written independently of theory.py."""
@@ -888,7 +970,7 @@ def test_pe_only_gd_converges_to_solution(mu):
         assert np.allclose(star, np.diag((np.arange(T) > 0).astype(float)), atol=1e-12)
 
 
-# ----------------------------------------------------------------------------- errors
+# ---- bad input of theory.py --------------------------------------------------------------
 
 @pytest.mark.parametrize("call, match", [
     (lambda: theory.gd_step_size(1, 3), r"T must be an integer >= 2, got 1"),
@@ -913,167 +995,12 @@ def test_user_errors_raise_value_error(call, match):
         call()
 
 
-# ##############################################################################
-# train.py
-# ##############################################################################
+# ==== 5. Figs. 3-7: the experiments =======================================================
+# Proves the experiments' numbers: baselines and probe references against independent
+# estimators (lstsq, autograd, sums by hand) and paper.md's numbers; the probe and weight
+# blocks of trained-model predictors; each figure's summary rows; the Fig. 4 logic.
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(T=5, n_train=64, n_test=32, n_probe=4, steps=6, checkpoint_every=2, log_every=2)
-
-
-def flat(tree):
-    return train._flatten(tree)
-
-
-# ----------------------------------------------------------------------------- optimisers
-
-def test_adam_matches_scalar_reference_and_gd_is_one_line():
-    rng = np.random.default_rng(0)
-    params = {"a": rng.standard_normal(3), "layers": [{"w": rng.standard_normal((2, 2))}]}
-    grads = [tree for tree in (train.tree_map(lambda p: rng.standard_normal(p.shape), params)
-                               for _ in range(3))]
-    state = train.adam_init(params)
-    p = params
-    for g in grads:
-        p, state = train.adam_update(p, g, state, 0.1)
-    # reference: the textbook recursion on each scalar
-    x, m, v = params["layers"][0]["w"][1, 0], 0.0, 0.0
-    for t, g in enumerate(grads, 1):
-        gi = g["layers"][0]["w"][1, 0]
-        m, v = 0.9 * m + 0.1 * gi, 0.999 * v + 0.001 * gi ** 2
-        x -= 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-    assert p["layers"][0]["w"][1, 0] == pytest.approx(x, abs=1e-15)
-    assert state["t"] == 3
-    q = train.gd_update(params, grads[0], 0.5)
-    assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
-
-
-# ----------------------------------------------------------------------------- files, resume
-
-def test_flatten_roundtrip_keeps_lists():
-    tree = {"layers": [{"W": np.ones(2)}, {"W": np.zeros(3)}], "b": np.arange(2.0)}
-    back = train._unflatten(flat(tree))
-    assert isinstance(back["layers"], list) and len(back["layers"]) == 2
-    assert np.array_equal(back["layers"][1]["W"], np.zeros(3))
-
-
-def test_interrupted_write_leaves_previous_file(tmp_path):
-    path = str(tmp_path / "metrics.npz")
-    train.save_npz(path, {"x": np.arange(3.0)})
-
-    def crash(f):  # a partial write, then the process is interrupted
-        f.write(b"PK\x03\x04 partial")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train.atomic_write(path, crash)
-    assert np.array_equal(train.load_npz(path)["x"], np.arange(3.0))
-    assert os.listdir(tmp_path) == ["metrics.npz"]
-
-
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    kw = dict(TINY, d=2, n_probe=0)
-    full = train.run("block", runs_dir=str(tmp_path), name="full", quiet=True, **kw)
-    savez, calls = np.savez, []
-
-    def crash(f, **arrays):
-        calls.append(1)
-        if len(calls) == 3:  # the checkpoint of step 4, half written
-            f.write(b"PK\x03\x04 partial")
-            raise KeyboardInterrupt
-        savez(f, **arrays)
-
-    monkeypatch.setattr(np, "savez", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
-    monkeypatch.setattr(np, "savez", savez)
-    assert int(train.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
-    resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
-    assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
-    assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
-
-
-@pytest.mark.parametrize("experiment,extra", [
-    ("block", dict(d=2, batch=16)),                      # minibatches: the shuffle RNG matters
-    ("augmented", dict(d=2, layers=2, batch=16, steps=5)),  # list-of-dict parameters
-    ("pe-only", dict(target_loss=0.0)),                  # plain GD
-])
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
-    kw = dict(TINY, **extra)
-    full = train.run(experiment, runs_dir=str(tmp_path), name="full", quiet=True, **kw)
-
-    name = "gd_update" if full["config"]["optimizer"] == "gd" else "adam_update"
-    update, calls = getattr(train, name), []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # after the checkpoint at step 2, before step 4
-            raise KeyboardInterrupt
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(train, name, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(experiment, runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
-    monkeypatch.setattr(train, name, update)
-    assert not os.path.exists(tmp_path / "cut" / "params.npz")
-    resumed = train.run(experiment, runs_dir=str(tmp_path), name="cut", resume=True, quiet=True,
-                        **kw)
-    a, b = flat(full["params"]), flat(resumed["params"])
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
-    for k in ("train_loss", "test_loss", "test_step"):
-        assert np.array_equal(full["metrics"][k], resumed["metrics"][k]), k
-    loaded = train.load(resumed["dir"])
-    assert all(np.array_equal(a[k], v) for k, v in flat(loaded["params"]).items())
-    assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
-    assert np.array_equal(loaded["metrics"]["test_loss_position"],
-                             resumed["metrics"]["test_loss_position"])
-
-
-def test_resume_refuses_changed_settings(tmp_path):
-    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
-    with pytest.raises(ValueError, match=r"\['lr'\]"):
-        train.run("block", runs_dir=str(tmp_path), resume=True, quiet=True, lr=0.5, **dict(TINY, n_probe=0))
-
-
-def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
-    kw = dict(TINY, optimizer="gd", lr=1e6, steps=100, checkpoint_every=1, n_probe=0)
-    with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
-        train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
-    step = int(str(e.value).split("at step ")[1].split(":")[0])
-    z = train.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
-    assert int(z["step"]) == step - 1
-    assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
-    # the command line: one line on stderr, non-zero status
-    argv = ["block", "--runs_dir", str(tmp_path), "--quiet"] + [
-        a for k, v in kw.items() for a in (f"--{k}", str(v))]
-    assert train.main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
-
-
-def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys):
-    with pytest.raises(train.Diverged, match=r"at step 0, before any update.*nothing was saved"):
-        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert not (tmp_path / "block" / "checkpoint.npz").exists()
-    assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
-    assert "population loss became" in capsys.readouterr().err
-
-
-def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
-    train.run("block", runs_dir=str(tmp_path), quiet=True, **TINY)
-    with pytest.raises(train.Diverged):
-        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert sorted(os.listdir(tmp_path / "block")) == ["config.json"]
-
-
-def test_pe_only_in_float32_trains_in_float32(tmp_path):
-    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, dtype="float32"))
-    assert result["params"]["P"].dtype == np.float32
-
-
-# ----------------------------------------------------------------------------- baselines
+# ---- baselines (Figs. 5, 7) against paper.md and independent estimators ------------------
 
 def test_baselines_match_paper_numbers():
     """paper.md: d = 5, Haar, s_1 = 1/sqrt(5): one-step GD 0.80, 0.67, 0.42, 0.31, 0.25, 0.22
@@ -1102,7 +1029,6 @@ def test_baselines_match_paper_numbers():
 # condition number of the stacked states (at most 73 for these seeds): the errors measured
 # are at most 2e-13 relative, so 1e-10 leaves a margin of 500; the bugs these tests catch
 # err by 1e-3 or more.
-
 BASELINE_CASES = [("haar", 0.0), ("haar", 0.1), ("unitary", 0.1), ("nondiagonal", 0.1)]
 
 
@@ -1355,7 +1281,7 @@ def test_k_step_gd_step_is_the_grid_minimum():
         train._gd_prediction(C, S, x, np.full(12, g), 1), y) for g in grid]).min(0) + 1e-12)
 
 
-# ----------------------------------------------------------------------------- probe
+# ---- probe (Figs. 5, 7) and weight blocks ------------------------------------------------
 
 def test_probe_m1_one_gd_step_and_oracle():
     """A = I, B = eta I: Gamma = eta sum_{t<=r} s_t s_{t-1}^* exactly (complex data); the
@@ -1417,97 +1343,6 @@ def test_two_stream_transformer_is_icar_and_local(experiment, attention):
     assert np.abs(G[..., j] - fd).max() < 1e-7
 
 
-def test_weight_blocks_m4_reproduce_the_scores():
-    """e_t^T KQ e_r equals the first layer's attention score q_r . k_t (zero biases)."""
-    rng = np.random.default_rng(6)
-    d = 2
-    cfg = train.config("augmented", d=d, T=4, heads=2)
-    params = train.init_model("augmented", cfg, rng)
-    e = rng.standard_normal((3, 3 * d))
-    layer = params["layers"][0]
-    want = np.einsum("hri,hti->htr", e @ layer["W_Q"], e @ layer["W_K"])       # [H, t, r]
-    KQ = train.weight_blocks("augmented", params, d)["KQ"][0]                       # [H, 3d, 3d]
-    assert np.allclose(e @ KQ @ e.T, want, atol=1e-12)
-    blocks = train.weight_blocks("augmented", params, d)
-    by_hand = np.sum(KQ[:, 2 * d:, d:2 * d] ** 2, (1, 2)) / np.sum(KQ ** 2, (1, 2))
-    assert np.allclose(blocks["share_KQ"][0], by_hand)
-
-
-# ----------------------------------------------------------------------------- command line
-
-@pytest.mark.parametrize("argv", [
-    ["augmented", "--lr", "abc"], ["nosuch"], ["block", "--steps", "-1"],
-    ["block", "--heads", "2"], ["pe-only", "--dtype", "float16"], ["augmented", "--backend", "cupy"],
-    ["bench", "--bogus"], ["bench", "--json", "/nonexistent/bench.json"], ["block", "--n_probe", "600"],
-    ["diagonal", "--family", "angle"],
-])
-def test_bad_arguments_exit_2_with_one_line(argv):
-    out = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("train.py: ")
-
-
-def test_every_experiment_runs_end_to_end(tmp_path, capsys):
-    tiny = ["--T", "5", "--n_train", "32", "--n_test", "16", "--n_probe", "2", "--steps", "3",
-            "--quiet", "--runs_dir", str(tmp_path)]
-    for experiment in ("augmented", "nonaug", "block", "diagonal", "pe-only"):
-        extra = ["--batch", "16"] if experiment in ("augmented", "nonaug") else []
-        extra += ["--heads", "2"] if experiment == "nonaug" else []
-        assert train.main([experiment] + tiny + extra) == 0, experiment
-        result = train.load(str(tmp_path / experiment))
-        m = result["metrics"]
-        assert len(m["train_loss"]) == 4 and m["test_loss_position"].shape == (5,)
-        assert np.isfinite(m["test_loss"]).all()
-    assert train.main(["population", "--steps", "3", "--d", "4", "--heads", "2", "--T", "5",
-                       "--runs_dir", str(tmp_path)]) == 0
-    assert len(train.load(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
-    assert "model" in capsys.readouterr().out
-    assert train.main(["augmented", "--help"]) == 0
-    assert "--layers" in capsys.readouterr().out
-
-
-def test_sweep_over_layers_writes_summary(tmp_path, capsys):
-    argv = ["augmented", "--T", "4", "--n_train", "32", "--n_test", "16", "--n_probe", "0",
-            "--steps", "2", "--batch", "0", "--quiet", "--runs_dir", str(tmp_path),
-            "--sweep", "layers=1,2", "--sweep", "sigma=0,0.1"]
-    assert train.main(argv) == 0
-    with open(tmp_path / "augmented" / "summary.json") as f:
-        rows = json.load(f)["rows"]
-    assert [(r["layers"], r["sigma"]) for r in rows] == [(1, 0.0), (1, 0.1), (2, 0.0), (2, 0.1)]
-    second = train.load(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
-    assert second["config"]["layers"] == 2 and second["config"]["sigma"] == 0.1
-    assert rows[3]["gd_k=L"] == pytest.approx(float(np.mean(second["metrics"]["baseline_gd2"])))
-    assert "gd_k=L" in capsys.readouterr().out
-
-
-def test_progress_updates_one_line_on_a_terminal_and_prints_lines_otherwise():
-    class Stream(list):
-        def __init__(self, tty):
-            super().__init__()
-            self.tty = tty
-
-        def isatty(self):
-            return self.tty
-
-        def write(self, text):
-            self.append(text)
-
-        def flush(self):
-            pass
-
-    for tty in (True, False):
-        stream = Stream(tty)
-        progress = train._Progress(10, quiet=False, stream=stream)
-        for step in (0, 5, 10):
-            progress.show(step, 1.0, 2.0, final=step == 10)
-        text = "".join(stream)
-        assert text.count("\r") == (3 if tty else 0) and text.count("\n") == (1 if tty else 3)
-        assert "step 10/10" in text and "steps/s" in text and "left" in text
-    quiet = Stream(False)
-    train._Progress(10, quiet=True, stream=quiet).show(0, 1.0, 2.0)
-    assert quiet == []
-
-
 def test_probe_of_the_r2_minimiser_is_w():
     """M2 at R2's global minimiser (C = c I, p_T = 1/c): Gamma = diag(s_r conj(s_{r-1}))
     = diag(lambda) = W at every position r >= 1."""
@@ -1541,11 +1376,150 @@ def test_value_slot_predictors_are_the_models(experiment):
     assert np.allclose(predict(2 * x - s[:, :-1]) - predict(x), predict(x) - predict(s[:, :-1]))
 
 
-# ##############################################################################
-# speed: every fast path against a plain reference; the benchmark
-# ##############################################################################
+def test_weight_blocks_m4_reproduce_the_scores():
+    """e_t^T KQ e_r equals the first layer's attention score q_r . k_t (zero biases)."""
+    rng = np.random.default_rng(6)
+    d = 2
+    cfg = train.config("augmented", d=d, T=4, heads=2)
+    params = train.init_model("augmented", cfg, rng)
+    e = rng.standard_normal((3, 3 * d))
+    layer = params["layers"][0]
+    want = np.einsum("hri,hti->htr", e @ layer["W_Q"], e @ layer["W_K"])       # [H, t, r]
+    KQ = train.weight_blocks("augmented", params, d)["KQ"][0]                       # [H, 3d, 3d]
+    assert np.allclose(e @ KQ @ e.T, want, atol=1e-12)
+    blocks = train.weight_blocks("augmented", params, d)
+    by_hand = np.sum(KQ[:, 2 * d:, d:2 * d] ** 2, (1, 2)) / np.sum(KQ ** 2, (1, 2))
+    assert np.allclose(blocks["share_KQ"][0], by_hand)
 
-# ----------------------------------------------------------------------------- references
+
+# ---- summary numbers per figure (Figs. 1, 3, 6) ------------------------------------------
+
+@pytest.mark.parametrize("family, H", [("unitary", 4), ("orthogonal", 2)])
+def test_fig3_rows_are_computed_from_the_parameters(family, H):
+    """At an exact minimiser of R2/R3 the rows match their expected values; a perturbed P
+    moves them (the numbers are computed, not typed)."""
+    import figures
+    d, T = 4, 6
+    star = theory.minimiser(d, H, family, c=-1.3, T=T)
+    C = star["B"].T @ star["A"]
+    losses = np.array([theory.population_loss(C, star["P"], family)])
+    rows = {r["quantity"].split(": ", 1)[1]: r for r in
+            figures.fig3_rows("x", family, star["A"], star["B"], star["P"], losses)}
+    assert np.isclose(rows["c = mean diag of C"]["value"], -1.3)
+    assert np.isclose(rows["c * p_T"]["value"], 1.0) and np.isclose(rows["c * p_T"]["expected"], 1.0)
+    ratio = rows["p_(T-1) / p_T"]
+    assert np.isclose(ratio["value"], ratio["expected"])
+    assert np.isclose(ratio["expected"], 0.0 if family == "unitary" else -0.5)
+    assert np.allclose(rows["singular values of C"]["value"], rows["singular values of C"]["expected"])
+    assert rows["||A B^T - (tr/H) I|| / ||A B^T||"]["value"] < 1e-12
+    assert abs(rows["final population loss (sum over T-1 prefixes)"]["value"]) < 1e-12
+    P = star["P"].copy()
+    P[-1, -2] += 0.1
+    moved = {r["quantity"].split(": ", 1)[1]: r for r in figures.fig3_rows("x", family, star["A"], star["B"], P, losses)}
+    assert not np.isclose(moved["p_(T-1) / p_T"]["value"], ratio["expected"])
+
+
+def test_fig1_orbits_stay_on_circles():
+    import figures
+    s, W = figures.trajectories_3d(rng(7), 4, 25)
+    assert np.allclose(np.linalg.det(W), 1)
+    rows = figures.fig1_rows(s, W)
+    assert all(r["value"] < 1e-12 for r in rows)
+    s[0, 5] += 1e-3  # a state off its circle must show
+    assert max(r["value"] for r in figures.fig1_rows(s, W)) > 1e-4
+
+
+def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
+    """The closed form with the training set's moments gives the trained P up to rounding;
+    the population path differs by sampling error only; a changed step moves the path."""
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    res = figures.train_cached(ctx, "pe-only", "pe", T=6, mu=50.0, n_train=40, n_test=8, n_probe=0, steps=60,
+                               target_loss=0.0, gd_steps=1)
+    panel, rows = figures.fig6_panel(res, 50.0)
+    values = {r["quantity"].split(": ", 1)[1]: r["value"] for r in rows}
+    sample_gap = values["max |P - exact GD path of the sample loss| (rows r >= 1)"]
+    population_gap = values["sampling error: max |P - exact GD path of the population loss| (rows r >= 1)"]
+    assert sample_gap < 1e-12 < 1e-4 < population_gap
+    assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
+    s = train.datasets(res["config"])[0]
+    lr = res["config"]["lr"]
+    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * lr, 60)[-1] - panel["sample_row"])) > 1e-4
+
+
+# ---- Fig. 4 logic ------------------------------------------------------------------------
+
+def test_ar_refit_is_exact_on_ar_data_and_not_on_shuffled_tokens():
+    """Windows of 5 states of s_{t+1} = W s_t in d = 3 (4 transitions > d): the least-squares
+    W is the true one and the roll-out is exact; shuffled tokens break the recursion."""
+    import figures
+    s, _ = icar.sample_sequences(rng(1), 200, 4, 3, "haar")                    # [200, 5, 3]
+    _, err = figures.ar_refit(s)
+    assert np.max(err) < 1e-20
+    _, err_shuffled = figures.ar_refit(figures.shuffle_tokens(s, rng(2)))
+    assert np.mean(err_shuffled > 1e-6) > 0.9 and np.mean(err_shuffled) > 1e-3
+
+
+def test_ar_refit_matches_per_window_lstsq():
+    """The Gram-matrix route equals numpy.linalg.lstsq window by window (minimum norm),
+    including windows with a repeated token (rank-deficient inputs)."""
+    import figures
+    s = rng(3).standard_normal((6, 5, 8))
+    s[0, 3] = s[0, 1]                                                          # repeated token
+    s /= np.linalg.norm(s, axis=-1, keepdims=True)
+    rollout, err = figures.ar_refit(s)
+    for i in range(len(s)):
+        Wt = np.linalg.lstsq(s[i, :-1], s[i, 1:], rcond=None)[0]                 # [d, d] = W^T
+        ref = [s[i, 0]]
+        for _ in range(4):
+            ref.append(ref[-1] @ Wt)
+        ref = np.stack(ref)
+        assert np.allclose(rollout[i], ref, atol=1e-10)
+        assert np.isclose(err[i], np.mean(np.sum((ref[1:] - s[i, 1:]) ** 2, -1)), atol=1e-12)
+    assert err[0] > 1e-3 and np.max(err[1:]) < 1e-20  # only the repeated token breaks the fit
+
+
+def test_shuffle_tokens_permutes_tokens_across_windows():
+    import figures
+    s = rng(4).standard_normal((30, 5, 4))
+    sh = figures.shuffle_tokens(s, rng(5))
+    key = lambda x: np.sort(x.reshape(-1, 4).view([("", float)] * 4), axis=0)  # noqa: E731
+    assert np.array_equal(key(s), key(sh)) and not np.array_equal(s, sh)
+
+
+def test_token_windows_are_consecutive_unit_norm_and_check_ids():
+    import figures
+    E = rng(6).standard_normal((10, 3)) * 5
+    ids = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])
+    s = figures.token_windows(ids, E, length=5)
+    assert s.shape == (2, 5, 3)
+    assert np.allclose(np.linalg.norm(s, axis=-1), 1)
+    assert np.allclose(s[1, 0], E[6] / np.linalg.norm(E[6]))
+    assert figures.token_windows(ids, E, length=5, n=1).shape == (1, 5, 3)
+    with pytest.raises(ValueError, match="embedding table has 10 rows"):
+        figures.token_windows(np.array([0, 1, 2, 3, 10]), E)
+
+
+def test_fig4_on_the_shipped_text_with_the_real_table(tmp_path):
+    """With the optional extras: a slice of the shipped book gives windows of the 384-wide
+    table, and real order is fitted exactly more often than shuffled tokens."""
+    import figures
+    if figures.fig4_missing():
+        pytest.skip("optional extras of requirements-fig4.txt not installed")
+    with open(figures.DEFAULT_TEXT) as f:
+        text = f.read()
+    part = tmp_path / "part.txt"
+    part.write_text(text[:40000])
+    data = figures.compute_fig4(str(part), n=1500)
+    assert data["dim"] == 384 and len(data["err_real"]) == 1500
+    assert np.mean(data["err_real"] > figures.EXACT) < np.mean(data["err_shuffled"] > figures.EXACT)
+
+
+# ==== 6. fast == plain ====================================================================
+# Proves every fast path equal to the plain definition it replaces (fused.py vs icar.py,
+# PE-only moments vs autograd, microbatching), and the benchmark's FLOP counts and CLI.
+
+# ---- fused.py and the PE-only objective against icar.py and autograd ---------------------
 
 def ref_pe_only(P, s):
     """M3 position by position: f_r = conj(s_{r-1}) sum_{t<=r} P[r, t] s_t^2, f_0 = 0."""
@@ -1669,7 +1643,7 @@ def test_pe_only_objective_matches_autograd(family, d, first):
     np.testing.assert_allclose(g["P"], ref_g, rtol=0, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- training step
+# ---- training step -----------------------------------------------------------------------
 
 def test_microbatched_gradient_equals_full_batch():
     rng = np.random.default_rng(4)
@@ -1699,6 +1673,8 @@ def test_set_blas_threads_round_trip():
         fused.set_blas_threads(previous)
 
 
+# ---- the benchmark -----------------------------------------------------------------------
+
 def test_flop_counts_by_hand():
     # one layer, n = 2, T = 3, d_in = 1, repeat = 2 (E = 2), H = 1, d_out = 1, positional
     cfg = icar.transformer_config(d_in=1, d_out=1, T=3, heads=1, repeat=2, positional=True)
@@ -1709,8 +1685,6 @@ def test_flop_counts_by_hand():
                                                            + positional + readout)
     assert bench.pe_only_flops(2, 3, 1, complex_data=False) == 3 * (2 * 9 * 2 + 2 * 3 + 3 * 2 * 3)
 
-
-# ----------------------------------------------------------------------------- command line
 
 def test_bench_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "matmul_rate", lambda dtype: 100.0)  # no 1024^3 products here
@@ -1742,11 +1716,255 @@ def test_bench_script_and_train_alias_report_bad_arguments_alike():
         assert len(out.stderr.strip().splitlines()) == 1 and "--repeats" in out.stderr
 
 
-# ##############################################################################
-# GPU arrays: the CuPy adapter against a strict stand-in
-# ##############################################################################
+# ==== 7. training plumbing ================================================================
+# Proves what train.py does around the models: optimisers against a scalar reference, run
+# files written atomically, resume bit-identical, divergence, sweeps, the command line.
 
-# ============================================================================ the stand-in
+TINY = dict(T=5, n_train=64, n_test=32, n_probe=4, steps=6, checkpoint_every=2, log_every=2)
+
+
+def flat(tree):
+    return train._flatten(tree)
+
+
+# ---- optimisers --------------------------------------------------------------------------
+
+def test_adam_matches_scalar_reference_and_gd_is_one_line():
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal(3), "layers": [{"w": rng.standard_normal((2, 2))}]}
+    grads = [tree for tree in (train.tree_map(lambda p: rng.standard_normal(p.shape), params)
+                               for _ in range(3))]
+    state = train.adam_init(params)
+    p = params
+    for g in grads:
+        p, state = train.adam_update(p, g, state, 0.1)
+    # reference: the textbook recursion on each scalar
+    x, m, v = params["layers"][0]["w"][1, 0], 0.0, 0.0
+    for t, g in enumerate(grads, 1):
+        gi = g["layers"][0]["w"][1, 0]
+        m, v = 0.9 * m + 0.1 * gi, 0.999 * v + 0.001 * gi ** 2
+        x -= 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    assert p["layers"][0]["w"][1, 0] == pytest.approx(x, abs=1e-15)
+    assert state["t"] == 3
+    q = train.gd_update(params, grads[0], 0.5)
+    assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
+
+
+# ---- run files, resume, divergence -------------------------------------------------------
+
+def test_flatten_roundtrip_keeps_lists():
+    tree = {"layers": [{"W": np.ones(2)}, {"W": np.zeros(3)}], "b": np.arange(2.0)}
+    back = train._unflatten(flat(tree))
+    assert isinstance(back["layers"], list) and len(back["layers"]) == 2
+    assert np.array_equal(back["layers"][1]["W"], np.zeros(3))
+
+
+def test_interrupted_write_leaves_previous_file(tmp_path):
+    path = str(tmp_path / "metrics.npz")
+    train.save_npz(path, {"x": np.arange(3.0)})
+
+    def crash(f):  # a partial write, then the process is interrupted
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_write(path, crash)
+    assert np.array_equal(train.load_npz(path)["x"], np.arange(3.0))
+    assert os.listdir(tmp_path) == ["metrics.npz"]
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    kw = dict(TINY, d=2, n_probe=0)
+    full = train.run("block", runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+    savez, calls = np.savez, []
+
+    def crash(f, **arrays):
+        calls.append(1)
+        if len(calls) == 3:  # the checkpoint of step 4, half written
+            f.write(b"PK\x03\x04 partial")
+            raise KeyboardInterrupt
+        savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(np, "savez", savez)
+    assert int(train.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
+    resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
+    assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
+    assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
+
+
+def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    train.save_text(str(tmp_path / "a" / "x.txt"), "hello")
+    train.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
+    assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
+    assert os.listdir(tmp_path / "a") == ["x.txt"]
+
+
+@pytest.mark.parametrize("experiment,extra", [
+    ("block", dict(d=2, batch=16)),                      # minibatches: the shuffle RNG matters
+    ("augmented", dict(d=2, layers=2, batch=16, steps=5)),  # list-of-dict parameters
+    ("pe-only", dict(target_loss=0.0)),                  # plain GD
+])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
+    kw = dict(TINY, **extra)
+    full = train.run(experiment, runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+
+    name = "gd_update" if full["config"]["optimizer"] == "gd" else "adam_update"
+    update, calls = getattr(train, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint at step 2, before step 4
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(experiment, runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(train, name, update)
+    assert not os.path.exists(tmp_path / "cut" / "params.npz")
+    resumed = train.run(experiment, runs_dir=str(tmp_path), name="cut", resume=True, quiet=True,
+                        **kw)
+    a, b = flat(full["params"]), flat(resumed["params"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    for k in ("train_loss", "test_loss", "test_step"):
+        assert np.array_equal(full["metrics"][k], resumed["metrics"][k]), k
+    loaded = train.load(resumed["dir"])
+    assert all(np.array_equal(a[k], v) for k, v in flat(loaded["params"]).items())
+    assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
+    assert np.array_equal(loaded["metrics"]["test_loss_position"],
+                             resumed["metrics"]["test_loss_position"])
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        train.run("block", runs_dir=str(tmp_path), resume=True, quiet=True, lr=0.5, **dict(TINY, n_probe=0))
+
+
+def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
+    kw = dict(TINY, optimizer="gd", lr=1e6, steps=100, checkpoint_every=1, n_probe=0)
+    with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
+    step = int(str(e.value).split("at step ")[1].split(":")[0])
+    z = train.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
+    assert int(z["step"]) == step - 1
+    assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
+    # the command line: one line on stderr, non-zero status
+    argv = ["block", "--runs_dir", str(tmp_path), "--quiet"] + [
+        a for k, v in kw.items() for a in (f"--{k}", str(v))]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
+
+
+def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys):
+    with pytest.raises(train.Diverged, match=r"at step 0, before any update.*nothing was saved"):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert not (tmp_path / "block" / "checkpoint.npz").exists()
+    assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
+    assert "population loss became" in capsys.readouterr().err
+
+
+def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **TINY)
+    with pytest.raises(train.Diverged):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert sorted(os.listdir(tmp_path / "block")) == ["config.json"]
+
+
+def test_pe_only_in_float32_trains_in_float32(tmp_path):
+    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, dtype="float32"))
+    assert result["params"]["P"].dtype == np.float32
+
+
+# ---- command line, sweeps, bad input of train.py -----------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["augmented", "--lr", "abc"], ["nosuch"], ["block", "--steps", "-1"],
+    ["block", "--heads", "2"], ["pe-only", "--dtype", "float16"], ["augmented", "--backend", "cupy"],
+    ["bench", "--bogus"], ["bench", "--json", "/nonexistent/bench.json"], ["block", "--n_probe", "600"],
+    ["diagonal", "--family", "angle"],
+])
+def test_bad_arguments_exit_2_with_one_line(argv):
+    out = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("train.py: ")
+
+
+def test_every_experiment_runs_end_to_end(tmp_path, capsys):
+    tiny = ["--T", "5", "--n_train", "32", "--n_test", "16", "--n_probe", "2", "--steps", "3",
+            "--quiet", "--runs_dir", str(tmp_path)]
+    for experiment in ("augmented", "nonaug", "block", "diagonal", "pe-only"):
+        extra = ["--batch", "16"] if experiment in ("augmented", "nonaug") else []
+        extra += ["--heads", "2"] if experiment == "nonaug" else []
+        assert train.main([experiment] + tiny + extra) == 0, experiment
+        result = train.load(str(tmp_path / experiment))
+        m = result["metrics"]
+        assert len(m["train_loss"]) == 4 and m["test_loss_position"].shape == (5,)
+        assert np.isfinite(m["test_loss"]).all()
+    assert train.main(["population", "--steps", "3", "--d", "4", "--heads", "2", "--T", "5",
+                       "--runs_dir", str(tmp_path)]) == 0
+    assert len(train.load(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
+    assert "model" in capsys.readouterr().out
+    assert train.main(["augmented", "--help"]) == 0
+    assert "--layers" in capsys.readouterr().out
+
+
+def test_sweep_over_layers_writes_summary(tmp_path, capsys):
+    argv = ["augmented", "--T", "4", "--n_train", "32", "--n_test", "16", "--n_probe", "0",
+            "--steps", "2", "--batch", "0", "--quiet", "--runs_dir", str(tmp_path),
+            "--sweep", "layers=1,2", "--sweep", "sigma=0,0.1"]
+    assert train.main(argv) == 0
+    with open(tmp_path / "augmented" / "summary.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["layers"], r["sigma"]) for r in rows] == [(1, 0.0), (1, 0.1), (2, 0.0), (2, 0.1)]
+    second = train.load(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
+    assert second["config"]["layers"] == 2 and second["config"]["sigma"] == 0.1
+    assert rows[3]["gd_k=L"] == pytest.approx(float(np.mean(second["metrics"]["baseline_gd2"])))
+    assert "gd_k=L" in capsys.readouterr().out
+
+
+def test_progress_updates_one_line_on_a_terminal_and_prints_lines_otherwise():
+    class Stream(list):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+
+    for tty in (True, False):
+        stream = Stream(tty)
+        progress = train._Progress(10, quiet=False, stream=stream)
+        for step in (0, 5, 10):
+            progress.show(step, 1.0, 2.0, final=step == 10)
+        text = "".join(stream)
+        assert text.count("\r") == (3 if tty else 0) and text.count("\n") == (1 if tty else 3)
+        assert "step 10/10" in text and "steps/s" in text and "left" in text
+    quiet = Stream(False)
+    train._Progress(10, quiet=True, stream=quiet).show(0, 1.0, 2.0)
+    assert quiet == []
+
+
+# ==== 8. GPU: gpu.py's adapter on the strict stand-in =====================================
+# Proves that losses, gradients and Adam steps on device arrays equal NumPy's, on a strict
+# CuPy stand-in (gpu.Strict) that refuses what CuPy refuses; and gpu.py's dry check.
+
+# ---- the stand-in ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def xp():
@@ -1784,7 +2002,7 @@ def test_stand_in_refuses_what_cupy_refuses():
     assert isinstance(icar.causal_mask(icar.array_module(x), 3), Strict)
 
 
-# ============================================================================ helpers
+# ---- the models on the device against NumPy ----------------------------------------------
 
 def to_device(tree):
     return train.tree_map(STRICT.asarray, tree)
@@ -1809,8 +2027,6 @@ def assert_close(device, host, tol=1e-12):
         scale = 1.0 + np.max(np.abs(b), initial=0.0)
         assert np.max(np.abs(a - b), initial=0.0) <= tol * scale
 
-
-# ============================================================================ the models
 
 def data(family, n=3, T=6, d=2, seed=0):
     s, _ = icar.sample_sequences(np.random.default_rng(seed), n, T, d, family)
@@ -1868,6 +2084,8 @@ CASES = {
     "M4_linear_no_layernorm": _M4(False, layernorm=False, residual=False, layers=2),
     "population": _population,
 }
+
+
 CASE_IDS = [(name, family) for name in CASES  # real and complex data; the theory's own families
             for family in (theory.FAMILIES if name == "population" else ("haar", "unitary"))]
 
@@ -1918,7 +2136,7 @@ def test_numpy_results_are_bit_identical_with_and_without_the_adapter(xp, tmp_pa
         assert np.asarray(with_[key]).tobytes() == without[key].tobytes(), key
 
 
-# ============================================================================ the adapter's parts
+# ---- the adapter's parts -----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float64, np.complex128])
 def test_vector_space_of_device_arrays_matches_numpy(xp, dtype):
@@ -1994,9 +2212,9 @@ def test_gpu_check_dry_run_on_the_stand_in(tmp_path):
     assert sum(m.startswith("M4 plain") for m in models) == 4  # icar.transformer beside fused
 
 
-# ##############################################################################
-# figures.py
-# ##############################################################################
+# ==== 9. figures ==========================================================================
+# Proves that every figure is drawn at a tiny size with labels, titles and colour bars
+# (checked on the matplotlib objects), and the figure command line and cache.
 
 def png_ok(path):
     with open(path, "rb") as f:
@@ -2004,131 +2222,7 @@ def png_ok(path):
     return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
 
 
-# ============================================================================ Fig. 4 logic
-
-def test_ar_refit_is_exact_on_ar_data_and_not_on_shuffled_tokens():
-    """Windows of 5 states of s_{t+1} = W s_t in d = 3 (4 transitions > d): the least-squares
-    W is the true one and the roll-out is exact; shuffled tokens break the recursion."""
-    s, _ = icar.sample_sequences(rng(1), 200, 4, 3, "haar")                    # [200, 5, 3]
-    _, err = figures.ar_refit(s)
-    assert np.max(err) < 1e-20
-    _, err_shuffled = figures.ar_refit(figures.shuffle_tokens(s, rng(2)))
-    assert np.mean(err_shuffled > 1e-6) > 0.9 and np.mean(err_shuffled) > 1e-3
-
-
-def test_ar_refit_matches_per_window_lstsq():
-    """The Gram-matrix route equals numpy.linalg.lstsq window by window (minimum norm),
-    including windows with a repeated token (rank-deficient inputs)."""
-    s = rng(3).standard_normal((6, 5, 8))
-    s[0, 3] = s[0, 1]                                                          # repeated token
-    s /= np.linalg.norm(s, axis=-1, keepdims=True)
-    rollout, err = figures.ar_refit(s)
-    for i in range(len(s)):
-        Wt = np.linalg.lstsq(s[i, :-1], s[i, 1:], rcond=None)[0]                 # [d, d] = W^T
-        ref = [s[i, 0]]
-        for _ in range(4):
-            ref.append(ref[-1] @ Wt)
-        ref = np.stack(ref)
-        assert np.allclose(rollout[i], ref, atol=1e-10)
-        assert np.isclose(err[i], np.mean(np.sum((ref[1:] - s[i, 1:]) ** 2, -1)), atol=1e-12)
-    assert err[0] > 1e-3 and np.max(err[1:]) < 1e-20  # only the repeated token breaks the fit
-
-
-def test_shuffle_tokens_permutes_tokens_across_windows():
-    s = rng(4).standard_normal((30, 5, 4))
-    sh = figures.shuffle_tokens(s, rng(5))
-    key = lambda x: np.sort(x.reshape(-1, 4).view([("", float)] * 4), axis=0)  # noqa: E731
-    assert np.array_equal(key(s), key(sh)) and not np.array_equal(s, sh)
-
-
-def test_token_windows_are_consecutive_unit_norm_and_check_ids():
-    E = rng(6).standard_normal((10, 3)) * 5
-    ids = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])
-    s = figures.token_windows(ids, E, length=5)
-    assert s.shape == (2, 5, 3)
-    assert np.allclose(np.linalg.norm(s, axis=-1), 1)
-    assert np.allclose(s[1, 0], E[6] / np.linalg.norm(E[6]))
-    assert figures.token_windows(ids, E, length=5, n=1).shape == (1, 5, 3)
-    with pytest.raises(ValueError, match="embedding table has 10 rows"):
-        figures.token_windows(np.array([0, 1, 2, 3, 10]), E)
-
-
-def test_fig4_on_the_shipped_text_with_the_real_table(tmp_path):
-    """With the optional extras: a slice of the shipped book gives windows of the 384-wide
-    table, and real order is fitted exactly more often than shuffled tokens."""
-    if figures.fig4_missing():
-        pytest.skip("optional extras of requirements-fig4.txt not installed")
-    with open(figures.DEFAULT_TEXT) as f:
-        text = f.read()
-    part = tmp_path / "part.txt"
-    part.write_text(text[:40000])
-    data = figures.compute_fig4(str(part), n=1500)
-    assert data["dim"] == 384 and len(data["err_real"]) == 1500
-    assert np.mean(data["err_real"] > figures.EXACT) < np.mean(data["err_shuffled"] > figures.EXACT)
-
-
-# ============================================================================ summary numbers
-
-@pytest.mark.parametrize("family, H", [("unitary", 4), ("orthogonal", 2)])
-def test_fig3_rows_are_computed_from_the_parameters(family, H):
-    """At an exact minimiser of R2/R3 the rows match their expected values; a perturbed P
-    moves them (the numbers are computed, not typed)."""
-    d, T = 4, 6
-    star = theory.minimiser(d, H, family, c=-1.3, T=T)
-    C = star["B"].T @ star["A"]
-    losses = np.array([theory.population_loss(C, star["P"], family)])
-    rows = {r["quantity"].split(": ", 1)[1]: r for r in
-            figures.fig3_rows("x", family, star["A"], star["B"], star["P"], losses)}
-    assert np.isclose(rows["c = mean diag of C"]["value"], -1.3)
-    assert np.isclose(rows["c * p_T"]["value"], 1.0) and np.isclose(rows["c * p_T"]["expected"], 1.0)
-    ratio = rows["p_(T-1) / p_T"]
-    assert np.isclose(ratio["value"], ratio["expected"])
-    assert np.isclose(ratio["expected"], 0.0 if family == "unitary" else -0.5)
-    assert np.allclose(rows["singular values of C"]["value"], rows["singular values of C"]["expected"])
-    assert rows["||A B^T - (tr/H) I|| / ||A B^T||"]["value"] < 1e-12
-    assert abs(rows["final population loss (sum over T-1 prefixes)"]["value"]) < 1e-12
-    P = star["P"].copy()
-    P[-1, -2] += 0.1
-    moved = {r["quantity"].split(": ", 1)[1]: r for r in figures.fig3_rows("x", family, star["A"], star["B"], P, losses)}
-    assert not np.isclose(moved["p_(T-1) / p_T"]["value"], ratio["expected"])
-
-
-def test_fig1_orbits_stay_on_circles():
-    s, W = figures.trajectories_3d(rng(7), 4, 25)
-    assert np.allclose(np.linalg.det(W), 1)
-    rows = figures.fig1_rows(s, W)
-    assert all(r["value"] < 1e-12 for r in rows)
-    s[0, 5] += 1e-3  # a state off its circle must show
-    assert max(r["value"] for r in figures.fig1_rows(s, W)) > 1e-4
-
-
-def test_write_summary_merges_figures_and_escapes_cells(tmp_path):
-    out = str(tmp_path)
-    figures.write_summary(out, {"fig1": {"rows": [figures.row("fig1", "|x|", 1e-15, 0.0, "W")],
-                                         "seconds": 1.0, "note": "a"}}, "quick")
-    figures.write_summary(out, {"r1": {"rows": [figures.row("r1", "eta", np.float64(0.25), 0.2, "R1")],
-                                       "seconds": 2.0, "note": "b"}}, "quick")
-    text = (tmp_path / "summary.md").read_text()
-    assert "| fig1 | \\|x\\| | 1.000e-15 | 0 | W |" in text
-    assert "| r1 | eta | 0.25 | 0.2 | R1 |" in text
-    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"fig1", "r1"}
-    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
-
-
-def test_positional_attention_is_a_causal_softmax():
-    cfg = icar.transformer_config(d_in=3, d_out=3, T=6, heads=2, repeat=2, positional=True, residual=False)
-    params = icar.init_params("transformer", rng(8), cfg=cfg)
-    a = icar.positional_attention(params["layers"][0], params["pos"][:5])      # [2, 5, 5]
-    assert a.shape == (2, 5, 5)
-    assert np.allclose(a.sum(-1), 1) and np.all(np.triu(a, 1) == 0)
-    lay, p = params["layers"][0], params["pos"][:5]
-    h, r = 1, 3  # one entry by hand
-    z = [(p[r] @ lay["W_Q"][h] + lay["b_Q"][h]) @ (p[t] @ lay["W_K"][h] + lay["b_K"][h]) / np.sqrt(6)
-         for t in range(r + 1)]
-    assert np.allclose(a[h, r, :r + 1], np.exp(z) / np.sum(np.exp(z)))
-
-
-# ============================================================================ every figure, tiny
+# ---- every figure, tiny ------------------------------------------------------------------
 
 def fake_metrics(T, d, L=1, seed=0):
     g = rng(seed)
@@ -2149,6 +2243,7 @@ def check_figure_labels(fig, name):
     """Every plot of fig has x and y labels (3-D: also z) and a title; the figure is named
     ("Fig. N", "R1", "R2/R3") in its suptitle or, with one plot, in that plot's title; every
     heat map has a colour bar."""
+    import matplotlib.collections
     tag = {"r1": "R1", "r2r3": "R2/R3"}.get(name, "Fig. " + name[3:])
     plots = [ax for ax in fig.axes if not hasattr(ax, "_colorbar")]
     suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
@@ -2164,6 +2259,7 @@ def check_figure_labels(fig, name):
 
 
 def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(tmp_path, monkeypatch):
+    import figures
     out = str(tmp_path)
     made = {}
 
@@ -2202,6 +2298,7 @@ def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(t
 
 def test_figure_check_finds_a_missing_colour_bar_label_or_name():
     """check_figure_labels can fail: each defect alone is caught."""
+    import figures
     for defect in ("colour bar", "label", "name"):
         fig, ax = figures.plt.subplots()
         ax.imshow(np.eye(2))
@@ -2215,9 +2312,24 @@ def test_figure_check_finds_a_missing_colour_bar_label_or_name():
         figures.plt.close(fig)
 
 
-# ============================================================================ command line, cache
+# ---- command line, cache, summary --------------------------------------------------------
+
+def test_write_summary_merges_figures_and_escapes_cells(tmp_path):
+    import figures
+    out = str(tmp_path)
+    figures.write_summary(out, {"fig1": {"rows": [figures.row("fig1", "|x|", 1e-15, 0.0, "W")],
+                                         "seconds": 1.0, "note": "a"}}, "quick")
+    figures.write_summary(out, {"r1": {"rows": [figures.row("r1", "eta", np.float64(0.25), 0.2, "R1")],
+                                       "seconds": 2.0, "note": "b"}}, "quick")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| fig1 | \\|x\\| | 1.000e-15 | 0 | W |" in text
+    assert "| r1 | eta | 0.25 | 0.2 | R1 |" in text
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"fig1", "r1"}
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
 
 def test_command_line_rejects_bad_input_with_one_line(capsys):
+    import figures
     for argv in (["fig9"], ["--preset", "huge"], ["--nope"], ["fig4", "--embeddings", "missing.npy"]):
         assert figures.main(argv) == 2
         err = capsys.readouterr().err
@@ -2225,6 +2337,7 @@ def test_command_line_rejects_bad_input_with_one_line(capsys):
 
 
 def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, monkeypatch, capsys):
+    import figures
     monkeypatch.setattr(figures, "fig4_missing", lambda embeddings=None: ["tokenizers"])
     assert figures.main(["fig4", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -2238,6 +2351,7 @@ def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, 
 
 
 def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
+    import figures
     ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
     small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
     first = figures.train_cached(ctx, "pe-only", "pe", **small)
@@ -2256,6 +2370,7 @@ def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
 
 def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
     """A run whose config.json holds another code fingerprint, or none, is stale."""
+    import figures
     ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
     small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
     first = figures.train_cached(ctx, "pe-only", "pe", **small)
@@ -2277,6 +2392,7 @@ def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
 
 
 def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path, monkeypatch):
+    import figures
     calls = []
 
     def compute():
@@ -2302,6 +2418,7 @@ def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path
 
 
 def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
+    import figures
     tiny = dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3))
     monkeypatch.setitem(figures.R2R3_SIZES, "quick", tiny)
     ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, seed=0, out=str(tmp_path),
@@ -2315,6 +2432,7 @@ def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
 
 
 def test_unusable_folders_and_fig4_files_exit_2_with_one_line(tmp_path, capsys):
+    import figures
     plain = tmp_path / "file"
     plain.write_text("x")
     bad_npy = tmp_path / "bad.npy"
@@ -2336,6 +2454,7 @@ def test_unusable_folders_and_fig4_files_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_load_token_table_names_the_bad_file_and_what_it_expects(tmp_path):
+    import figures
     cases = {"text.npy": lambda p: p.write_text("not an array"), "empty.npy": lambda p: p.write_bytes(b""),
              "vector.npy": lambda p: np.save(p, np.ones(3)), "words.npy": lambda p: np.save(p, np.array([["a"]])),
              "table.npz": lambda p: np.savez(p, E=np.ones((2, 2)))}
@@ -2352,6 +2471,7 @@ def test_load_token_table_names_the_bad_file_and_what_it_expects(tmp_path):
 def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
     """The summary shows the seconds the computation took, marked when reused from the
     cache; figures.main sets the process up as train.main does."""
+    import figures
     monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3)))
     set_up = []
     monkeypatch.setattr(fused, "set_up_process", lambda: set_up.append(1))
@@ -2369,30 +2489,3 @@ def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
                                          {"seconds": 0.5, "load": 0.0, "reused": False}]) == (5.8, "some")
     assert figures.compute_seconds(1.0, [{"seconds": None, "load": 0.2, "reused": True}]) == (None, "all")
     assert figures.runtime_cell(5.8, "some") == "5.8 (partly cached)" and figures.runtime_cell(2.0, "none") == "2.0"
-
-
-def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
-    """The closed form with the training set's moments gives the trained P up to rounding;
-    the population path differs by sampling error only; a changed step moves the path."""
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
-    res = figures.train_cached(ctx, "pe-only", "pe", T=6, mu=50.0, n_train=40, n_test=8, n_probe=0, steps=60,
-                               target_loss=0.0, gd_steps=1)
-    panel, rows = figures.fig6_panel(res, 50.0)
-    values = {r["quantity"].split(": ", 1)[1]: r["value"] for r in rows}
-    sample_gap = values["max |P - exact GD path of the sample loss| (rows r >= 1)"]
-    population_gap = values["sampling error: max |P - exact GD path of the population loss| (rows r >= 1)"]
-    assert sample_gap < 1e-12 < 1e-4 < population_gap
-    assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
-    s = train.datasets(res["config"])[0]
-    lr = res["config"]["lr"]
-    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * lr, 60)[-1] - panel["sample_row"])) > 1e-4
-
-
-def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
-    train.save_text(str(tmp_path / "a" / "x.txt"), "hello")
-    train.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
-    assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
-    assert os.listdir(tmp_path / "a") == ["x.txt"]
