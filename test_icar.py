@@ -1,13 +1,68 @@
-"""Tests of icar: each one compares a computation with an independent reference (an exact
-identity, a closed form of paper.md, Monte Carlo, a trained model, or autograd's
-check_grads), or checks what a user sees (files, errors, the command line).
+"""Tests of icar, by the claim of paper.md each proves. Each test compares a computation
+with an independent reference (an exact identity, a closed form of paper.md, Monte Carlo,
+a trained model, or autograd's check_grads), or checks what a user sees (files, errors,
+the command line). Here `np` is NumPy and `anp` autograd's wrapper of it. figures.py (and
+so matplotlib) is imported only inside the tests that use it (sections 5 and 9).
 
-Sections: icar.py (samplers, gradients, exact identities, bad input); theory.py (R1-R4
-against Monte Carlo and trained models); train.py (optimisers, resume, divergence,
-baselines, probe, command line); speed (every fast path against a plain reference, the
-benchmark); GPU arrays (gpu.py's adapter on its strict CuPy stand-in); figures.py.
-Here `np` is NumPy and `anp` autograd's wrapper of it.
+Sections (headers `# ==== N.`): 1 data and models, 2 R1, 3 R2/R3, 4 R4, 5 Figs. 3-7,
+6 fast == plain, 7 training plumbing, 8 GPU, 9 figures. Claim -> section: main tests
+Samplers (families, noise, s_1) -> 1: test_sampler_W_is_orthogonal_or_unitary_and_s_follows_W,
+    test_haar_statistics
+M1 is one GD step -> 1: test_block_M1_is_one_gradient_step_on_the_inner_objective,
+    test_block_M1_complex_is_eta_sum_s_t_conj_s_prev,
+    test_block_M1_equals_full_M1_with_the_blocks_embedded
+M2-M4 definitions -> 1: test_M3_is_M2_with_C_identity, test_models_are_causal,
+    test_positional_attention_is_a_causal_softmax, test_check_grads_every_model,
+    test_M1_M2_M3_keep_float32_in_value_and_gradients
+icar.py alone, its bad input -> 1: test_icar_alone_trains_every_model,
+    test_bad_sizes_are_rejected
+R1 eta*, L* -> 2: test_r1_step_sizes_minimise_the_loss, test_r1_gd_loss_matches_monte_carlo,
+    test_r1_trained_block_form_is_one_gd_step, test_r1_trained_full_form_reaches_L_star
+R2 minimum (d-H)_+ and minimisers -> 3: test_population_loss_matches_monte_carlo,
+    test_population_gradient_matches_autograd, test_minimiser_reaches_min_loss,
+    test_M2_minimisers_predict_their_family_exactly_and_not_the_other,
+    test_fig3_left_unitary_reaches_c_identity
+R3 (d-2H)_+, zero-loss set, local minima -> 3:
+    test_orthogonal_loss_holds_in_eigen_coordinates_only,
+    test_orthogonal_half_heads_reach_rank_d_over_2_minimiser_or_spurious_minima,
+    test_below_threshold_loss_settles_at_min_loss_or_spurious_minima,
+    test_heads_reading_differences_are_spurious_local_minima
+R4 closed form and GD path -> 4: test_pe_only_loss_matches_monte_carlo,
+    test_pe_only_gd_follows_exact_path_at_narrow_angles,
+    test_pe_only_trajectory_is_gradient_descent_on_the_population_loss,
+    test_pe_only_gd_converges_to_solution; theory.py's bad input:
+    test_user_errors_raise_value_error
+Fig. 3 values -> 5: test_fig3_rows_are_computed_from_the_parameters
+    (Fig. 1: test_fig1_orbits_stay_on_circles)
+Fig. 4 logic -> 5: test_ar_refit_is_exact_on_ar_data_and_not_on_shuffled_tokens,
+    test_ar_refit_matches_per_window_lstsq, test_fig4_on_the_shipped_text_with_the_real_table
+Fig. 5/7 baselines -> 5: test_baselines_match_paper_numbers,
+    test_least_squares_equals_per_position_lstsq,
+    test_k_step_gd_prediction_equals_explicit_gradient_descent,
+    test_optimal_one_step_is_the_vertex_of_the_quadratic_loss,
+    test_baselines_recomputed_from_independent_estimators
+Fig. 5/7 probe and weight blocks -> 5: test_probe_references_match_their_definitions,
+    test_probe_m1_one_gd_step_and_oracle, test_probe_of_the_r2_minimiser_is_w,
+    test_two_stream_transformer_is_icar_and_local, test_weight_blocks_m4_reproduce_the_scores
+Fig. 6 (trained P is the GD path) -> 5: test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss
+fused == plain -> 6: test_fused_transformer_equals_icar_transformer,
+    test_fused_transformer_second_derivatives, test_linear_attention_equals_plain_products,
+    test_pe_only_objective_matches_autograd, test_microbatched_gradient_equals_full_batch
+Benchmark FLOP counts -> 6: test_flop_counts_by_hand, test_bench_writes_json
+Optimisers -> 7: test_adam_matches_scalar_reference_and_gd_is_one_line
+Resume bit-identical -> 7: test_resume_equals_uninterrupted, test_resume_refuses_changed_settings
+Run files, divergence -> 7: test_crash_while_writing_a_checkpoint_keeps_the_previous_one,
+    test_divergence_stops_and_keeps_last_finite_checkpoint
+Sweeps, command line, bad input of train.py -> 7: test_sweep_over_layers_writes_summary,
+    test_every_experiment_runs_end_to_end, test_bad_arguments_exit_2_with_one_line
+GPU adapter -> 8: test_loss_and_gradients_on_the_device_equal_numpy,
+    test_twenty_adam_steps_on_the_device_equal_numpy, test_gpu_check_dry_run_on_the_stand_in
+Every figure, its command line and cache -> 9:
+    test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars,
+    test_train_cached_reuses_a_finished_run_and_retrains_on_request
 """
+
+
 import email
 import json
 import os
@@ -16,7 +71,6 @@ import subprocess
 import sys
 
 import autograd.numpy as anp
-import matplotlib.collections
 import numpy
 import numpy as np
 import pytest
@@ -27,7 +81,6 @@ from autograd.test_util import check_grads
 from autograd.tracer import getval
 
 import bench
-import figures
 import fused
 import icar
 import theory
@@ -46,7 +99,14 @@ def complex_haar_data(n, T, d, seed):
     return s * phase
 
 
-# ============================================================================ samplers
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ==== 1. data and models ==================================================================
+# Proves that the samplers draw what paper.md describes and that M1-M4 are the paper's
+# models, against exact identities, check_grads, gradients (causality) and dtypes.
+
+# ---- samplers ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family, d", [("unitary", 3), ("orthogonal", 4), ("haar", 5), ("angle", 1)])
 def test_sampler_W_is_orthogonal_or_unitary_and_s_follows_W(family, d):
@@ -130,7 +190,7 @@ def test_augment_tokens():
     assert np.all(e[:, 0, 4:] == 0) and np.array_equal(e[:, 1:, 4:], s[:, :-1])
 
 
-# ============================================================================ gradients
+# ---- gradients (check_grads) and dtypes --------------------------------------------------
 
 def _models(d, T, complex_data):
     """(name, function of params, params) for every model on real or complex data."""
@@ -205,7 +265,7 @@ def test_softmax_ignores_large_masked_scores(dtype):
     check_grads(lambda z: icar.softmax(z, mask), modes=["rev"], order=1)(z.astype(np.float64))
 
 
-# ============================================================================ exact identities
+# ---- exact identities: M1 is one GD step, M3 is M2 with C = I, causality -----------------
 
 def test_block_M1_is_one_gradient_step_on_the_inner_objective():
     """A = I, B = eta I: f_T = W_1 s_T with W_1 = W_0 - eta grad L(W_0), W_0 = 0."""
@@ -248,32 +308,6 @@ def test_block_M1_equals_full_M1_with_the_blocks_embedded():
     assert np.max(np.abs(full - block)) < 1e-12
 
 
-def r2_minimiser(d, T, c):
-    """C = c I with H = d heads, p_T = 1/c (R2)."""
-    return {"A": np.eye(d), "B": c * np.eye(d), "P": np.eye(T) / c}
-
-
-def r3_minimiser(d, T, c):
-    """C = c (I_{d/2} kron 1 1^T) with H = d/2 heads, p_T = 1/c, p_{T-1} = -1/(2c) (R3)."""
-    heads = np.kron(np.eye(d // 2), np.ones((1, 2)))                     # [d/2, d]
-    return {"A": heads, "B": c * heads, "P": (np.eye(T) - 0.5 * np.eye(T, k=-1)) / c}
-
-
-def _error_after_first(params, s):
-    f = icar.diagonal_heads(params, s[:, :-1])
-    return np.max(np.abs(f[:, 1:] - s[:, 2:]))   # position 0 has no query
-
-
-def test_M2_minimisers_predict_their_family_exactly_and_not_the_other():
-    d, T, c = 4, 8, -1.3
-    su = icar.sample_sequences(rng(18), 20, T, d, "unitary")[0]
-    so = icar.sample_sequences(rng(19), 20, T, d, "orthogonal")[0]
-    assert _error_after_first(r2_minimiser(d, T, c), su) < 1e-10
-    assert _error_after_first(r3_minimiser(d, T, c), so) < 1e-10
-    assert _error_after_first(r3_minimiser(d, T, c), su) > 0.1
-    assert _error_after_first(r2_minimiser(d, T, c), so) > 0.1
-
-
 def test_M3_with_p_T_one_predicts_full_circle_sequences():
     s = icar.sample_sequences(rng(20), 10, 6, 1, "unitary")[0]
     f = icar.pe_only({"P": np.eye(6)}, s[:, :-1])
@@ -309,7 +343,20 @@ def test_models_are_causal():
         assert np.max(np.abs(a[:, -1] - b[:, -1])) > 1e-6
 
 
-# ============================================================================ bad input
+def test_positional_attention_is_a_causal_softmax():
+    cfg = icar.transformer_config(d_in=3, d_out=3, T=6, heads=2, repeat=2, positional=True, residual=False)
+    params = icar.init_params("transformer", rng(8), cfg=cfg)
+    a = icar.positional_attention(params["layers"][0], params["pos"][:5])      # [2, 5, 5]
+    assert a.shape == (2, 5, 5)
+    assert np.allclose(a.sum(-1), 1) and np.all(np.triu(a, 1) == 0)
+    lay, p = params["layers"][0], params["pos"][:5]
+    h, r = 1, 3  # one entry by hand
+    z = [(p[r] @ lay["W_Q"][h] + lay["b_Q"][h]) @ (p[t] @ lay["W_K"][h] + lay["b_K"][h]) / np.sqrt(6)
+         for t in range(r + 1)]
+    assert np.allclose(a[h, r, :r + 1], np.exp(z) / np.sum(np.exp(z)))
+
+
+# ---- bad input of icar.py ----------------------------------------------------------------
 
 def _bad(match, f, *args, **kwargs):
     with pytest.raises(ValueError, match=match):
@@ -385,7 +432,7 @@ def test_angle_family_needs_d_one_and_mu_only_for_angle():
     _bad(r"mu is only used by family 'angle'", icar.sample_sequences, rng(), 2, 3, 2, "haar", mu=5.0)
 
 
-# ============================================================================ standing alone
+# ---- icar.py standing alone --------------------------------------------------------------
 
 ALONE = """
 import numpy as np
@@ -417,9 +464,10 @@ def test_icar_alone_trains_every_model(tmp_path):
     imported = {line.split()[1].split(".")[0] for line in open(icar.__file__) if line.startswith(("import ", "from "))}
     assert imported == {"importlib", "numbers", "numpy", "autograd"}  # no threads, no os
 
-# ##############################################################################
-# theory.py: R1-R4
-# ##############################################################################
+
+# ==== 2. R1: one GD step, augmented (M1) ==================================================
+# Proves theory.py's eta*, GD loss and L* of R1 against Monte Carlo and against M1 trained
+# by Adam (block and full form). The helpers serve sections 2-4.
 
 def assert_monte_carlo(value, per_sequence, k=4.0):
     """value agrees with the mean of per_sequence [n, ...] within k standard errors (plus
@@ -444,8 +492,6 @@ def adam(objective, params, steps, lr):
         params, state = train.adam_update(params, g(params), state, lr)
     return params
 
-
-# ----------------------------------------------------------------------------- R1
 
 def test_r1_step_sizes_minimise_the_loss():
     for T, d in [(5, 3), (20, 10), (2, 1)]:
@@ -551,7 +597,39 @@ def test_r1_fixed_first_state_beats_one_gd_step():
     assert test.mean() + 4 * test.std() / np.sqrt(test.size) < theory.gd_loss(T, d)
 
 
-# ----------------------------------------------------------------------------- R2, R3
+# ==== 3. R2 / R3: diagonal heads (M2), population losses, minimisers, local minima ========
+# Proves the population losses of R2/R3 against Monte Carlo and autograd, the minimum values
+# (d-H)_+ and (d-2H)_+ at the minimisers, and the local minima, against the Hessian and GD.
+
+# ---- the minimisers by hand predict their family exactly ---------------------------------
+
+def r2_minimiser(d, T, c):
+    """C = c I with H = d heads, p_T = 1/c (R2)."""
+    return {"A": np.eye(d), "B": c * np.eye(d), "P": np.eye(T) / c}
+
+
+def r3_minimiser(d, T, c):
+    """C = c (I_{d/2} kron 1 1^T) with H = d/2 heads, p_T = 1/c, p_{T-1} = -1/(2c) (R3)."""
+    heads = np.kron(np.eye(d // 2), np.ones((1, 2)))                     # [d/2, d]
+    return {"A": heads, "B": c * heads, "P": (np.eye(T) - 0.5 * np.eye(T, k=-1)) / c}
+
+
+def _error_after_first(params, s):
+    f = icar.diagonal_heads(params, s[:, :-1])
+    return np.max(np.abs(f[:, 1:] - s[:, 2:]))   # position 0 has no query
+
+
+def test_M2_minimisers_predict_their_family_exactly_and_not_the_other():
+    d, T, c = 4, 8, -1.3
+    su = icar.sample_sequences(rng(18), 20, T, d, "unitary")[0]
+    so = icar.sample_sequences(rng(19), 20, T, d, "orthogonal")[0]
+    assert _error_after_first(r2_minimiser(d, T, c), su) < 1e-10
+    assert _error_after_first(r3_minimiser(d, T, c), so) < 1e-10
+    assert _error_after_first(r3_minimiser(d, T, c), su) > 0.1
+    assert _error_after_first(r2_minimiser(d, T, c), so) > 0.1
+
+
+# ---- population losses and minimisers ----------------------------------------------------
 
 def model_data(rng, n, T, d, family):
     """Sampled sequences in the coordinates where R2/R3 hold (eigen-basis for "orthogonal")."""
@@ -649,6 +727,8 @@ def test_fig3_left_unitary_reaches_c_identity():
     AB = A @ B.T
     assert np.linalg.norm(AB - c * np.eye(H)) < 1e-3 * np.linalg.norm(AB)
 
+
+# ---- local minima ------------------------------------------------------------------------
 
 def population_hessian(params, family, h=1e-5):
     """Eigenvalues of the Hessian of population_loss in (A, B, P), by central differences of
@@ -787,7 +867,9 @@ def test_heads_reading_differences_are_spurious_local_minima(d, H, T, alpha):
         assert abs(after - loss) < 1e-6
 
 
-# ----------------------------------------------------------------------------- R4
+# ==== 4. R4: positional encoding only (M3) ================================================
+# Proves R4's closed-form loss against Monte Carlo and its GD path of P against plain
+# gradient descent on samples and on the population loss; then theory.py's bad input.
 
 def uniform_phi(mu):
     """E[exp(i k theta)] for theta ~ U[0, 2 pi / mu], written independently of theory.py."""
@@ -889,7 +971,7 @@ def test_pe_only_gd_converges_to_solution(mu):
         assert np.allclose(star, np.diag((np.arange(T) > 0).astype(float)), atol=1e-12)
 
 
-# ----------------------------------------------------------------------------- errors
+# ---- bad input of theory.py --------------------------------------------------------------
 
 @pytest.mark.parametrize("call, match", [
     (lambda: theory.gd_step_size(1, 3), r"T must be an integer >= 2, got 1"),
@@ -914,183 +996,12 @@ def test_user_errors_raise_value_error(call, match):
         call()
 
 
-# ##############################################################################
-# train.py
-# ##############################################################################
+# ==== 5. Figs. 3-7: the experiments =======================================================
+# Proves the experiments' numbers: baselines and probe references against independent
+# estimators (lstsq, autograd, sums by hand) and paper.md's numbers; the probe and weight
+# blocks of trained-model predictors; each figure's summary rows; the Fig. 4 logic.
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(T=5, n_train=64, n_test=32, n_probe=4, steps=6, checkpoint_every=2, log_every=2)
-
-
-def flat(tree):
-    return train._flatten(tree)
-
-
-# ----------------------------------------------------------------------------- optimisers
-
-def test_adam_matches_scalar_reference_and_gd_is_one_line():
-    rng = np.random.default_rng(0)
-    params = {"a": rng.standard_normal(3), "layers": [{"w": rng.standard_normal((2, 2))}]}
-    grads = [tree for tree in (train.tree_map(lambda p: rng.standard_normal(p.shape), params)
-                               for _ in range(3))]
-    state = train.adam_init(params)
-    p = params
-    for g in grads:
-        p, state = train.adam_update(p, g, state, 0.1)
-    # reference: the textbook recursion on each scalar
-    x, m, v = params["layers"][0]["w"][1, 0], 0.0, 0.0
-    for t, g in enumerate(grads, 1):
-        gi = g["layers"][0]["w"][1, 0]
-        m, v = 0.9 * m + 0.1 * gi, 0.999 * v + 0.001 * gi ** 2
-        x -= 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-    assert p["layers"][0]["w"][1, 0] == pytest.approx(x, abs=1e-15)
-    assert state["t"] == 3
-    q = train.gd_update(params, grads[0], 0.5)
-    assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
-
-
-# ----------------------------------------------------------------------------- files, resume
-
-def test_flatten_roundtrip_keeps_lists():
-    tree = {"layers": [{"W": np.ones(2)}, {"W": np.zeros(3)}], "b": np.arange(2.0)}
-    back = train._unflatten(flat(tree))
-    assert isinstance(back["layers"], list) and len(back["layers"]) == 2
-    assert np.array_equal(back["layers"][1]["W"], np.zeros(3))
-
-
-def test_interrupted_write_leaves_previous_file(tmp_path):
-    path = str(tmp_path / "metrics.npz")
-    train.save_npz(path, {"x": np.arange(3.0)})
-
-    def crash(f):  # a partial write, then the process is interrupted
-        f.write(b"PK\x03\x04 partial")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train.atomic_write(path, crash)
-    assert np.array_equal(train.load_npz(path)["x"], np.arange(3.0))
-    assert os.listdir(tmp_path) == ["metrics.npz"]
-
-
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    kw = dict(TINY, d=2, n_probe=0)
-    full = train.run("block", runs_dir=str(tmp_path), name="full", quiet=True, **kw)
-    savez, calls = np.savez, []
-
-    def crash(f, **arrays):
-        calls.append(1)
-        if len(calls) == 3:  # the checkpoint of step 4, half written
-            f.write(b"PK\x03\x04 partial")
-            raise KeyboardInterrupt
-        savez(f, **arrays)
-
-    monkeypatch.setattr(np, "savez", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
-    monkeypatch.setattr(np, "savez", savez)
-    assert int(train.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
-    resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
-    assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
-    assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
-
-
-@pytest.mark.parametrize("experiment,extra", [
-    ("block", dict(d=2, batch=16)),                      # minibatches: the shuffle RNG matters
-    ("augmented", dict(d=2, layers=2, batch=16, steps=5)),  # list-of-dict parameters
-    ("pe-only", dict(target_loss=0.0)),                  # plain GD
-])
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
-    kw = dict(TINY, **extra)
-    full = train.run(experiment, runs_dir=str(tmp_path), name="full", quiet=True, **kw)
-
-    name = "gd_update" if full["config"]["optimizer"] == "gd" else "adam_update"
-    update, calls = getattr(train, name), []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # after the checkpoint at step 2, before step 4
-            raise KeyboardInterrupt
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(train, name, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(experiment, runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
-    monkeypatch.setattr(train, name, update)
-    assert not os.path.exists(tmp_path / "cut" / "params.npz")
-    resumed = train.run(experiment, runs_dir=str(tmp_path), name="cut", resume=True, quiet=True,
-                        **kw)
-    a, b = flat(full["params"]), flat(resumed["params"])
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
-    for k in ("train_loss", "test_loss", "test_step"):
-        assert np.array_equal(full["metrics"][k], resumed["metrics"][k]), k
-    loaded = train.load(resumed["dir"])
-    assert all(np.array_equal(a[k], v) for k, v in flat(loaded["params"]).items())
-    assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
-    assert np.array_equal(loaded["metrics"]["test_loss_position"],
-                             resumed["metrics"]["test_loss_position"])
-
-
-def test_resume_refuses_changed_settings(tmp_path):
-    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
-    with pytest.raises(ValueError, match=r"\['lr'\]"):
-        train.run("block", runs_dir=str(tmp_path), resume=True, quiet=True, lr=0.5, **dict(TINY, n_probe=0))
-
-
-def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
-    kw = dict(TINY, optimizer="gd", lr=1e6, steps=100, checkpoint_every=1, n_probe=0)
-    with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
-        train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
-    step = int(str(e.value).split("at step ")[1].split(":")[0])
-    z = train.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
-    assert int(z["step"]) == step - 1
-    assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
-    # the command line: one line on stderr, non-zero status
-    argv = ["block", "--runs_dir", str(tmp_path), "--quiet"] + [
-        a for k, v in kw.items() for a in (f"--{k}", str(v))]
-    assert train.main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
-
-
-def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys, monkeypatch):
-    with pytest.raises(ValueError, match=r"non-finite loss \(nan\).*init_scale 1e\+200 is too large"):
-        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert not (tmp_path / "block").exists()  # found before any file was written
-    # a loss finite on check_run's 2 sequences but not on the training data: Diverged at step 0
-    monkeypatch.setattr(train, "check_run", lambda experiment, cfg: None)
-    with pytest.raises(train.Diverged, match=r"at step 0, before any update.*nothing was saved"):
-        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert os.listdir(tmp_path / "block") == []
-    assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
-    assert "population loss became" in capsys.readouterr().err
-
-
-def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
-    train.run("block", runs_dir=str(tmp_path), quiet=True, **TINY)
-    before = folder_bytes(tmp_path / "block")
-    with pytest.raises(ValueError):  # a start that fails leaves the earlier run as it was
-        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert folder_bytes(tmp_path / "block") == before
-    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, steps=3))
-    assert sorted(os.listdir(tmp_path / "block")) == ["checkpoint.npz", "config.json", "metrics.npz",
-                                                      "params.npz"]
-    assert train.load(str(tmp_path / "block"))["metrics"]["steps_done"] == 3
-
-
-def folder_bytes(folder):
-    """{relative path: bytes} of every file under folder."""
-    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
-            for root, _, files in os.walk(folder) for f in files}
-
-
-def test_pe_only_in_float32_trains_in_float32(tmp_path):
-    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, dtype="float32"))
-    assert result["params"]["P"].dtype == np.float32
-
-
-# ----------------------------------------------------------------------------- baselines
+# ---- baselines (Figs. 5, 7) against paper.md and independent estimators ------------------
 
 def test_baselines_match_paper_numbers():
     """paper.md: d = 5, Haar, s_1 = 1/sqrt(5): one-step GD 0.80, 0.67, 0.42, 0.31, 0.25, 0.22
@@ -1119,7 +1030,6 @@ def test_baselines_match_paper_numbers():
 # condition number of the stacked states (at most 73 for these seeds): the errors measured
 # are at most 2e-13 relative, so 1e-10 leaves a margin of 500; the bugs these tests catch
 # err by 1e-3 or more.
-
 BASELINE_CASES = [("haar", 0.0), ("haar", 0.1), ("unitary", 0.1), ("nondiagonal", 0.1)]
 
 
@@ -1372,7 +1282,7 @@ def test_k_step_gd_step_is_the_grid_minimum():
         train._gd_prediction(C, S, x, np.full(12, g), 1), y) for g in grid]).min(0) + 1e-12)
 
 
-# ----------------------------------------------------------------------------- probe
+# ---- probe (Figs. 5, 7) and weight blocks ------------------------------------------------
 
 def test_probe_m1_one_gd_step_and_oracle():
     """A = I, B = eta I: Gamma = eta sum_{t<=r} s_t s_{t-1}^* exactly (complex data); the
@@ -1434,97 +1344,6 @@ def test_two_stream_transformer_is_icar_and_local(experiment, attention):
     assert np.abs(G[..., j] - fd).max() < 1e-7
 
 
-def test_weight_blocks_m4_reproduce_the_scores():
-    """e_t^T KQ e_r equals the first layer's attention score q_r . k_t (zero biases)."""
-    rng = np.random.default_rng(6)
-    d = 2
-    cfg = train.config("augmented", d=d, T=4, heads=2)
-    params = train.init_model("augmented", cfg, rng)
-    e = rng.standard_normal((3, 3 * d))
-    layer = params["layers"][0]
-    want = np.einsum("hri,hti->htr", e @ layer["W_Q"], e @ layer["W_K"])       # [H, t, r]
-    KQ = train.weight_blocks("augmented", params, d)["KQ"][0]                       # [H, 3d, 3d]
-    assert np.allclose(e @ KQ @ e.T, want, atol=1e-12)
-    blocks = train.weight_blocks("augmented", params, d)
-    by_hand = np.sum(KQ[:, 2 * d:, d:2 * d] ** 2, (1, 2)) / np.sum(KQ ** 2, (1, 2))
-    assert np.allclose(blocks["share_KQ"][0], by_hand)
-
-
-# ----------------------------------------------------------------------------- command line
-
-@pytest.mark.parametrize("argv", [
-    ["augmented", "--lr", "abc"], ["nosuch"], ["block", "--steps", "-1"],
-    ["block", "--heads", "2"], ["pe-only", "--dtype", "float16"], ["augmented", "--backend", "cupy"],
-    ["bench", "--bogus"], ["bench", "--json", "/nonexistent/bench.json"], ["block", "--n_probe", "600"],
-    ["diagonal", "--family", "angle"],
-])
-def test_bad_arguments_exit_2_with_one_line(argv):
-    out = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("train.py: ")
-
-
-def test_every_experiment_runs_end_to_end(tmp_path, capsys):
-    tiny = ["--T", "5", "--n_train", "32", "--n_test", "16", "--n_probe", "2", "--steps", "3",
-            "--quiet", "--runs_dir", str(tmp_path)]
-    for experiment in ("augmented", "nonaug", "block", "diagonal", "pe-only"):
-        extra = ["--batch", "16"] if experiment in ("augmented", "nonaug") else []
-        extra += ["--heads", "2"] if experiment == "nonaug" else []
-        assert train.main([experiment] + tiny + extra) == 0, experiment
-        result = train.load(str(tmp_path / experiment))
-        m = result["metrics"]
-        assert len(m["train_loss"]) == 4 and m["test_loss_position"].shape == (5,)
-        assert np.isfinite(m["test_loss"]).all()
-    assert train.main(["population", "--steps", "3", "--d", "4", "--heads", "2", "--T", "5",
-                       "--runs_dir", str(tmp_path)]) == 0
-    assert len(train.load(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
-    assert "model" in capsys.readouterr().out
-    assert train.main(["augmented", "--help"]) == 0
-    assert "--layers" in capsys.readouterr().out
-
-
-def test_sweep_over_layers_writes_summary(tmp_path, capsys):
-    argv = ["augmented", "--T", "4", "--n_train", "32", "--n_test", "16", "--n_probe", "0",
-            "--steps", "2", "--batch", "0", "--quiet", "--runs_dir", str(tmp_path),
-            "--sweep", "layers=1,2", "--sweep", "sigma=0,0.1"]
-    assert train.main(argv) == 0
-    with open(tmp_path / "augmented" / "summary.json") as f:
-        rows = json.load(f)["rows"]
-    assert [(r["layers"], r["sigma"]) for r in rows] == [(1, 0.0), (1, 0.1), (2, 0.0), (2, 0.1)]
-    second = train.load(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
-    assert second["config"]["layers"] == 2 and second["config"]["sigma"] == 0.1
-    assert rows[3]["gd_k=L"] == pytest.approx(float(np.mean(second["metrics"]["baseline_gd2"])))
-    assert "gd_k=L" in capsys.readouterr().out
-
-
-def test_progress_updates_one_line_on_a_terminal_and_prints_lines_otherwise():
-    class Stream(list):
-        def __init__(self, tty):
-            super().__init__()
-            self.tty = tty
-
-        def isatty(self):
-            return self.tty
-
-        def write(self, text):
-            self.append(text)
-
-        def flush(self):
-            pass
-
-    for tty in (True, False):
-        stream = Stream(tty)
-        progress = train._Progress(10, quiet=False, stream=stream)
-        for step in (0, 5, 10):
-            progress.show(step, 1.0, 2.0, final=step == 10)
-        text = "".join(stream)
-        assert text.count("\r") == (3 if tty else 0) and text.count("\n") == (1 if tty else 3)
-        assert "step 10/10" in text and "steps/s" in text and "left" in text
-    quiet = Stream(False)
-    train._Progress(10, quiet=True, stream=quiet).show(0, 1.0, 2.0)
-    assert quiet == []
-
-
 def test_probe_of_the_r2_minimiser_is_w():
     """M2 at R2's global minimiser (C = c I, p_T = 1/c): Gamma = diag(s_r conj(s_{r-1}))
     = diag(lambda) = W at every position r >= 1."""
@@ -1558,11 +1377,150 @@ def test_value_slot_predictors_are_the_models(experiment):
     assert np.allclose(predict(2 * x - s[:, :-1]) - predict(x), predict(x) - predict(s[:, :-1]))
 
 
-# ##############################################################################
-# speed: every fast path against a plain reference; the benchmark
-# ##############################################################################
+def test_weight_blocks_m4_reproduce_the_scores():
+    """e_t^T KQ e_r equals the first layer's attention score q_r . k_t (zero biases)."""
+    rng = np.random.default_rng(6)
+    d = 2
+    cfg = train.config("augmented", d=d, T=4, heads=2)
+    params = train.init_model("augmented", cfg, rng)
+    e = rng.standard_normal((3, 3 * d))
+    layer = params["layers"][0]
+    want = np.einsum("hri,hti->htr", e @ layer["W_Q"], e @ layer["W_K"])       # [H, t, r]
+    KQ = train.weight_blocks("augmented", params, d)["KQ"][0]                       # [H, 3d, 3d]
+    assert np.allclose(e @ KQ @ e.T, want, atol=1e-12)
+    blocks = train.weight_blocks("augmented", params, d)
+    by_hand = np.sum(KQ[:, 2 * d:, d:2 * d] ** 2, (1, 2)) / np.sum(KQ ** 2, (1, 2))
+    assert np.allclose(blocks["share_KQ"][0], by_hand)
 
-# ----------------------------------------------------------------------------- references
+
+# ---- summary numbers per figure (Figs. 1, 3, 6) ------------------------------------------
+
+@pytest.mark.parametrize("family, H", [("unitary", 4), ("orthogonal", 2)])
+def test_fig3_rows_are_computed_from_the_parameters(family, H):
+    """At an exact minimiser of R2/R3 the rows match their expected values; a perturbed P
+    moves them (the numbers are computed, not typed)."""
+    import figures
+    d, T = 4, 6
+    star = theory.minimiser(d, H, family, c=-1.3, T=T)
+    C = star["B"].T @ star["A"]
+    losses = np.array([theory.population_loss(C, star["P"], family)])
+    rows = {r["quantity"].split(": ", 1)[1]: r for r in
+            figures.fig3_rows("x", family, star["A"], star["B"], star["P"], losses)}
+    assert np.isclose(rows["c = mean diag of C"]["value"], -1.3)
+    assert np.isclose(rows["c * p_T"]["value"], 1.0) and np.isclose(rows["c * p_T"]["expected"], 1.0)
+    ratio = rows["p_(T-1) / p_T"]
+    assert np.isclose(ratio["value"], ratio["expected"])
+    assert np.isclose(ratio["expected"], 0.0 if family == "unitary" else -0.5)
+    assert np.allclose(rows["singular values of C"]["value"], rows["singular values of C"]["expected"])
+    assert rows["||A B^T - (tr/H) I|| / ||A B^T||"]["value"] < 1e-12
+    assert abs(rows["final population loss (sum over T-1 prefixes)"]["value"]) < 1e-12
+    P = star["P"].copy()
+    P[-1, -2] += 0.1
+    moved = {r["quantity"].split(": ", 1)[1]: r for r in figures.fig3_rows("x", family, star["A"], star["B"], P, losses)}
+    assert not np.isclose(moved["p_(T-1) / p_T"]["value"], ratio["expected"])
+
+
+def test_fig1_orbits_stay_on_circles():
+    import figures
+    s, W = figures.trajectories_3d(rng(7), 4, 25)
+    assert np.allclose(np.linalg.det(W), 1)
+    rows = figures.fig1_rows(s, W)
+    assert all(r["value"] < 1e-12 for r in rows)
+    s[0, 5] += 1e-3  # a state off its circle must show
+    assert max(r["value"] for r in figures.fig1_rows(s, W)) > 1e-4
+
+
+def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
+    """The closed form with the training set's moments gives the trained P up to rounding;
+    the population path differs by sampling error only; a changed step moves the path."""
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    res = figures.train_cached(ctx, "pe-only", "pe", T=6, mu=50.0, n_train=40, n_test=8, n_probe=0, steps=60,
+                               target_loss=0.0, gd_steps=1)
+    panel, rows = figures.fig6_panel(res, 50.0)
+    values = {r["quantity"].split(": ", 1)[1]: r["value"] for r in rows}
+    sample_gap = values["max |P - exact GD path of the sample loss| (rows r >= 1)"]
+    population_gap = values["sampling error: max |P - exact GD path of the population loss| (rows r >= 1)"]
+    assert sample_gap < 1e-12 < 1e-4 < population_gap
+    assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
+    s = train.datasets(res["config"])[0]
+    lr = res["config"]["lr"]
+    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * lr, 60)[-1] - panel["sample_row"])) > 1e-4
+
+
+# ---- Fig. 4 logic ------------------------------------------------------------------------
+
+def test_ar_refit_is_exact_on_ar_data_and_not_on_shuffled_tokens():
+    """Windows of 5 states of s_{t+1} = W s_t in d = 3 (4 transitions > d): the least-squares
+    W is the true one and the roll-out is exact; shuffled tokens break the recursion."""
+    import figures
+    s, _ = icar.sample_sequences(rng(1), 200, 4, 3, "haar")                    # [200, 5, 3]
+    _, err = figures.ar_refit(s)
+    assert np.max(err) < 1e-20
+    _, err_shuffled = figures.ar_refit(figures.shuffle_tokens(s, rng(2)))
+    assert np.mean(err_shuffled > 1e-6) > 0.9 and np.mean(err_shuffled) > 1e-3
+
+
+def test_ar_refit_matches_per_window_lstsq():
+    """The Gram-matrix route equals numpy.linalg.lstsq window by window (minimum norm),
+    including windows with a repeated token (rank-deficient inputs)."""
+    import figures
+    s = rng(3).standard_normal((6, 5, 8))
+    s[0, 3] = s[0, 1]                                                          # repeated token
+    s /= np.linalg.norm(s, axis=-1, keepdims=True)
+    rollout, err = figures.ar_refit(s)
+    for i in range(len(s)):
+        Wt = np.linalg.lstsq(s[i, :-1], s[i, 1:], rcond=None)[0]                 # [d, d] = W^T
+        ref = [s[i, 0]]
+        for _ in range(4):
+            ref.append(ref[-1] @ Wt)
+        ref = np.stack(ref)
+        assert np.allclose(rollout[i], ref, atol=1e-10)
+        assert np.isclose(err[i], np.mean(np.sum((ref[1:] - s[i, 1:]) ** 2, -1)), atol=1e-12)
+    assert err[0] > 1e-3 and np.max(err[1:]) < 1e-20  # only the repeated token breaks the fit
+
+
+def test_shuffle_tokens_permutes_tokens_across_windows():
+    import figures
+    s = rng(4).standard_normal((30, 5, 4))
+    sh = figures.shuffle_tokens(s, rng(5))
+    key = lambda x: np.sort(x.reshape(-1, 4).view([("", float)] * 4), axis=0)  # noqa: E731
+    assert np.array_equal(key(s), key(sh)) and not np.array_equal(s, sh)
+
+
+def test_token_windows_are_consecutive_unit_norm_and_check_ids():
+    import figures
+    E = rng(6).standard_normal((10, 3)) * 5
+    ids = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])
+    s = figures.token_windows(ids, E, length=5)
+    assert s.shape == (2, 5, 3)
+    assert np.allclose(np.linalg.norm(s, axis=-1), 1)
+    assert np.allclose(s[1, 0], E[6] / np.linalg.norm(E[6]))
+    assert figures.token_windows(ids, E, length=5, n=1).shape == (1, 5, 3)
+    with pytest.raises(ValueError, match="embedding table has 10 rows"):
+        figures.token_windows(np.array([0, 1, 2, 3, 10]), E)
+
+
+def test_fig4_on_the_shipped_text_with_the_real_table(tmp_path):
+    """With the optional extras: a slice of the shipped book gives windows of the 384-wide
+    table, and real order is fitted exactly more often than shuffled tokens."""
+    import figures
+    if figures.fig4_missing():
+        pytest.skip("optional extras of requirements-fig4.txt not installed")
+    with open(figures.DEFAULT_TEXT) as f:
+        text = f.read()
+    part = tmp_path / "part.txt"
+    part.write_text(text[:40000])
+    data = figures.compute_fig4(str(part), n=1500)
+    assert data["dim"] == 384 and len(data["err_real"]) == 1500
+    assert np.mean(data["err_real"] > figures.EXACT) < np.mean(data["err_shuffled"] > figures.EXACT)
+
+
+# ==== 6. fast == plain ====================================================================
+# Proves every fast path equal to the plain definition it replaces (fused.py vs icar.py,
+# PE-only moments vs autograd, microbatching), and the benchmark's FLOP counts and CLI.
+
+# ---- fused.py and the PE-only objective against icar.py and autograd ---------------------
 
 def ref_pe_only(P, s):
     """M3 position by position: f_r = conj(s_{r-1}) sum_{t<=r} P[r, t] s_t^2, f_0 = 0."""
@@ -1686,7 +1644,7 @@ def test_pe_only_objective_matches_autograd(family, d, first):
     np.testing.assert_allclose(g["P"], ref_g, rtol=0, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- training step
+# ---- training step -----------------------------------------------------------------------
 
 def test_microbatched_gradient_equals_full_batch():
     rng = np.random.default_rng(4)
@@ -1716,6 +1674,8 @@ def test_set_blas_threads_round_trip():
         fused.set_blas_threads(previous)
 
 
+# ---- the benchmark -----------------------------------------------------------------------
+
 def test_flop_counts_by_hand():
     # one layer, n = 2, T = 3, d_in = 1, repeat = 2 (E = 2), H = 1, d_out = 1, positional
     cfg = icar.transformer_config(d_in=1, d_out=1, T=3, heads=1, repeat=2, positional=True)
@@ -1726,8 +1686,6 @@ def test_flop_counts_by_hand():
                                                            + positional + readout)
     assert bench.pe_only_flops(2, 3, 1, complex_data=False) == 3 * (2 * 9 * 2 + 2 * 3 + 3 * 2 * 3)
 
-
-# ----------------------------------------------------------------------------- command line
 
 def test_bench_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "matmul_rate", lambda dtype: 100.0)  # no 1024^3 products here
@@ -1759,650 +1717,83 @@ def test_bench_script_and_train_alias_report_bad_arguments_alike():
         assert len(out.stderr.strip().splitlines()) == 1 and "--repeats" in out.stderr
 
 
-# ##############################################################################
-# GPU arrays: the CuPy adapter against a strict stand-in
-# ##############################################################################
+# ==== 7. training plumbing ================================================================
+# Proves what train.py does around the models: optimisers against a scalar reference, run
+# files written atomically, resume bit-identical, divergence, sweeps, the command line.
 
-# ============================================================================ the stand-in
+TINY = dict(T=5, n_train=64, n_test=32, n_probe=4, steps=6, checkpoint_every=2, log_every=2)
 
-@pytest.fixture(scope="module")
-def xp():
-    enable_autograd_for(Strict, STRICT)
-    return STRICT
 
+def flat(tree):
+    return train._flatten(tree)
 
-def test_stand_in_refuses_what_cupy_refuses():
-    x = Strict(np.arange(6.0).reshape(2, 3))
-    z = Strict(np.zeros(3, dtype=complex))
-    for refused in (
-            lambda: np.asarray(x),                                  # __array__
-            lambda: x + np.ones(3),                                 # host array mixed in
-            lambda: x * np.array(2.0),                              # even a 0-d one
-            lambda: np.concatenate([x, np.ones((1, 3))]),
-            lambda: STRICT.where(x > 1, x, np.zeros((2, 3))),
-            lambda: STRICT.exp(np.zeros(3)),
-            lambda: x.reshape((3, 2), order=None),                     # order=None
-            lambda: np.reshape(x, (3, 2), order=None),
-            lambda: np.ravel(x, order=None),
-            lambda: STRICT.add.at(z, Strict(np.array([0, 0])), Strict(np.ones(2) * 1j)),
-            lambda: STRICT.add.at(z, [0, 0], Strict(np.ones(2) * 1j)),
-            lambda: np.add.at(x, (0,), 1.0),                        # numpy's add.at on it
-            lambda: x.view(np.ndarray)):
-        with pytest.raises(TypeError):
-            refused()
-    # ... and still computes what numpy computes, on Strict arrays, for what CuPy allows
-    y = np.concatenate([x, x * np.float64(2.0)]) @ Strict(np.ones((3, 1))) + 1.0
-    assert isinstance(y, Strict) and np.array_equal(y.get(), [[4.0], [13.0], [7.0], [25.0]])
-    STRICT.add.at(z, (slice(0, 2),), Strict(np.ones(2) * 1j))       # complex with a slice
-    x2 = Strict(np.zeros(3))
-    STRICT.add.at(x2, Strict(np.array([0, 0, 2])), Strict(np.ones(3)))  # real, index array
-    assert np.array_equal(z.get(), [1j, 1j, 0]) and np.array_equal(x2.get(), [2.0, 0, 1.0])
-    assert isinstance(np.sum(x), Strict) and np.sum(x).shape == ()
-    assert isinstance(icar.causal_mask(icar.array_module(x), 3), Strict)
 
+# ---- optimisers --------------------------------------------------------------------------
 
-# ============================================================================ helpers
+def test_adam_matches_scalar_reference_and_gd_is_one_line():
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal(3), "layers": [{"w": rng.standard_normal((2, 2))}]}
+    grads = [tree for tree in (train.tree_map(lambda p: rng.standard_normal(p.shape), params)
+                               for _ in range(3))]
+    state = train.adam_init(params)
+    p = params
+    for g in grads:
+        p, state = train.adam_update(p, g, state, 0.1)
+    # reference: the textbook recursion on each scalar
+    x, m, v = params["layers"][0]["w"][1, 0], 0.0, 0.0
+    for t, g in enumerate(grads, 1):
+        gi = g["layers"][0]["w"][1, 0]
+        m, v = 0.9 * m + 0.1 * gi, 0.999 * v + 0.001 * gi ** 2
+        x -= 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    assert p["layers"][0]["w"][1, 0] == pytest.approx(x, abs=1e-15)
+    assert state["t"] == 3
+    q = train.gd_update(params, grads[0], 0.5)
+    assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
 
-def to_device(tree):
-    return train.tree_map(STRICT.asarray, tree)
 
+# ---- run files, resume, divergence -------------------------------------------------------
 
-def on_device(x):
-    assert isinstance(x, Strict), f"{type(x).__name__} left the device"
-    return x.get()
+def test_flatten_roundtrip_keeps_lists():
+    tree = {"layers": [{"W": np.ones(2)}, {"W": np.zeros(3)}], "b": np.arange(2.0)}
+    back = train._unflatten(flat(tree))
+    assert isinstance(back["layers"], list) and len(back["layers"]) == 2
+    assert np.array_equal(back["layers"][1]["W"], np.zeros(3))
 
 
-def to_host(tree):
-    return train.tree_map(on_device, tree)
+def test_interrupted_write_leaves_previous_file(tmp_path):
+    path = str(tmp_path / "metrics.npz")
+    train.save_npz(path, {"x": np.arange(3.0)})
 
+    def crash(f):  # a partial write, then the process is interrupted
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
 
-def leaves(tree):
-    return [np.asarray(x) for x in train.tree_leaves(tree)]
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_write(path, crash)
+    assert np.array_equal(train.load_npz(path)["x"], np.arange(3.0))
+    assert os.listdir(tmp_path) == ["metrics.npz"]
 
 
-def assert_close(device, host, tol=1e-12):
-    for a, b in zip(leaves(to_host(device)), leaves(host), strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        scale = 1.0 + np.max(np.abs(b), initial=0.0)
-        assert np.max(np.abs(a - b), initial=0.0) <= tol * scale
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    kw = dict(TINY, d=2, n_probe=0)
+    full = train.run("block", runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+    savez, calls = np.savez, []
 
-
-# ============================================================================ the models
-
-def data(family, n=3, T=6, d=2, seed=0):
-    s, _ = icar.sample_sequences(np.random.default_rng(seed), n, T, d, family)
-    return s
-
-
-def next_state_loss(model):
-    """loss(params, s): model(params, s_1..s_T) against s_2..s_{T+1}, every position."""
-    return lambda params, s: icar.mse(model(params, s[:, :-1]), s[:, 1:])
-
-
-def _M1(form):
-    def case(family):
-        rng = np.random.default_rng(1)
-        params = icar.init_params("augmented_linear", rng, d=2, form=form, scale=0.5)
-        model = lambda p, s: icar.augmented_linear(p, icar.augment(s))
-        return params, data(family), next_state_loss(model)
-    return case
-
-
-def _M2(family):
-    rng = np.random.default_rng(1)
-    params = icar.init_params("diagonal_heads", rng, d=2, T=6, H=2, scale=0.5)
-    return params, data(family), next_state_loss(icar.diagonal_heads)
-
-
-def _M3(family):
-    params = {"P": 0.3 * np.random.default_rng(1).standard_normal((6, 6))}
-    return params, data(family), next_state_loss(icar.pe_only)
-
-
-def _M4(augmented, **options):
-    def case(family):
-        cfg = icar.transformer_config(d_in=6 if augmented else 2, d_out=2, T=6, **options)
-        params = icar.init_params("transformer", np.random.default_rng(1), cfg=cfg)
-        tokens = icar.augment if augmented else (lambda s: s)
-        return params, data(family), next_state_loss(lambda p, s: icar.transformer(p, tokens(s), cfg))
-    return case
-
-
-def _population(family):
-    """theory.population_loss at C = B^T A; the population has no data."""
-    params = icar.init_params("diagonal_heads", np.random.default_rng(1), d=4, T=5, H=2, scale=0.5)
-    return params, {}, lambda p, _: theory.population_loss(p["B"].T @ p["A"], p["P"], family)
-
-
-CASES = {
-    "M1_full": _M1("full"),
-    "M1_block": _M1("block"),
-    "M2": _M2,
-    "M3": _M3,
-    "M4_augmented_linear": _M4(True),
-    "M4_softmax_positional": _M4(False, attention="softmax", positional=True, layers=2, heads=2,
-                                 repeat=2),
-    "M4_linear_no_layernorm": _M4(False, layernorm=False, residual=False, layers=2),
-    "population": _population,
-}
-CASE_IDS = [(name, family) for name in CASES  # real and complex data; the theory's own families
-            for family in (theory.FAMILIES if name == "population" else ("haar", "unitary"))]
-
-
-def numpy_reference():
-    """Loss and gradient of every case on NumPy, flattened for np.savez."""
-    out = {}
-    for name, family in CASE_IDS:
-        params, s, loss = CASES[name](family)
-        out[f"{name}-{family}-loss"] = loss(params, s)
-        for i, g in enumerate(leaves(grad(loss)(params, s))):
-            out[f"{name}-{family}-grad{i}"] = g
-    return out
-
-
-@pytest.mark.parametrize("name, family", CASE_IDS)
-def test_loss_and_gradients_on_the_device_equal_numpy(xp, name, family):
-    params, s, loss = CASES[name](family)
-    value, g = loss(params, s), grad(loss)(params, s)
-    value_d, g_d = loss(to_device(params), to_device(s)), grad(loss)(to_device(params), to_device(s))
-    assert isinstance(value_d, Strict)
-    assert_close(value_d, value)
-    assert_close(g_d, g)
-
-
-@pytest.mark.parametrize("name, family", CASE_IDS)
-def test_twenty_adam_steps_on_the_device_equal_numpy(xp, name, family):
-    params, s, loss = CASES[name](family)
-    start = loss(params, s)
-    params_d, s_d = to_device(params), to_device(s)
-    state, state_d = train.adam_init(params), train.adam_init(params_d)
-    for _ in range(20):
-        params, state = train.adam_update(params, grad(loss)(params, s), state, lr=0.02)
-        params_d, state_d = train.adam_update(params_d, grad(loss)(params_d, s_d), state_d, lr=0.02)
-    assert loss(params, s) < start
-    for a, b in zip(leaves(to_host(params_d)), leaves(params), strict=True):
-        assert np.array_equal(a, b)
-
-
-def test_numpy_results_are_bit_identical_with_and_without_the_adapter(xp, tmp_path):
-    path = tmp_path / "reference.npz"
-    code = f"import numpy, test_icar; numpy.savez({str(path)!r}, **test_icar.numpy_reference())"
-    here = os.path.dirname(os.path.abspath(__file__))
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=here)
-    without, with_ = np.load(path), numpy_reference()
-    assert sorted(without.files) == sorted(with_)
-    for key in with_:
-        assert np.asarray(with_[key]).tobytes() == without[key].tobytes(), key
-
-
-# ============================================================================ the adapter's parts
-
-@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
-def test_vector_space_of_device_arrays_matches_numpy(xp, dtype):
-    host = np.zeros((2, 3), dtype=dtype)
-    vs, vs_d = vspace(host), vspace(xp.asarray(host))
-    for attribute in ("iscomplex", "size", "shape", "dtype"):
-        assert getattr(vs_d, attribute) == getattr(vs, attribute)
-    for made, expected in ((vs_d.zeros(), vs.zeros()), (vs_d.ones(), vs.ones())):
-        assert isinstance(made, Strict) and made.dtype == expected.dtype
-        assert np.array_equal(made.get(), expected)
-
-
-def _x(dtype=float):
-    x = np.random.default_rng(5).standard_normal((3, 4))
-    return x * np.exp(1j * np.arange(4)) if dtype is complex else x
-
-
-# Small functions that reach every autograd internal the adapter touches.
-INTERNALS = {
-    "sum_mean_var_std": (float, lambda x: anp.sum(anp.mean(x, axis=0)) + anp.var(x)
-                         + anp.std(x, axis=1)[0]),
-    "max_min_prod": (float, lambda x: anp.max(x, axis=1)[1] * anp.min(x) + anp.prod(x[0])),
-    "where": (float, lambda x: anp.sum(anp.where(getval(x) > 0, x, -2.0 * x))),
-    "stack": (float, lambda x: anp.sum(anp.stack([x, 2.0 * x], axis=1)[:, 1] * x)),
-    "concatenate": (complex, lambda x: anp.sum(anp.abs(anp.concatenate([x, x[:1]], axis=0)))),
-    "reshape_ravel": (float, lambda x: anp.sum(anp.reshape(x, (4, 3))[0] * anp.ravel(x)[:3])),
-    "transpose": (float, lambda x: anp.sum(anp.transpose(x[None], (2, 0, 1))[1:] * x.T[:-1, None])),
-    "index_array": (float, lambda x: anp.sum(x[_index(x)] * x[:3])),
-    "complex_index_array": (complex, lambda x: anp.sum(anp.abs(x[_index(x)] * x[:3]))),
-    "complex_index_list": (complex, lambda x: anp.sum(anp.abs(x[:, [1, 1, 3]] * x[:, :3]))),
-    "complex_slice": (complex, lambda x: anp.sum(anp.real(x[:, 1:] * anp.conj(x[:, :-1])))),
-}
-
-
-def _index(x):
-    return icar.array_module(x).asarray([0, 2, 0])
-
-
-@pytest.mark.parametrize("name", INTERNALS)
-def test_gradients_through_each_patched_internal_equal_numpy(xp, name):
-    dtype, f = INTERNALS[name]
-    x = _x(dtype)
-    value, g = f(x), grad(f)(x)
-    value_d, g_d = f(xp.asarray(x)), grad(f)(xp.asarray(x))
-    assert_close(value_d, value)
-    assert_close(g_d, g)
-
-
-def test_cupy_backend_without_cupy_is_one_clear_value_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
-    with pytest.raises(ValueError, match=r"^--backend cupy needs CuPy: .*pip install cupy"):
-        cupy_backend()
-
-
-def test_array_module_of_a_type_without_array_namespace_is_its_package():
-    fake = type("ndarray", (), {"__module__": "email.message"})()  # as CuPy < 14's cupy._core.core
-    assert icar.array_module(fake) is email
-
-
-def test_importing_train_loads_neither_the_adapter_nor_the_benchmark():
-    code = "import sys, train; print(sorted({'gpu', 'bench'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
-    assert out.stdout.strip() == "[]", out.stderr
-
-
-def test_gpu_check_dry_run_on_the_stand_in(tmp_path):
-    out = subprocess.run([sys.executable, "gpu.py", "--dry"], cwd=HERE, capture_output=True,
-                         text=True, env=dict(os.environ, OUT=str(tmp_path)))
-    assert out.returncode == 0, out.stdout + out.stderr
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    models = [c["model"] for c in report["comparisons"]]
-    assert report["all_ok"] and report["dry"] and len(models) == 18
-    assert sum(m.startswith("M4 plain") for m in models) == 4  # icar.transformer beside fused
-
-
-# ##############################################################################
-# figures.py
-# ##############################################################################
-
-def png_ok(path):
-    with open(path, "rb") as f:
-        head = f.read(8)
-    return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
-
-
-# ============================================================================ Fig. 4 logic
-
-def test_ar_refit_is_exact_on_ar_data_and_not_on_shuffled_tokens():
-    """Windows of 5 states of s_{t+1} = W s_t in d = 3 (4 transitions > d): the least-squares
-    W is the true one and the roll-out is exact; shuffled tokens break the recursion."""
-    s, _ = icar.sample_sequences(rng(1), 200, 4, 3, "haar")                    # [200, 5, 3]
-    _, err = figures.ar_refit(s)
-    assert np.max(err) < 1e-20
-    _, err_shuffled = figures.ar_refit(figures.shuffle_tokens(s, rng(2)))
-    assert np.mean(err_shuffled > 1e-6) > 0.9 and np.mean(err_shuffled) > 1e-3
-
-
-def test_ar_refit_matches_per_window_lstsq():
-    """The Gram-matrix route equals numpy.linalg.lstsq window by window (minimum norm),
-    including windows with a repeated token (rank-deficient inputs)."""
-    s = rng(3).standard_normal((6, 5, 8))
-    s[0, 3] = s[0, 1]                                                          # repeated token
-    s /= np.linalg.norm(s, axis=-1, keepdims=True)
-    rollout, err = figures.ar_refit(s)
-    for i in range(len(s)):
-        Wt = np.linalg.lstsq(s[i, :-1], s[i, 1:], rcond=None)[0]                 # [d, d] = W^T
-        ref = [s[i, 0]]
-        for _ in range(4):
-            ref.append(ref[-1] @ Wt)
-        ref = np.stack(ref)
-        assert np.allclose(rollout[i], ref, atol=1e-10)
-        assert np.isclose(err[i], np.mean(np.sum((ref[1:] - s[i, 1:]) ** 2, -1)), atol=1e-12)
-    assert err[0] > 1e-3 and np.max(err[1:]) < 1e-20  # only the repeated token breaks the fit
-
-
-def test_shuffle_tokens_permutes_tokens_across_windows():
-    s = rng(4).standard_normal((30, 5, 4))
-    sh = figures.shuffle_tokens(s, rng(5))
-    key = lambda x: np.sort(x.reshape(-1, 4).view([("", float)] * 4), axis=0)  # noqa: E731
-    assert np.array_equal(key(s), key(sh)) and not np.array_equal(s, sh)
-
-
-def test_token_windows_are_consecutive_unit_norm_and_check_ids():
-    E = rng(6).standard_normal((10, 3)) * 5
-    ids = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])
-    s = figures.token_windows(ids, E, length=5)
-    assert s.shape == (2, 5, 3)
-    assert np.allclose(np.linalg.norm(s, axis=-1), 1)
-    assert np.allclose(s[1, 0], E[6] / np.linalg.norm(E[6]))
-    assert figures.token_windows(ids, E, length=5, n=1).shape == (1, 5, 3)
-    with pytest.raises(ValueError, match="embedding table has 10 rows"):
-        figures.token_windows(np.array([0, 1, 2, 3, 10]), E)
-
-
-def test_fig4_on_the_shipped_text_with_the_real_table(tmp_path):
-    """With the optional extras: a slice of the shipped book gives windows of the 384-wide
-    table, and real order is fitted exactly more often than shuffled tokens."""
-    if figures.fig4_missing():
-        pytest.skip("optional extras of requirements-fig4.txt not installed")
-    with open(figures.DEFAULT_TEXT) as f:
-        text = f.read()
-    part = tmp_path / "part.txt"
-    part.write_text(text[:40000])
-    data = figures.compute_fig4(str(part), n=1500)
-    assert data["dim"] == 384 and len(data["err_real"]) == 1500
-    assert np.mean(data["err_real"] > figures.EXACT) < np.mean(data["err_shuffled"] > figures.EXACT)
-
-
-# ============================================================================ summary numbers
-
-@pytest.mark.parametrize("family, H", [("unitary", 4), ("orthogonal", 2)])
-def test_fig3_rows_are_computed_from_the_parameters(family, H):
-    """At an exact minimiser of R2/R3 the rows match their expected values; a perturbed P
-    moves them (the numbers are computed, not typed)."""
-    d, T = 4, 6
-    star = theory.minimiser(d, H, family, c=-1.3, T=T)
-    C = star["B"].T @ star["A"]
-    losses = np.array([theory.population_loss(C, star["P"], family)])
-    rows = {r["quantity"].split(": ", 1)[1]: r for r in
-            figures.fig3_rows("x", family, star["A"], star["B"], star["P"], losses)}
-    assert np.isclose(rows["c = mean diag of C"]["value"], -1.3)
-    assert np.isclose(rows["c * p_T"]["value"], 1.0) and np.isclose(rows["c * p_T"]["expected"], 1.0)
-    ratio = rows["p_(T-1) / p_T"]
-    assert np.isclose(ratio["value"], ratio["expected"])
-    assert np.isclose(ratio["expected"], 0.0 if family == "unitary" else -0.5)
-    assert np.allclose(rows["singular values of C"]["value"], rows["singular values of C"]["expected"])
-    assert rows["||A B^T - (tr/H) I|| / ||A B^T||"]["value"] < 1e-12
-    assert abs(rows["final population loss (sum over T-1 prefixes)"]["value"]) < 1e-12
-    P = star["P"].copy()
-    P[-1, -2] += 0.1
-    moved = {r["quantity"].split(": ", 1)[1]: r for r in figures.fig3_rows("x", family, star["A"], star["B"], P, losses)}
-    assert not np.isclose(moved["p_(T-1) / p_T"]["value"], ratio["expected"])
-
-
-def test_fig1_orbits_stay_on_circles():
-    s, W = figures.trajectories_3d(rng(7), 4, 25)
-    assert np.allclose(np.linalg.det(W), 1)
-    rows = figures.fig1_rows(s, W)
-    assert all(r["value"] < 1e-12 for r in rows)
-    s[0, 5] += 1e-3  # a state off its circle must show
-    assert max(r["value"] for r in figures.fig1_rows(s, W)) > 1e-4
-
-
-def test_write_summary_merges_figures_and_escapes_cells(tmp_path):
-    out = str(tmp_path)
-    figures.write_summary(out, {"fig1": {"rows": [figures.row("fig1", "|x|", 1e-15, 0.0, "W")],
-                                         "seconds": 1.0, "note": "a"}}, "quick")
-    figures.write_summary(out, {"r1": {"rows": [figures.row("r1", "eta", np.float64(0.25), 0.2, "R1")],
-                                       "seconds": 2.0, "note": "b"}}, "quick")
-    text = (tmp_path / "summary.md").read_text()
-    assert "| fig1 | \\|x\\| | 1.000e-15 | 0 | W |" in text
-    assert "| r1 | eta | 0.25 | 0.2 | R1 |" in text
-    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"fig1", "r1"}
-    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
-
-
-def test_positional_attention_is_a_causal_softmax():
-    cfg = icar.transformer_config(d_in=3, d_out=3, T=6, heads=2, repeat=2, positional=True, residual=False)
-    params = icar.init_params("transformer", rng(8), cfg=cfg)
-    a = icar.positional_attention(params["layers"][0], params["pos"][:5])      # [2, 5, 5]
-    assert a.shape == (2, 5, 5)
-    assert np.allclose(a.sum(-1), 1) and np.all(np.triu(a, 1) == 0)
-    lay, p = params["layers"][0], params["pos"][:5]
-    h, r = 1, 3  # one entry by hand
-    z = [(p[r] @ lay["W_Q"][h] + lay["b_Q"][h]) @ (p[t] @ lay["W_K"][h] + lay["b_K"][h]) / np.sqrt(6)
-         for t in range(r + 1)]
-    assert np.allclose(a[h, r, :r + 1], np.exp(z) / np.sum(np.exp(z)))
-
-
-# ============================================================================ every figure, tiny
-
-def fake_metrics(T, d, L=1, seed=0):
-    g = rng(seed)
-    m = {"test_loss_position": np.linspace(1, 0.3, T) + 0.01 * g.random(T)}
-    for k in ("oracle", "least_squares", "gd1", "gd2", "gd3", "gd4", "last_value", "zero"):
-        m["baseline_" + k] = np.linspace(1, 0.2, T) * g.uniform(0.5, 1.5)
-    for k in ("W", "ls", "gd1"):
-        m["probe_err_" + k] = g.random(T)
-        m["probe_cos_" + k] = g.random(T)
-    m["weights_KQ"] = g.standard_normal((L, 1, 3 * d, 3 * d))
-    m["weights_V"] = g.standard_normal((L, 1, d, 3 * d))
-    m["weights_share_KQ"] = g.random((L, 1))
-    m["weights_share_V"] = g.random((L, 1))
-    return m
-
-
-def check_figure_labels(fig, name):
-    """Every plot of fig has x and y labels (3-D: also z) and a title; the figure is named
-    ("Fig. N", "R1", "R2/R3") in its suptitle or, with one plot, in that plot's title; every
-    heat map has a colour bar."""
-    tag = {"r1": "R1", "r2r3": "R2/R3"}.get(name, "Fig. " + name[3:])
-    plots = [ax for ax in fig.axes if not hasattr(ax, "_colorbar")]
-    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
-    assert tag in suptitle or (len(plots) == 1 and tag in plots[0].get_title()), name
-    for ax in plots:
-        assert ax.get_title(), (name, "title")
-        assert ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
-        if ax.name == "3d":
-            assert ax.get_zlabel(), (name, ax.get_title())
-        maps = list(ax.images) + [c for c in ax.collections if isinstance(c, matplotlib.collections.QuadMesh)]
-        assert all(m.colorbar is not None for m in maps), (name, ax.get_title(), "colour bar")
-    return sum(len(ax.images) for ax in plots)
-
-
-def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(tmp_path, monkeypatch):
-    out = str(tmp_path)
-    made = {}
-
-    def save_png(fig, out_dir, name):  # figures.save_figure without the PDF, keeping the figure
-        made[name] = fig
-        path = os.path.join(out_dir, name + ".png")
-        fig.savefig(path, dpi=40)
-        return path
-
-    monkeypatch.setattr(figures, "save_figure", save_png)
-    s, W = figures.trajectories_3d(rng(9), 2, 6)
-    paths = [figures.plot_fig1(s, W, out)]
-    p, losses = theory.train_population(2, 2, 4, "unitary", 1e-2, 5, rng(10))
-    panel = dict(title="t", A=p["A"], B=p["B"], P=p["P"], losses=losses)
-    paths.append(figures.plot_fig3([panel, panel], out))
-    paths.append(figures.plot_fig4(rng(11).random(50) * (rng(12).random(50) > 0.8), rng(13).random(50), out, "x"))
-    paths.append(figures.plot_fig5(fake_metrics(6, 2), {1: fake_metrics(6, 2), 2: fake_metrics(6, 2, 2)}, out))
-    P = np.tril(rng(14).standard_normal((5, 5)))
-    closed = theory.pe_only_trajectory(5, mu=50.0, eta=0.1, steps=3)
-    paths.append(figures.plot_fig6([dict(mu=50.0, P=P, steps=3, closed_row=closed[-1], sample_row=P[-1],
-                                         n_train=10)] * 2, out))
-    cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
-    p = icar.init_params("transformer", rng(15), cfg=cfg)
-    att = icar.positional_attention(p["layers"][0], p["pos"][:6])
-    paths.append(figures.plot_fig7({1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, att, out))
-    paths.append(figures.plot_r1([3, 4, 6], 2, np.array([0.3, 0.25, 0.17]), np.array([0.7, 0.6, 0.4]), out))
-    data = figures.compute_r2r3(2, 3, 2, (1e-2, 20), (1e-2, 20))
-    paths.append(figures.plot_r2r3(data["loss"], 2, 3, out))
-    heat_maps = {}
-    for name, path in zip(("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3"), paths):
-        assert path == os.path.join(out, name + ".png") and png_ok(path)
-        heat_maps[name] = check_figure_labels(made[name], name)
-        figures.plt.close(made[name])
-    assert heat_maps == {"fig1": 0, "fig3": 8, "fig4": 0, "fig5": 2, "fig6": 2, "fig7": 1, "r1": 0, "r2r3": 0}
-
-
-def test_figure_check_finds_a_missing_colour_bar_label_or_name():
-    """check_figure_labels can fail: each defect alone is caught."""
-    for defect in ("colour bar", "label", "name"):
-        fig, ax = figures.plt.subplots()
-        ax.imshow(np.eye(2))
-        if defect != "colour bar":
-            fig.colorbar(ax.images[0], ax=ax)
-        ax.set_xlabel("x")
-        ax.set_ylabel("" if defect == "label" else "y")
-        ax.set_title("Fig. 9: t" if defect != "name" else "t")
-        with pytest.raises(AssertionError):
-            check_figure_labels(fig, "fig9")
-        figures.plt.close(fig)
-
-
-# ============================================================================ command line, cache
-
-def test_command_line_rejects_bad_input_with_one_line(capsys):
-    for argv in (["fig9"], ["--preset", "huge"], ["--nope"], ["fig4", "--embeddings", "missing.npy"]):
-        assert figures.main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("figures.py: error:")
-
-
-def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(figures, "fig4_missing", lambda embeddings=None: ["tokenizers"])
-    assert figures.main(["fig4", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "requirements-fig4.txt" in err and err.count("\n") == 1
-    monkeypatch.setattr(figures, "FIGURES", ("fig1", "fig4"))
-    assert figures.main(["--out", str(tmp_path), "--quiet"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["fig4"]["note"].startswith("skipped") and summary["fig1"]["rows"]
-    assert png_ok(str(tmp_path / "fig1.png")) and not (tmp_path / "fig4.png").exists()
-    assert (tmp_path / "fig1.pdf").read_bytes().startswith(b"%PDF")
-
-
-def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
-    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
-    first = figures.train_cached(ctx, "pe-only", "pe", **small)
-    path = os.path.join(first["dir"], "params.npz")
-    stamp = os.stat(path).st_mtime_ns
-    again = figures.train_cached(ctx, "pe-only", "pe", **small)
-    assert os.stat(path).st_mtime_ns == stamp
-    assert np.array_equal(again["params"]["P"], first["params"]["P"])
-    other = figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))  # settings changed
-    assert os.stat(path).st_mtime_ns != stamp and len(other["metrics"]["train_loss"]) == 5
-    ctx.retrain = True
-    stamp = os.stat(path).st_mtime_ns
-    figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))
-    assert os.stat(path).st_mtime_ns != stamp
-
-
-def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
-    """A run whose config.json holds another code fingerprint, or none, is stale."""
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
-    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
-    first = figures.train_cached(ctx, "pe-only", "pe", **small)
-    path = os.path.join(first["dir"], "params.npz")
-    stamp = os.stat(path).st_mtime_ns
-    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
-    figures.train_cached(ctx, "pe-only", "pe", **small)
-    assert os.stat(path).st_mtime_ns != stamp
-    stamp = os.stat(path).st_mtime_ns
-    figures.train_cached(ctx, "pe-only", "pe", **small)  # now the same code: reused
-    assert os.stat(path).st_mtime_ns == stamp
-    config_path = os.path.join(first["dir"], "config.json")
-    saved = json.loads(open(config_path).read())
-    del saved["versions"]["code"]
-    with open(config_path, "w") as f:
-        json.dump(saved, f)
-    figures.train_cached(ctx, "pe-only", "pe", **small)
-    assert os.stat(path).st_mtime_ns != stamp
-
-
-def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path, monkeypatch):
-    calls = []
-
-    def compute():
+    def crash(f, **arrays):
         calls.append(1)
-        return {"x": np.arange(3.0) * len(calls)}
+        if len(calls) == 3:  # the checkpoint of step 4, half written
+            f.write(b"PK\x03\x04 partial")
+            raise KeyboardInterrupt
+        savez(f, **arrays)
 
-    ctx = figures.argparse.Namespace(timings=[])
-    get = lambda settings: figures.cached(str(tmp_path), "t", compute, False, settings, ctx)  # noqa: E731
-    assert np.array_equal(get({"d": 2})["x"], [0, 1, 2]) and len(calls) == 1
-    assert set(get({"d": 2})) == {"x"} and len(calls) == 1  # reused, without the cache's own keys
-    assert [t["reused"] for t in ctx.timings] == [False, True]
-    assert ctx.timings[1]["seconds"] == ctx.timings[0]["seconds"] > 0
-    get({"d": 3})
-    assert len(calls) == 2  # other settings
-    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
-    get({"d": 3})
-    assert len(calls) == 3  # other code of icar, theory or train
-    monkeypatch.setattr(figures, "figures_fingerprint", lambda: "1" * 40)
-    get({"d": 3})
-    assert len(calls) == 4  # other code of figures.py
-    get({"d": 3})
-    assert len(calls) == 4
-
-
-def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
-    tiny = dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3))
-    monkeypatch.setitem(figures.R2R3_SIZES, "quick", tiny)
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, seed=0, out=str(tmp_path),
-                                     timings=[])
-    figures.run_r2r3(ctx)
-    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(tiny, seeds=2))
-    figures.run_r2r3(ctx)
-    assert [t["reused"] for t in ctx.timings] == [False, False]
-    figures.run_r2r3(ctx)
-    assert [t["reused"] for t in ctx.timings] == [False, False, True]
-
-
-def test_unusable_folders_and_fig4_files_exit_2_with_one_line(tmp_path, capsys):
-    plain = tmp_path / "file"
-    plain.write_text("x")
-    bad_npy = tmp_path / "bad.npy"
-    bad_npy.write_text("not an array")
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text("{")
-    ok_npy = tmp_path / "ok.npy"
-    np.save(ok_npy, np.ones((3, 2)))
-    cases = [(["fig1", "--out", str(plain / "x")], "--out", plain / "x"),
-             (["fig1", "--runs", str(plain / "x"), "--out", str(tmp_path)], "--runs", plain / "x")]
-    if not figures.fig4_missing(str(bad_npy)):
-        fig4 = ["fig4", "--text", figures.DEFAULT_TEXT, "--out", str(tmp_path), "--runs", str(tmp_path)]
-        cases += [(fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(ok_npy)], "--tokenizer", bad_json),
-                  (fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(bad_npy)], "--embeddings", bad_npy)]
-    for argv, option, path in cases:
-        assert figures.main(argv + ["--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("figures.py: error: " + option) and str(path) in err
-
-
-def test_load_token_table_names_the_bad_file_and_what_it_expects(tmp_path):
-    cases = {"text.npy": lambda p: p.write_text("not an array"), "empty.npy": lambda p: p.write_bytes(b""),
-             "vector.npy": lambda p: np.save(p, np.ones(3)), "words.npy": lambda p: np.save(p, np.array([["a"]])),
-             "table.npz": lambda p: np.savez(p, E=np.ones((2, 2)))}
-    for name, make in cases.items():
-        path = tmp_path / name
-        make(path)
-        with pytest.raises(ValueError, match="2-D real array") as e:
-            figures.load_token_table(str(path))
-        assert str(path) in str(e.value)
-    np.save(tmp_path / "ok.npy", np.ones((4, 3), dtype=np.float32))
-    assert figures.load_token_table(str(tmp_path / "ok.npy")).dtype == np.float64
-
-
-def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
-    """The summary shows the seconds the computation took, marked when reused from the
-    cache; figures.main sets the process up as train.main does."""
-    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3)))
-    set_up = []
-    monkeypatch.setattr(fused, "set_up_process", lambda: set_up.append(1))
-    real = figures.compute_r2r3
-    monkeypatch.setattr(figures, "compute_r2r3", lambda **kw: (figures.time.sleep(0.5), real(**kw))[1])
-    argv = ["r2r3", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]
-    assert figures.main(argv) == 0 and set_up == [1]
-    first = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
-    assert first["cached"] == "none" and first["seconds"] >= 0.5
-    assert figures.main(argv) == 0
-    again = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
-    assert again["cached"] == "all" and again["seconds"] >= 0.5
-    assert f"| r2r3 | quick | (cached, computed in {again['seconds']:.1f} s) |" in (tmp_path / "summary.md").read_text()
-    assert figures.compute_seconds(1.0, [{"seconds": 5.0, "load": 0.2, "reused": True},
-                                         {"seconds": 0.5, "load": 0.0, "reused": False}]) == (5.8, "some")
-    assert figures.compute_seconds(1.0, [{"seconds": None, "load": 0.2, "reused": True}]) == (None, "all")
-    assert figures.runtime_cell(5.8, "some") == "5.8 (partly cached)" and figures.runtime_cell(2.0, "none") == "2.0"
-
-
-def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
-    """The closed form with the training set's moments gives the trained P up to rounding;
-    the population path differs by sampling error only; a changed step moves the path."""
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
-    res = figures.train_cached(ctx, "pe-only", "pe", T=6, mu=50.0, n_train=40, n_test=8, n_probe=0, steps=60,
-                               target_loss=0.0, gd_steps=1)
-    panel, rows = figures.fig6_panel(res, 50.0)
-    values = {r["quantity"].split(": ", 1)[1]: r["value"] for r in rows}
-    sample_gap = values["max |P - exact GD path of the sample loss| (rows r >= 1)"]
-    population_gap = values["sampling error: max |P - exact GD path of the population loss| (rows r >= 1)"]
-    assert sample_gap < 1e-12 < 1e-4 < population_gap
-    assert panel["steps"] == 60 and np.allclose(panel["sample_row"], res["params"]["P"][-1], atol=1e-12)
-    s = train.datasets(res["config"])[0]
-    lr = res["config"]["lr"]
-    assert np.max(np.abs(figures.sample_pe_only_trajectory(s, 1.1 * lr, 60)[-1] - panel["sample_row"])) > 1e-4
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(np, "savez", savez)
+    assert int(train.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
+    resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
+    assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
+    assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
 
 
 def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
@@ -2413,7 +1804,180 @@ def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
     train.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
     assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
     assert os.listdir(tmp_path / "a") == ["x.txt"]
-# ---------------------------------------------------------------------------- nothing saved is lost
+
+
+@pytest.mark.parametrize("experiment,extra", [
+    ("block", dict(d=2, batch=16)),                      # minibatches: the shuffle RNG matters
+    ("augmented", dict(d=2, layers=2, batch=16, steps=5)),  # list-of-dict parameters
+    ("pe-only", dict(target_loss=0.0)),                  # plain GD
+])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
+    kw = dict(TINY, **extra)
+    full = train.run(experiment, runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+
+    name = "gd_update" if full["config"]["optimizer"] == "gd" else "adam_update"
+    update, calls = getattr(train, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint at step 2, before step 4
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(experiment, runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(train, name, update)
+    assert not os.path.exists(tmp_path / "cut" / "params.npz")
+    resumed = train.run(experiment, runs_dir=str(tmp_path), name="cut", resume=True, quiet=True,
+                        **kw)
+    a, b = flat(full["params"]), flat(resumed["params"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    for k in ("train_loss", "test_loss", "test_step"):
+        assert np.array_equal(full["metrics"][k], resumed["metrics"][k]), k
+    loaded = train.load(resumed["dir"])
+    assert all(np.array_equal(a[k], v) for k, v in flat(loaded["params"]).items())
+    assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
+    assert np.array_equal(loaded["metrics"]["test_loss_position"],
+                             resumed["metrics"]["test_loss_position"])
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        train.run("block", runs_dir=str(tmp_path), resume=True, quiet=True, lr=0.5, **dict(TINY, n_probe=0))
+
+
+def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
+    kw = dict(TINY, optimizer="gd", lr=1e6, steps=100, checkpoint_every=1, n_probe=0)
+    with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
+    step = int(str(e.value).split("at step ")[1].split(":")[0])
+    z = train.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
+    assert int(z["step"]) == step - 1
+    assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
+    # the command line: one line on stderr, non-zero status
+    argv = ["block", "--runs_dir", str(tmp_path), "--quiet"] + [
+        a for k, v in kw.items() for a in (f"--{k}", str(v))]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
+
+
+def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError, match=r"non-finite loss \(nan\).*init_scale 1e\+200 is too large"):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert not (tmp_path / "block").exists()  # found before any file was written
+    # a loss finite on check_run's 2 sequences but not on the training data: Diverged at step 0
+    monkeypatch.setattr(train, "check_run", lambda experiment, cfg: None)
+    with pytest.raises(train.Diverged, match=r"at step 0, before any update.*nothing was saved"):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert os.listdir(tmp_path / "block") == []
+    assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
+    assert "population loss became" in capsys.readouterr().err
+
+
+def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **TINY)
+    before = folder_bytes(tmp_path / "block")
+    with pytest.raises(ValueError):  # a start that fails leaves the earlier run as it was
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert folder_bytes(tmp_path / "block") == before
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, steps=3))
+    assert sorted(os.listdir(tmp_path / "block")) == ["checkpoint.npz", "config.json", "metrics.npz",
+                                                      "params.npz"]
+    assert train.load(str(tmp_path / "block"))["metrics"]["steps_done"] == 3
+
+
+def folder_bytes(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _, files in os.walk(folder) for f in files}
+
+
+def test_pe_only_in_float32_trains_in_float32(tmp_path):
+    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, dtype="float32"))
+    assert result["params"]["P"].dtype == np.float32
+
+
+# ---- command line, sweeps, bad input of train.py -----------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["augmented", "--lr", "abc"], ["nosuch"], ["block", "--steps", "-1"],
+    ["block", "--heads", "2"], ["pe-only", "--dtype", "float16"], ["augmented", "--backend", "cupy"],
+    ["bench", "--bogus"], ["bench", "--json", "/nonexistent/bench.json"], ["block", "--n_probe", "600"],
+    ["diagonal", "--family", "angle"],
+])
+def test_bad_arguments_exit_2_with_one_line(argv):
+    out = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("train.py: ")
+
+
+def test_every_experiment_runs_end_to_end(tmp_path, capsys):
+    tiny = ["--T", "5", "--n_train", "32", "--n_test", "16", "--n_probe", "2", "--steps", "3",
+            "--quiet", "--runs_dir", str(tmp_path)]
+    for experiment in ("augmented", "nonaug", "block", "diagonal", "pe-only"):
+        extra = ["--batch", "16"] if experiment in ("augmented", "nonaug") else []
+        extra += ["--heads", "2"] if experiment == "nonaug" else []
+        assert train.main([experiment] + tiny + extra) == 0, experiment
+        result = train.load(str(tmp_path / experiment))
+        m = result["metrics"]
+        assert len(m["train_loss"]) == 4 and m["test_loss_position"].shape == (5,)
+        assert np.isfinite(m["test_loss"]).all()
+    assert train.main(["population", "--steps", "3", "--d", "4", "--heads", "2", "--T", "5",
+                       "--runs_dir", str(tmp_path)]) == 0
+    assert len(train.load(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
+    assert "model" in capsys.readouterr().out
+    assert train.main(["augmented", "--help"]) == 0
+    assert "--layers" in capsys.readouterr().out
+
+
+def test_sweep_over_layers_writes_summary(tmp_path, capsys):
+    argv = ["augmented", "--T", "4", "--n_train", "32", "--n_test", "16", "--n_probe", "0",
+            "--steps", "2", "--batch", "0", "--quiet", "--runs_dir", str(tmp_path),
+            "--sweep", "layers=1,2", "--sweep", "sigma=0,0.1"]
+    assert train.main(argv) == 0
+    with open(tmp_path / "augmented" / "summary.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["layers"], r["sigma"]) for r in rows] == [(1, 0.0), (1, 0.1), (2, 0.0), (2, 0.1)]
+    second = train.load(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
+    assert second["config"]["layers"] == 2 and second["config"]["sigma"] == 0.1
+    assert rows[3]["gd_k=L"] == pytest.approx(float(np.mean(second["metrics"]["baseline_gd2"])))
+    assert "gd_k=L" in capsys.readouterr().out
+
+
+def test_progress_updates_one_line_on_a_terminal_and_prints_lines_otherwise():
+    class Stream(list):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+
+    for tty in (True, False):
+        stream = Stream(tty)
+        progress = train._Progress(10, quiet=False, stream=stream)
+        for step in (0, 5, 10):
+            progress.show(step, 1.0, 2.0, final=step == 10)
+        text = "".join(stream)
+        assert text.count("\r") == (3 if tty else 0) and text.count("\n") == (1 if tty else 3)
+        assert "step 10/10" in text and "steps/s" in text and "left" in text
+    quiet = Stream(False)
+    train._Progress(10, quiet=True, stream=quiet).show(0, 1.0, 2.0)
+    assert quiet == []
+
+
+# ---- nothing saved is lost: bad input, damaged files, a full disk, interruptions
 
 def _finished_run(runs):
     """A finished tiny run in runs/block and the bytes of every file under runs."""
@@ -2572,7 +2136,548 @@ def test_a_closed_pipe_ends_a_command_quietly():
         assert "run_command(main)" in open(os.path.join(HERE, script)).read()
 
 
+def test_ci_runs_the_readme_set_up_and_test_lines():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("## Set up and run", 1)[1].split("```")[1].strip().splitlines()
+    ci = [line for line in open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+          if line and not line.startswith(("#", "set ", "cd ", "rm "))]
+    assert len(block) == 2 and ci == [block[0].split(" && .venv/bin/python figures.py")[0], block[1]]
+    assert block[0].startswith("python3 -m venv .venv && ")
+
+
+# ==== 8. GPU: gpu.py's adapter on the strict stand-in =====================================
+# Proves that losses, gradients and Adam steps on device arrays equal NumPy's, on a strict
+# CuPy stand-in (gpu.Strict) that refuses what CuPy refuses; and gpu.py's dry check.
+
+# ---- the stand-in ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xp():
+    enable_autograd_for(Strict, STRICT)
+    return STRICT
+
+
+def test_stand_in_refuses_what_cupy_refuses():
+    x = Strict(np.arange(6.0).reshape(2, 3))
+    z = Strict(np.zeros(3, dtype=complex))
+    for refused in (
+            lambda: np.asarray(x),                                  # __array__
+            lambda: x + np.ones(3),                                 # host array mixed in
+            lambda: x * np.array(2.0),                              # even a 0-d one
+            lambda: np.concatenate([x, np.ones((1, 3))]),
+            lambda: STRICT.where(x > 1, x, np.zeros((2, 3))),
+            lambda: STRICT.exp(np.zeros(3)),
+            lambda: x.reshape((3, 2), order=None),                     # order=None
+            lambda: np.reshape(x, (3, 2), order=None),
+            lambda: np.ravel(x, order=None),
+            lambda: STRICT.add.at(z, Strict(np.array([0, 0])), Strict(np.ones(2) * 1j)),
+            lambda: STRICT.add.at(z, [0, 0], Strict(np.ones(2) * 1j)),
+            lambda: np.add.at(x, (0,), 1.0),                        # numpy's add.at on it
+            lambda: x.view(np.ndarray)):
+        with pytest.raises(TypeError):
+            refused()
+    # ... and still computes what numpy computes, on Strict arrays, for what CuPy allows
+    y = np.concatenate([x, x * np.float64(2.0)]) @ Strict(np.ones((3, 1))) + 1.0
+    assert isinstance(y, Strict) and np.array_equal(y.get(), [[4.0], [13.0], [7.0], [25.0]])
+    STRICT.add.at(z, (slice(0, 2),), Strict(np.ones(2) * 1j))       # complex with a slice
+    x2 = Strict(np.zeros(3))
+    STRICT.add.at(x2, Strict(np.array([0, 0, 2])), Strict(np.ones(3)))  # real, index array
+    assert np.array_equal(z.get(), [1j, 1j, 0]) and np.array_equal(x2.get(), [2.0, 0, 1.0])
+    assert isinstance(np.sum(x), Strict) and np.sum(x).shape == ()
+    assert isinstance(icar.causal_mask(icar.array_module(x), 3), Strict)
+
+
+# ---- the models on the device against NumPy ----------------------------------------------
+
+def to_device(tree):
+    return train.tree_map(STRICT.asarray, tree)
+
+
+def on_device(x):
+    assert isinstance(x, Strict), f"{type(x).__name__} left the device"
+    return x.get()
+
+
+def to_host(tree):
+    return train.tree_map(on_device, tree)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in train.tree_leaves(tree)]
+
+
+def assert_close(device, host, tol=1e-12):
+    for a, b in zip(leaves(to_host(device)), leaves(host), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        scale = 1.0 + np.max(np.abs(b), initial=0.0)
+        assert np.max(np.abs(a - b), initial=0.0) <= tol * scale
+
+
+def data(family, n=3, T=6, d=2, seed=0):
+    s, _ = icar.sample_sequences(np.random.default_rng(seed), n, T, d, family)
+    return s
+
+
+def next_state_loss(model):
+    """loss(params, s): model(params, s_1..s_T) against s_2..s_{T+1}, every position."""
+    return lambda params, s: icar.mse(model(params, s[:, :-1]), s[:, 1:])
+
+
+def _M1(form):
+    def case(family):
+        rng = np.random.default_rng(1)
+        params = icar.init_params("augmented_linear", rng, d=2, form=form, scale=0.5)
+        model = lambda p, s: icar.augmented_linear(p, icar.augment(s))
+        return params, data(family), next_state_loss(model)
+    return case
+
+
+def _M2(family):
+    rng = np.random.default_rng(1)
+    params = icar.init_params("diagonal_heads", rng, d=2, T=6, H=2, scale=0.5)
+    return params, data(family), next_state_loss(icar.diagonal_heads)
+
+
+def _M3(family):
+    params = {"P": 0.3 * np.random.default_rng(1).standard_normal((6, 6))}
+    return params, data(family), next_state_loss(icar.pe_only)
+
+
+def _M4(augmented, **options):
+    def case(family):
+        cfg = icar.transformer_config(d_in=6 if augmented else 2, d_out=2, T=6, **options)
+        params = icar.init_params("transformer", np.random.default_rng(1), cfg=cfg)
+        tokens = icar.augment if augmented else (lambda s: s)
+        return params, data(family), next_state_loss(lambda p, s: icar.transformer(p, tokens(s), cfg))
+    return case
+
+
+def _population(family):
+    """theory.population_loss at C = B^T A; the population has no data."""
+    params = icar.init_params("diagonal_heads", np.random.default_rng(1), d=4, T=5, H=2, scale=0.5)
+    return params, {}, lambda p, _: theory.population_loss(p["B"].T @ p["A"], p["P"], family)
+
+
+CASES = {
+    "M1_full": _M1("full"),
+    "M1_block": _M1("block"),
+    "M2": _M2,
+    "M3": _M3,
+    "M4_augmented_linear": _M4(True),
+    "M4_softmax_positional": _M4(False, attention="softmax", positional=True, layers=2, heads=2,
+                                 repeat=2),
+    "M4_linear_no_layernorm": _M4(False, layernorm=False, residual=False, layers=2),
+    "population": _population,
+}
+
+
+CASE_IDS = [(name, family) for name in CASES  # real and complex data; the theory's own families
+            for family in (theory.FAMILIES if name == "population" else ("haar", "unitary"))]
+
+
+def numpy_reference():
+    """Loss and gradient of every case on NumPy, flattened for np.savez."""
+    out = {}
+    for name, family in CASE_IDS:
+        params, s, loss = CASES[name](family)
+        out[f"{name}-{family}-loss"] = loss(params, s)
+        for i, g in enumerate(leaves(grad(loss)(params, s))):
+            out[f"{name}-{family}-grad{i}"] = g
+    return out
+
+
+@pytest.mark.parametrize("name, family", CASE_IDS)
+def test_loss_and_gradients_on_the_device_equal_numpy(xp, name, family):
+    params, s, loss = CASES[name](family)
+    value, g = loss(params, s), grad(loss)(params, s)
+    value_d, g_d = loss(to_device(params), to_device(s)), grad(loss)(to_device(params), to_device(s))
+    assert isinstance(value_d, Strict)
+    assert_close(value_d, value)
+    assert_close(g_d, g)
+
+
+@pytest.mark.parametrize("name, family", CASE_IDS)
+def test_twenty_adam_steps_on_the_device_equal_numpy(xp, name, family):
+    params, s, loss = CASES[name](family)
+    start = loss(params, s)
+    params_d, s_d = to_device(params), to_device(s)
+    state, state_d = train.adam_init(params), train.adam_init(params_d)
+    for _ in range(20):
+        params, state = train.adam_update(params, grad(loss)(params, s), state, lr=0.02)
+        params_d, state_d = train.adam_update(params_d, grad(loss)(params_d, s_d), state_d, lr=0.02)
+    assert loss(params, s) < start
+    for a, b in zip(leaves(to_host(params_d)), leaves(params), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_numpy_results_are_bit_identical_with_and_without_the_adapter(xp, tmp_path):
+    path = tmp_path / "reference.npz"
+    code = f"import numpy, test_icar; numpy.savez({str(path)!r}, **test_icar.numpy_reference())"
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=here)
+    without, with_ = np.load(path), numpy_reference()
+    assert sorted(without.files) == sorted(with_)
+    for key in with_:
+        assert np.asarray(with_[key]).tobytes() == without[key].tobytes(), key
+
+
+# ---- the adapter's parts -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_vector_space_of_device_arrays_matches_numpy(xp, dtype):
+    host = np.zeros((2, 3), dtype=dtype)
+    vs, vs_d = vspace(host), vspace(xp.asarray(host))
+    for attribute in ("iscomplex", "size", "shape", "dtype"):
+        assert getattr(vs_d, attribute) == getattr(vs, attribute)
+    for made, expected in ((vs_d.zeros(), vs.zeros()), (vs_d.ones(), vs.ones())):
+        assert isinstance(made, Strict) and made.dtype == expected.dtype
+        assert np.array_equal(made.get(), expected)
+
+
+def _x(dtype=float):
+    x = np.random.default_rng(5).standard_normal((3, 4))
+    return x * np.exp(1j * np.arange(4)) if dtype is complex else x
+
+
+# Small functions that reach every autograd internal the adapter touches.
+INTERNALS = {
+    "sum_mean_var_std": (float, lambda x: anp.sum(anp.mean(x, axis=0)) + anp.var(x)
+                         + anp.std(x, axis=1)[0]),
+    "max_min_prod": (float, lambda x: anp.max(x, axis=1)[1] * anp.min(x) + anp.prod(x[0])),
+    "where": (float, lambda x: anp.sum(anp.where(getval(x) > 0, x, -2.0 * x))),
+    "stack": (float, lambda x: anp.sum(anp.stack([x, 2.0 * x], axis=1)[:, 1] * x)),
+    "concatenate": (complex, lambda x: anp.sum(anp.abs(anp.concatenate([x, x[:1]], axis=0)))),
+    "reshape_ravel": (float, lambda x: anp.sum(anp.reshape(x, (4, 3))[0] * anp.ravel(x)[:3])),
+    "transpose": (float, lambda x: anp.sum(anp.transpose(x[None], (2, 0, 1))[1:] * x.T[:-1, None])),
+    "index_array": (float, lambda x: anp.sum(x[_index(x)] * x[:3])),
+    "complex_index_array": (complex, lambda x: anp.sum(anp.abs(x[_index(x)] * x[:3]))),
+    "complex_index_list": (complex, lambda x: anp.sum(anp.abs(x[:, [1, 1, 3]] * x[:, :3]))),
+    "complex_slice": (complex, lambda x: anp.sum(anp.real(x[:, 1:] * anp.conj(x[:, :-1])))),
+}
+
+
+def _index(x):
+    return icar.array_module(x).asarray([0, 2, 0])
+
+
+@pytest.mark.parametrize("name", INTERNALS)
+def test_gradients_through_each_patched_internal_equal_numpy(xp, name):
+    dtype, f = INTERNALS[name]
+    x = _x(dtype)
+    value, g = f(x), grad(f)(x)
+    value_d, g_d = f(xp.asarray(x)), grad(f)(xp.asarray(x))
+    assert_close(value_d, value)
+    assert_close(g_d, g)
+
+
+def test_cupy_backend_without_cupy_is_one_clear_value_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    with pytest.raises(ValueError, match=r"^--backend cupy needs CuPy: .*pip install cupy"):
+        cupy_backend()
+
+
+def test_array_module_of_a_type_without_array_namespace_is_its_package():
+    fake = type("ndarray", (), {"__module__": "email.message"})()  # as CuPy < 14's cupy._core.core
+    assert icar.array_module(fake) is email
+
+
+def test_importing_train_loads_neither_the_adapter_nor_the_benchmark():
+    code = "import sys, train; print(sorted({'gpu', 'bench'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_gpu_check_dry_run_on_the_stand_in(tmp_path):
+    out = subprocess.run([sys.executable, "gpu.py", "--dry"], cwd=HERE, capture_output=True,
+                         text=True, env=dict(os.environ, OUT=str(tmp_path)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    models = [c["model"] for c in report["comparisons"]]
+    assert report["all_ok"] and report["dry"] and len(models) == 18
+    assert sum(m.startswith("M4 plain") for m in models) == 4  # icar.transformer beside fused
+
+
+# ==== 9. figures ==========================================================================
+# Proves that every figure is drawn at a tiny size with labels, titles and colour bars
+# (checked on the matplotlib objects), and the figure command line and cache.
+
+def png_ok(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
+
+
+# ---- every figure, tiny ------------------------------------------------------------------
+
+def fake_metrics(T, d, L=1, seed=0):
+    g = rng(seed)
+    m = {"test_loss_position": np.linspace(1, 0.3, T) + 0.01 * g.random(T)}
+    for k in ("oracle", "least_squares", "gd1", "gd2", "gd3", "gd4", "last_value", "zero"):
+        m["baseline_" + k] = np.linspace(1, 0.2, T) * g.uniform(0.5, 1.5)
+    for k in ("W", "ls", "gd1"):
+        m["probe_err_" + k] = g.random(T)
+        m["probe_cos_" + k] = g.random(T)
+    m["weights_KQ"] = g.standard_normal((L, 1, 3 * d, 3 * d))
+    m["weights_V"] = g.standard_normal((L, 1, d, 3 * d))
+    m["weights_share_KQ"] = g.random((L, 1))
+    m["weights_share_V"] = g.random((L, 1))
+    return m
+
+
+def check_figure_labels(fig, name):
+    """Every plot of fig has x and y labels (3-D: also z) and a title; the figure is named
+    ("Fig. N", "R1", "R2/R3") in its suptitle or, with one plot, in that plot's title; every
+    heat map has a colour bar."""
+    import matplotlib.collections
+    tag = {"r1": "R1", "r2r3": "R2/R3"}.get(name, "Fig. " + name[3:])
+    plots = [ax for ax in fig.axes if not hasattr(ax, "_colorbar")]
+    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    assert tag in suptitle or (len(plots) == 1 and tag in plots[0].get_title()), name
+    for ax in plots:
+        assert ax.get_title(), (name, "title")
+        assert ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
+        if ax.name == "3d":
+            assert ax.get_zlabel(), (name, ax.get_title())
+        maps = list(ax.images) + [c for c in ax.collections if isinstance(c, matplotlib.collections.QuadMesh)]
+        assert all(m.colorbar is not None for m in maps), (name, ax.get_title(), "colour bar")
+    return sum(len(ax.images) for ax in plots)
+
+
+def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(tmp_path, monkeypatch):
+    import figures
+    out = str(tmp_path)
+    made = {}
+
+    def save_png(fig, out_dir, name):  # figures.save_figure without the PDF, keeping the figure
+        made[name] = fig
+        path = os.path.join(out_dir, name + ".png")
+        fig.savefig(path, dpi=40)
+        return path
+
+    monkeypatch.setattr(figures, "save_figure", save_png)
+    s, W = figures.trajectories_3d(rng(9), 2, 6)
+    paths = [figures.plot_fig1(s, W, out)]
+    p, losses = theory.train_population(2, 2, 4, "unitary", 1e-2, 5, rng(10))
+    panel = dict(title="t", A=p["A"], B=p["B"], P=p["P"], losses=losses)
+    paths.append(figures.plot_fig3([panel, panel], out))
+    paths.append(figures.plot_fig4(rng(11).random(50) * (rng(12).random(50) > 0.8), rng(13).random(50), out, "x"))
+    paths.append(figures.plot_fig5(fake_metrics(6, 2), {1: fake_metrics(6, 2), 2: fake_metrics(6, 2, 2)}, out))
+    P = np.tril(rng(14).standard_normal((5, 5)))
+    closed = theory.pe_only_trajectory(5, mu=50.0, eta=0.1, steps=3)
+    paths.append(figures.plot_fig6([dict(mu=50.0, P=P, steps=3, closed_row=closed[-1], sample_row=P[-1],
+                                         n_train=10)] * 2, out))
+    cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
+    p = icar.init_params("transformer", rng(15), cfg=cfg)
+    att = icar.positional_attention(p["layers"][0], p["pos"][:6])
+    paths.append(figures.plot_fig7({1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, att, out))
+    paths.append(figures.plot_r1([3, 4, 6], 2, np.array([0.3, 0.25, 0.17]), np.array([0.7, 0.6, 0.4]), out))
+    data = figures.compute_r2r3(2, 3, 2, (1e-2, 20), (1e-2, 20))
+    paths.append(figures.plot_r2r3(data["loss"], 2, 3, out))
+    heat_maps = {}
+    for name, path in zip(("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3"), paths):
+        assert path == os.path.join(out, name + ".png") and png_ok(path)
+        heat_maps[name] = check_figure_labels(made[name], name)
+        figures.plt.close(made[name])
+    assert heat_maps == {"fig1": 0, "fig3": 8, "fig4": 0, "fig5": 2, "fig6": 2, "fig7": 1, "r1": 0, "r2r3": 0}
+
+
+def test_figure_check_finds_a_missing_colour_bar_label_or_name():
+    """check_figure_labels can fail: each defect alone is caught."""
+    import figures
+    for defect in ("colour bar", "label", "name"):
+        fig, ax = figures.plt.subplots()
+        ax.imshow(np.eye(2))
+        if defect != "colour bar":
+            fig.colorbar(ax.images[0], ax=ax)
+        ax.set_xlabel("x")
+        ax.set_ylabel("" if defect == "label" else "y")
+        ax.set_title("Fig. 9: t" if defect != "name" else "t")
+        with pytest.raises(AssertionError):
+            check_figure_labels(fig, "fig9")
+        figures.plt.close(fig)
+
+
+# ---- command line, cache, summary --------------------------------------------------------
+
+def test_write_summary_merges_figures_and_escapes_cells(tmp_path):
+    import figures
+    out = str(tmp_path)
+    figures.write_summary(out, {"fig1": {"rows": [figures.row("fig1", "|x|", 1e-15, 0.0, "W")],
+                                         "seconds": 1.0, "note": "a"}}, "quick")
+    figures.write_summary(out, {"r1": {"rows": [figures.row("r1", "eta", np.float64(0.25), 0.2, "R1")],
+                                       "seconds": 2.0, "note": "b"}}, "quick")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| fig1 | \\|x\\| | 1.000e-15 | 0 | W |" in text
+    assert "| r1 | eta | 0.25 | 0.2 | R1 |" in text
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"fig1", "r1"}
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+
+def test_command_line_rejects_bad_input_with_one_line(capsys):
+    import figures
+    for argv in (["fig9"], ["--preset", "huge"], ["--nope"], ["fig4", "--embeddings", "missing.npy"]):
+        assert figures.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("figures.py: error:")
+
+
+def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, monkeypatch, capsys):
+    import figures
+    monkeypatch.setattr(figures, "fig4_missing", lambda embeddings=None: ["tokenizers"])
+    assert figures.main(["fig4", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "requirements-fig4.txt" in err and err.count("\n") == 1
+    monkeypatch.setattr(figures, "FIGURES", ("fig1", "fig4"))
+    assert figures.main(["--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["fig4"]["note"].startswith("skipped") and summary["fig1"]["rows"]
+    assert png_ok(str(tmp_path / "fig1.png")) and not (tmp_path / "fig4.png").exists()
+    assert (tmp_path / "fig1.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = os.path.join(first["dir"], "params.npz")
+    stamp = os.stat(path).st_mtime_ns
+    again = figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns == stamp
+    assert np.array_equal(again["params"]["P"], first["params"]["P"])
+    other = figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))  # settings changed
+    assert os.stat(path).st_mtime_ns != stamp and len(other["metrics"]["train_loss"]) == 5
+    ctx.retrain = True
+    stamp = os.stat(path).st_mtime_ns
+    figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))
+    assert os.stat(path).st_mtime_ns != stamp
+
+
+def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
+    """A run whose config.json holds another code fingerprint, or none, is stale."""
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = os.path.join(first["dir"], "params.npz")
+    stamp = os.stat(path).st_mtime_ns
+    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
+    figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns != stamp
+    stamp = os.stat(path).st_mtime_ns
+    figures.train_cached(ctx, "pe-only", "pe", **small)  # now the same code: reused
+    assert os.stat(path).st_mtime_ns == stamp
+    config_path = os.path.join(first["dir"], "config.json")
+    saved = json.loads(open(config_path).read())
+    del saved["versions"]["code"]
+    with open(config_path, "w") as f:
+        json.dump(saved, f)
+    figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns != stamp
+
+
+def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path, monkeypatch):
+    import figures
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(3.0) * len(calls)}
+
+    ctx = figures.argparse.Namespace(timings=[])
+    get = lambda settings: figures.cached(str(tmp_path), "t", compute, False, settings, ctx)  # noqa: E731
+    assert np.array_equal(get({"d": 2})["x"], [0, 1, 2]) and len(calls) == 1
+    assert set(get({"d": 2})) == {"x"} and len(calls) == 1  # reused, without the cache's own keys
+    assert [t["reused"] for t in ctx.timings] == [False, True]
+    assert ctx.timings[1]["seconds"] == ctx.timings[0]["seconds"] > 0
+    get({"d": 3})
+    assert len(calls) == 2  # other settings
+    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
+    get({"d": 3})
+    assert len(calls) == 3  # other code of icar, theory or train
+    monkeypatch.setattr(figures, "figures_fingerprint", lambda: "1" * 40)
+    get({"d": 3})
+    assert len(calls) == 4  # other code of figures.py
+    get({"d": 3})
+    assert len(calls) == 4
+
+
+def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
+    import figures
+    tiny = dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3))
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", tiny)
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, seed=0, out=str(tmp_path),
+                                     timings=[])
+    figures.run_r2r3(ctx)
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(tiny, seeds=2))
+    figures.run_r2r3(ctx)
+    assert [t["reused"] for t in ctx.timings] == [False, False]
+    figures.run_r2r3(ctx)
+    assert [t["reused"] for t in ctx.timings] == [False, False, True]
+
+
+def test_unusable_folders_and_fig4_files_exit_2_with_one_line(tmp_path, capsys):
+    import figures
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    bad_npy = tmp_path / "bad.npy"
+    bad_npy.write_text("not an array")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{")
+    ok_npy = tmp_path / "ok.npy"
+    np.save(ok_npy, np.ones((3, 2)))
+    cases = [(["fig1", "--out", str(plain / "x")], "--out", plain / "x"),
+             (["fig1", "--runs", str(plain / "x"), "--out", str(tmp_path)], "--runs", plain / "x")]
+    if not figures.fig4_missing(str(bad_npy)):
+        fig4 = ["fig4", "--text", figures.DEFAULT_TEXT, "--out", str(tmp_path), "--runs", str(tmp_path)]
+        cases += [(fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(ok_npy)], "--tokenizer", bad_json),
+                  (fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(bad_npy)], "--embeddings", bad_npy)]
+    for argv, option, path in cases:
+        assert figures.main(argv + ["--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("figures.py: error: " + option) and str(path) in err
+
+
+def test_load_token_table_names_the_bad_file_and_what_it_expects(tmp_path):
+    import figures
+    cases = {"text.npy": lambda p: p.write_text("not an array"), "empty.npy": lambda p: p.write_bytes(b""),
+             "vector.npy": lambda p: np.save(p, np.ones(3)), "words.npy": lambda p: np.save(p, np.array([["a"]])),
+             "table.npz": lambda p: np.savez(p, E=np.ones((2, 2)))}
+    for name, make in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(ValueError, match="2-D real array") as e:
+            figures.load_token_table(str(path))
+        assert str(path) in str(e.value)
+    np.save(tmp_path / "ok.npy", np.ones((4, 3), dtype=np.float32))
+    assert figures.load_token_table(str(tmp_path / "ok.npy")).dtype == np.float64
+
+
+def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
+    """The summary shows the seconds the computation took, marked when reused from the
+    cache; figures.main sets the process up as train.main does."""
+    import figures
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3)))
+    set_up = []
+    monkeypatch.setattr(fused, "set_up_process", lambda: set_up.append(1))
+    real = figures.compute_r2r3
+    monkeypatch.setattr(figures, "compute_r2r3", lambda **kw: (figures.time.sleep(0.5), real(**kw))[1])
+    argv = ["r2r3", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]
+    assert figures.main(argv) == 0 and set_up == [1]
+    first = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
+    assert first["cached"] == "none" and first["seconds"] >= 0.5
+    assert figures.main(argv) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
+    assert again["cached"] == "all" and again["seconds"] >= 0.5
+    assert f"| r2r3 | quick | (cached, computed in {again['seconds']:.1f} s) |" in (tmp_path / "summary.md").read_text()
+    assert figures.compute_seconds(1.0, [{"seconds": 5.0, "load": 0.2, "reused": True},
+                                         {"seconds": 0.5, "load": 0.0, "reused": False}]) == (5.8, "some")
+    assert figures.compute_seconds(1.0, [{"seconds": None, "load": 0.2, "reused": True}]) == (None, "all")
+    assert figures.runtime_cell(5.8, "some") == "5.8 (partly cached)" and figures.runtime_cell(2.0, "none") == "2.0"
+
+
 def test_figures_recompute_a_damaged_cache(tmp_path):
+    import figures
     calls = []
     compute = lambda: calls.append(1) or {"x": np.arange(3)}  # noqa: E731
     figures.cached(str(tmp_path), "t", compute, False, {"a": 1})
@@ -2581,12 +2686,3 @@ def test_figures_recompute_a_damaged_cache(tmp_path):
     np.testing.assert_array_equal(figures.cached(str(tmp_path), "t", compute, False, {"a": 1})["x"],
                                   np.arange(3))
     assert len(calls) == 2
-
-
-def test_ci_runs_the_readme_set_up_and_test_lines():
-    readme = open(os.path.join(HERE, "README.md")).read()
-    block = readme.split("## Set up and run", 1)[1].split("```")[1].strip().splitlines()
-    ci = [line for line in open(os.path.join(HERE, ".ci", "run")).read().splitlines()
-          if line and not line.startswith(("#", "set ", "cd ", "rm "))]
-    assert len(block) == 2 and ci == [block[0].split(" && .venv/bin/python figures.py")[0], block[1]]
-    assert block[0].startswith("python3 -m venv .venv && ")
