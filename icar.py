@@ -1,42 +1,39 @@
-"""icar: data and every Transformer of "How do Transformers perform In-Context
-Autoregressive Learning?" (Sander, Giryes, Suzuki, Blondel, Peyre, ICML 2024), in NumPy
-that autograd can differentiate.
+"""icar: data and every Transformer of "How do Transformers perform In-Context Autoregressive
+Learning?" (Sander, Giryes, Suzuki, Blondel, Peyre, ICML 2024), in NumPy that autograd can differentiate.
 
-A sequence follows s_{t+1} = W s_t (+ sigma eps_t) with a fresh context matrix W per
-sequence. Every model maps inputs s_1..s_T of shape [n, T, d] to a prediction of s_{t+1}
-at every position t (causal), so both the all-prefix loss and the last-token loss are one
-line (`mse(f, s[:, 1:])` and `mse(f[:, -1:], s[:, -1:])`).
+A sequence follows s_{t+1} = W s_t (+ sigma eps_t) with a fresh context matrix W per sequence. Every
+model maps inputs s_1..s_T of shape [n, T, d] to a prediction of s_{t+1} at every position t (causal),
+so the all-prefix and last-token losses are one line (`mse(f, s[:, 1:])`, `mse(f[:, -1:], s[:, -1:])`).
 
 Index (names of paper.md):
-    sample_sequences     context-matrix families: "unitary", "orthogonal" (commuting
-                         2x2 rotations), "haar" (non-commuting O(d)), "angle" (d = 1,
-                         theta ~ U[0, 2 pi / mu], Fig. 6)
+    sample_sequences     context-matrix families: "unitary", "orthogonal" (commuting 2x2 rotations),
+                         "haar" (non-commuting O(d)), "angle" (d = 1, theta ~ U[0, 2 pi / mu], Fig. 6)
     augment              tokens e_t = (0, s_t, s_{t-1}) of M1 and M4 (augmented)
-    augmented_linear     M1, one layer of linear attention on augmented tokens; full
-                         (W_KQ, W_V) or block (A, B) parameters
-    diagonal_heads       M2, diagonal multi-head linear attention with positional matrix P;
-                         the query is the second-to-last token
+    augmented_linear     M1, one layer of linear attention on augmented tokens; full (W_KQ, W_V) or block (A, B)
+    diagonal_heads       M2, diagonal multi-head linear attention with positional matrix P; the query
+                         is the second-to-last token
     pe_only              M3, only P is trained (d = 1 in the paper, C = I here for any d)
     transformer          M4, the experiments' Transformer (augmented and non-augmented), one
                          transformer_layer per layer (fused.transformer: the same, faster)
     init_params          initial parameters of each model, from a np.random.Generator
     mse                  squared error ||f - y||^2, summed over d, averaged over the rest
+    check_*              bad input: a ValueError naming the argument (models: keys, dtypes, shapes)
 
-Conventions: positions are 0-based in code. Row r of P holds the weights used by the query
-at position r (prefix length r + 1), so p_T of paper.md is P[r, r] and p_{T-1} is P[r, r-1].
-Parameters are real; data may be complex ("unitary", "angle"), and conj() is applied where
-paper.md writes a star. Constants and masks come from the array module that owns the data
-(`array_module`), so the same code runs on GPU arrays.
+Conventions: positions are 0-based in code. Row r of P holds the weights used by the query at position
+r (prefix length r + 1), so p_T of paper.md is P[r, r] and p_{T-1} is P[r, r-1]. Parameters are real;
+data may be complex ("unitary", "angle"), and conj() is applied where paper.md writes a star. Constants
+and masks come from the array module that owns the data (`array_module`), so the code runs on GPU arrays.
 """
 import importlib
 import numbers
 
 import autograd.numpy as np
 import numpy
-from autograd.tracer import Box, getval
+from autograd.tracer import getval
 
 FAMILIES = ("unitary", "orthogonal", "haar", "angle")
 MODELS = ("augmented_linear", "diagonal_heads", "pe_only", "transformer")
+LAYER_KEYS = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O", "ln_g", "ln_b")  # one layer of M4
 
 
 # ----------------------------------------------------------------------------- checks
@@ -51,30 +48,52 @@ def check_int(name, value, low):
     return int(value)
 
 
+def check_real(name, value, low=None, strict=False):
+    """float(value) for a finite real number (never a bool) >= low (> low if strict)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(value)
+            or (low is not None and (value <= low if strict else value < low))):
+        rule = "" if low is None else f" {'>' if strict else '>='} {low}"  # "", " >= 0" or " > 0"
+        raise ValueError(f"{name} must be a finite number{rule}, got {value!r}")
+    return float(value)
+
+
 def check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
     return value
 
 
+def check_params(name, params, *allowed):
+    """The key set (one of `allowed`, tuples of names) of the dict `params`, checked exactly."""
+    params = getval(params)  # a dict, also while autograd traces it
+    for keys in allowed:
+        if isinstance(params, dict) and set(params) == set(keys):
+            return keys
+    got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    raise ValueError(f"{name} must be a dict with keys {' or '.join(map(str, allowed))}, got {got}")
+
+
 def _check_shape(name, array, shape):
     if tuple(numpy.shape(array)) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(numpy.shape(array))}, expected {tuple(shape)} "
-                         f"to match the data")
+        raise ValueError(f"{name} has shape {tuple(numpy.shape(array))}, expected {tuple(shape)} to match the data")
 
 
-def check_data(s, name="s"):
-    if numpy.ndim(s) != 3 or min(numpy.shape(s)) < 1:
-        raise ValueError(f"{name} must have shape [n, T, d] with n, T, d >= 1, "
-                         f"got shape {tuple(numpy.shape(s))}")
-    return numpy.shape(s)
+def check_data(s, name="s", axes="n, T, d", finite=False):
+    """The shape of s, a float or complex array with the named axes (None: any), each >= 1; O(1) on
+    autograd boxes and GPU arrays, except finite=True: a scan for NaN and inf (entry points, not models)."""
+    s = getval(s)
+    if getattr(getattr(s, "dtype", None), "kind", None) not in ("f", "c"):
+        raise ValueError(f"{name} must be a float or complex array, got {getattr(s, 'dtype', type(s).__name__)}")
+    if axes and (numpy.ndim(s) != axes.count(",") + 1 or min(numpy.shape(s)) < 1):
+        raise ValueError(f"{name} must have shape [{axes}] with {axes} >= 1, got shape {numpy.shape(s)}")
+    if finite and not array_module(s).all(array_module(s).isfinite(s)):
+        raise ValueError(f"{name} must be finite, got NaN or inf")
+    return tuple(numpy.shape(s))
 
 
 def array_module(x):
     """The array module (numpy, or cupy for GPU arrays) that owns x, seen through autograd boxes."""
-    while isinstance(x, Box):
-        x = x._value
-    if isinstance(x, numpy.ndarray) or numpy.isscalar(x):
+    if isinstance(x := getval(x), numpy.ndarray) or numpy.isscalar(x):
         return numpy
     if not hasattr(x, "__array_namespace__"):  # CuPy < 14: the package that defines the type
         return importlib.import_module(type(x).__module__.partition(".")[0])
@@ -86,25 +105,22 @@ def array_module(x):
 def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
     """Sample n sequences s_1..s_{T+1} of s_{t+1} = W s_t + sigma eps_t.
 
-    Returns (s, W): s [n, T+1, d], W [n, d, d]; complex for "unitary" and "angle".
-    s1="random": unit-modulus eigen-coordinates with uniform phases ("unitary", "angle"),
-    2-D blocks of norm sqrt(2) with uniform phase ("orthogonal"), uniform on the sphere
-    ("haar"). s1="fixed": all ones ("unitary", "angle", "orthogonal") or 1/sqrt(d) ("haar").
-    """
+    Returns (s, W): s [n, T+1, d], W [n, d, d]; complex for "unitary" and "angle". s1="random":
+    unit-modulus eigen-coordinates with uniform phases ("unitary", "angle"), 2-D blocks of norm sqrt(2)
+    with uniform phase ("orthogonal"), uniform on the sphere ("haar"). s1="fixed": all ones ("unitary",
+    "angle", "orthogonal") or 1/sqrt(d) ("haar")."""
     if not isinstance(rng, numpy.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     n, T, d = check_int("n", n, 1), check_int("T", T, 2), check_int("d", d, 1)
     check_choice("family", family, FAMILIES)
     check_choice("s1", s1, ("random", "fixed"))
-    if not (isinstance(sigma, numbers.Real) and numpy.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    sigma = check_real("sigma", sigma, 0)
     if family == "orthogonal" and d % 2:
         raise ValueError(f"family 'orthogonal' needs an even d, got d={d}")
     if family == "angle":
         if d != 1:
             raise ValueError(f"family 'angle' needs d=1, got d={d}")
-        if not (isinstance(mu, numbers.Real) and numpy.isfinite(mu) and mu > 0):
-            raise ValueError(f"family 'angle' needs a finite mu > 0, got mu={mu!r}")
+        mu = check_real("mu (family 'angle')", mu, 0, strict=True)
     elif mu is not None:
         raise ValueError(f"mu is only used by family 'angle', got mu={mu!r} for {family!r}")
 
@@ -118,31 +134,24 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
         theta = rng.uniform(0, 2 * numpy.pi, (n, d // 2))                        # [n, d/2]
         c, s = numpy.cos(theta), numpy.sin(theta)
         R = numpy.stack([numpy.stack([c, -s], -1), numpy.stack([s, c], -1)], -2)  # [n, d/2, 2, 2]
-        W = numpy.zeros((n, d, d))
-        for k in range(d // 2):  # place the 2x2 blocks on the diagonal (a loop over blocks, not data)
-            W[:, 2 * k:2 * k + 2, 2 * k:2 * k + 2] = R[:, k]
+        W = numpy.einsum("kl,nkij->nkilj", numpy.eye(d // 2), R).reshape(n, d, d)  # blocks on the diagonal
         phase = (rng.uniform(0, 2 * numpy.pi, (n, d // 2)) if s1 == "random"
                  else numpy.full((n, d // 2), numpy.pi / 4))
         x = numpy.sqrt(2) * numpy.stack([numpy.cos(phase), numpy.sin(phase)], -1).reshape(n, d)  # [n, d]
     else:  # haar: QR of a Gaussian matrix, signs fixed so that Q is Haar-distributed
         Q, R = numpy.linalg.qr(rng.standard_normal((n, d, d)))                   # [n, d, d]
         W = Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
-        if s1 == "random":
-            x = rng.standard_normal((n, d))
-            x /= numpy.linalg.norm(x, axis=1, keepdims=True)
-        else:
-            x = numpy.full((n, d), 1 / numpy.sqrt(d))
+        x = rng.standard_normal((n, d)) if s1 == "random" else numpy.ones((n, d))
+        x /= numpy.linalg.norm(x, axis=1, keepdims=True)                        # [n, d] on the sphere
 
     s = numpy.empty((n, T + 1, d), dtype=W.dtype)
     s[:, 0] = x
-    noise = None
+    noise = numpy.zeros((n, T, d))
     if sigma > 0:  # E|eps_i|^2 = 1 for real and complex noise
         eps = rng.standard_normal((2 if W.dtype.kind == "c" else 1, n, T, d))     # [1 or 2, n, T, d]
         noise = sigma * (eps[0] if len(eps) == 1 else (eps[0] + 1j * eps[1]) / numpy.sqrt(2))  # [n, T, d]
     for t in range(T):  # the recursion is sequential; the batch is not
-        s[:, t + 1] = (W @ s[:, t, :, None])[..., 0]                              # [n, d]
-        if noise is not None:
-            s[:, t + 1] += noise[:, t]
+        s[:, t + 1] = (W @ s[:, t, :, None])[..., 0] + noise[:, t]                # [n, d]
     return s, W
 
 
@@ -156,6 +165,8 @@ def augment(s):
 
 def mse(f, y):
     """Squared error ||f - y||^2 summed over the last axis, averaged over the others."""
+    if check_data(f, "f", None) != check_data(y, "y", None) or not numpy.ndim(f):
+        raise ValueError(f"f and y must have the same shape [..., d], got f {numpy.shape(f)}, y {numpy.shape(y)}")
     r = f - y
     sq = np.real(r * np.conj(r)) if numpy.iscomplexobj(r) else r * r
     # divided by a Python int: mean's gradient divides by a NumPy integer, which turns float32 into float64
@@ -180,30 +191,26 @@ def augmented_linear(params, e):
 
     Full form {"W_KQ", "W_V"} ([3d, 3d] each):
         f_r = block_1[ sum_{t<=r} (W_V e_t)(e_t^* W_KQ e_r) ].
-    Block form {"A", "B"} ([d, d] each): f_r = B (sum_{t<=r} s_t s_{t-1}^*) A s_r, which is
-    the full form with W_KQ's (3, 2) block = A and W_V's (1, 2) block = B.
-    """
+    Block form {"A", "B"} ([d, d] each): f_r = B (sum_{t<=r} s_t s_{t-1}^*) A s_r, which is the full
+    form with W_KQ's (3, 2) block = A and W_V's (1, 2) block = B."""
     n, T, D = check_data(e, "e")
     if D % 3:
         raise ValueError(f"augmented tokens must have size 3d, got {D}")
     d = D // 3
     mask = causal_mask(array_module(e), T, e)                                    # [T, T]
-    if set(params) == {"W_KQ", "W_V"}:
+    if check_params("params", params, ("W_KQ", "W_V"), ("A", "B")) == ("W_KQ", "W_V"):  # full, else block
         _check_shape("W_KQ", params["W_KQ"], (D, D))
         _check_shape("W_V", params["W_V"], (D, D))
         q = e @ swap(params["W_KQ"])                           # [n, T, 3d] rows W_KQ e_r
         scores = (q @ swap(np.conj(e))) * mask                 # [n, T, T]: e_t^* W_KQ e_r
         v = e @ swap(params["W_V"])                            # [n, T, 3d]
         return (scores @ v)[..., :d]                            # [n, T, T] @ [n, T, 3d] -> [n, T, d]
-    if set(params) == {"A", "B"}:
-        _check_shape("A", params["A"], (d, d))
-        _check_shape("B", params["B"], (d, d))
-        s, prev = e[..., d:2 * d], e[..., 2 * d:]               # [n, T, d] each
-        q = s @ swap(params["A"])                              # [n, T, d] rows A s_r
-        scores = (q @ swap(np.conj(prev))) * mask              # [n, T, T]: s_{t-1}^* A s_r
-        return (scores @ s) @ swap(params["B"])                # [n, T, d]
-    raise ValueError(f"augmented_linear parameters must be {{'W_KQ', 'W_V'}} (full) or "
-                     f"{{'A', 'B'}} (block), got {sorted(params)}")
+    _check_shape("A", params["A"], (d, d))
+    _check_shape("B", params["B"], (d, d))
+    s, prev = e[..., d:2 * d], e[..., 2 * d:]                   # [n, T, d] each
+    q = s @ swap(params["A"])                                  # [n, T, d] rows A s_r
+    scores = (q @ swap(np.conj(prev))) * mask                  # [n, T, T]: s_{t-1}^* A s_r
+    return (scores @ s) @ swap(params["B"])                    # [n, T, d]
 
 
 # ----------------------------------------------------------------------------- M2, M3
@@ -211,14 +218,13 @@ def augmented_linear(params, e):
 def diagonal_heads(params, s):
     """M2: diagonal multi-head linear attention, s [n, T, d] -> [n, T, d].
 
-    Heads h have key-query diag(A_h) and value diag(B_h) (A, B [H, d], C = B^T A) and P
-    [T, T] weighs key t for query position r:
+    Heads h have key-query diag(A_h) and value diag(B_h) (A, B [H, d], C = B^T A) and P [T, T] weighs
+    key t for query position r:
         f_{r,i} = sum_{t<=r} P[r, t] s_{t,i} sum_j C_ij conj(s_{r-1,j}) s_{t,j},
-    with s_{-1} = 0, so the first position always predicts 0.
-    """
+    with s_{-1} = 0, so the first position always predicts 0."""
     n, T, d = check_data(s)
-    H = numpy.shape(params["A"])[0] if numpy.ndim(params["A"]) == 2 else 0
-    check_int("H (rows of A)", H, 1)
+    check_params("params", params, ("A", "B", "P"))
+    H = check_int("H (rows of A)", numpy.shape(params["A"])[0] if numpy.ndim(params["A"]) == 2 else 0, 1)
     _check_shape("A", params["A"], (H, d))
     _check_shape("B", params["B"], (H, d))
     _check_shape("P", params["P"], (T, T))
@@ -234,9 +240,9 @@ def diagonal_heads(params, s):
 def pe_only(params, s):
     """M3: only P [T, T] is trained; f_{r,i} = conj(s_{r-1,i}) sum_{t<=r} P[r, t] s_{t,i}^2.
 
-    This is M2 with C = I (paper.md uses d = 1, C = 1).
-    """
+    This is M2 with C = I (paper.md uses d = 1, C = 1)."""
     n, T, d = check_data(s)
+    check_params("params", params, ("P",))
     _check_shape("P", params["P"], (T, T))
     xp = array_module(s)
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)  # [n, T, d]: conj(s_{r-1})
@@ -278,10 +284,9 @@ def transformer_config(**overrides):
 
 
 def softmax(z, mask):
-    """Softmax of z over the last axis where mask > 0 (0 elsewhere). Shifting by the row maximum
-    of those entries leaves it unchanged, so the shift is a constant for autograd (no gradient
-    through max); masked entries become -inf before exp, so a large masked score can neither
-    overflow nor take part in the shift."""
+    """Softmax of z over the last axis where mask > 0 (0 elsewhere). Shifting by the row maximum of those
+    entries leaves it unchanged, so the shift is a constant for autograd (no gradient through max); masked
+    entries become -inf before exp, so a large masked score can neither overflow nor take part in the shift."""
     xp = array_module(z)
     keep = mask > 0
     shift = xp.max(xp.where(keep, getval(z), -numpy.inf), axis=-1, keepdims=True)
@@ -290,9 +295,9 @@ def softmax(z, mask):
 
 
 def layernorm(x, g, b, eps=1e-5):
-    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [..., E]. Means are products
-    with [E, 1] averaging weights: their gradients are single products, where mean's broadcast
-    and divide take several passes."""
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [..., E]. Means are products with
+    [E, 1] averaging weights: their gradients are single products, where mean's broadcast and divide
+    take several passes."""
     avg = array_module(x).full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=numpy.finfo(x.dtype).dtype)
     xc = x - x @ avg                                            # [n, T, E] - [n, T, 1]
     sq = np.real(xc * np.conj(xc)) if numpy.iscomplexobj(xc) else xc * xc
@@ -300,7 +305,8 @@ def layernorm(x, g, b, eps=1e-5):
 
 
 def check_tokens(x, cfg):
-    """(n, T, d_in) of M4's tokens x [n, T, d_in], which cfg must allow."""
+    """(n, T, d_in) of M4's tokens x [n, T, d_in], which cfg (all TRANSFORMER_DEFAULTS keys) must allow."""
+    check_params("cfg", cfg, tuple(TRANSFORMER_DEFAULTS))
     n, T, d_in = check_data(x, "x")
     if d_in != cfg["d_in"] or T > cfg["T"]:
         raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, d = {cfg['d_in']}")
@@ -310,6 +316,7 @@ def check_tokens(x, cfg):
 def positional_attention(layer, p):
     """softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E)) of one layer's heads, from the embeddings
     p [T, E] of the first T positions: [H, T, T], 0 for t > r (M4's positional weights)."""
+    check_params("layer", layer, LAYER_KEYS)
     T, E = p.shape
     pq = p @ layer["W_Q"] + layer["b_Q"][:, None]                 # [T, E] @ [H, E, E] -> [H, T, E]
     pk = p @ layer["W_K"] + layer["b_K"][:, None]                 # [H, T, E]
@@ -320,6 +327,7 @@ def transformer_layer(layer, h, cfg, pos=None, g=None):
     """One layer of M4, the stream h [n, T, E] -> the next one [n, T, E]; pos: params["pos"]
     (if cfg["positional"]). g [n, T, E], default h: the stream of queries and residual; keys and
     values come from h, so output position r depends on g only through g_r (train.py's probe)."""
+    check_params("layer", layer, LAYER_KEYS)
     g = h if g is None else g
     T, E = h.shape[1:]
     mask = causal_mask(array_module(h), T, h)                     # [T, T]
@@ -345,9 +353,9 @@ def transformer(params, x, cfg):
           = softmax_{t<=r}(Re(q . conj(k)) / sqrt(E))             ("softmax")
         a = a * softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E))        (if positional)
         h = [h +] LayerNorm(sum_heads(a @ v) W_O + b_O)
-    from h = [x] * repeat, then f = h W_out + b_out. fused.transformer computes the same.
-    """
+    from h = [x] * repeat, then f = h W_out + b_out. fused.transformer computes the same."""
     check_tokens(x, cfg)
+    check_params("params", params, ("layers", "W_out", "b_out") + (("pos",) if cfg["positional"] else ()))
     h = np.concatenate([x] * cfg["repeat"], axis=-1)              # [n, T, E]
     for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
         h = transformer_layer(layer, h, cfg, params.get("pos"))   # [n, T, E]
@@ -359,21 +367,18 @@ def transformer(params, x, cfg):
 def init_params(model, rng, d=None, T=None, H=None, form="block", cfg=None, scale=0.1):
     """Initial parameters of `model` from rng: a dict of real float64 arrays.
 
-    augmented_linear: d, form "block" (A, B [d, d]) or "full" (W_KQ, W_V [3d, 3d]);
-    diagonal_heads: d, T, H (A, B [H, d], P [T, T]); pe_only: T (P [T, T], zeros, as the
-    authors start); transformer: cfg from transformer_config. Entries are N(0, scale^2),
-    except transformer weights, N(0, 1/fan_in) with zero biases and unit LayerNorm gain.
-    """
+    augmented_linear: d, form "block" (A, B [d, d]) or "full" (W_KQ, W_V [3d, 3d]); diagonal_heads: d, T,
+    H (A, B [H, d], P [T, T]); pe_only: T (P [T, T], zeros, as the authors start); transformer: cfg from
+    transformer_config. Entries are N(0, scale^2), except transformer weights, N(0, 1/fan_in) with zero
+    biases and unit LayerNorm gain."""
     check_choice("model", model, MODELS)
     if not isinstance(rng, numpy.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    if not (isinstance(scale, numbers.Real) and numpy.isfinite(scale) and scale >= 0):
-        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    scale = check_real("scale", scale, 0)
     if model == "augmented_linear":
         d = check_int("d", d, 1)
         check_choice("form", form, ("block", "full"))
-        size = d if form == "block" else 3 * d
-        names = ("A", "B") if form == "block" else ("W_KQ", "W_V")
+        size, names = (d, ("A", "B")) if form == "block" else (3 * d, ("W_KQ", "W_V"))
         return {k: scale * rng.standard_normal((size, size)) for k in names}
     if model == "diagonal_heads":
         d, T, H = check_int("d", d, 1), check_int("T", T, 1), check_int("H", H, 1)
@@ -385,14 +390,10 @@ def init_params(model, rng, d=None, T=None, H=None, form="block", cfg=None, scal
         raise ValueError("model 'transformer' needs cfg=transformer_config(...)")
     cfg = transformer_config(**cfg)
     E, Hh = cfg["repeat"] * cfg["d_in"], cfg["heads"]
-
-    def dense(*shape):
-        return rng.standard_normal(shape) / numpy.sqrt(shape[-2])
-
-    layers = [{"W_Q": dense(Hh, E, E), "W_K": dense(Hh, E, E), "W_V": dense(Hh, E, E),
+    dense = lambda *shape: rng.standard_normal(shape) / numpy.sqrt(shape[-2])  # noqa: E731
+    layers = [{"W_Q": dense(Hh, E, E), "W_K": dense(Hh, E, E), "W_V": dense(Hh, E, E), "W_O": dense(E, E),
                "b_Q": numpy.zeros((Hh, E)), "b_K": numpy.zeros((Hh, E)), "b_V": numpy.zeros((Hh, E)),
-               "W_O": dense(E, E), "b_O": numpy.zeros(E),
-               "ln_g": numpy.ones(E), "ln_b": numpy.zeros(E)} for _ in range(cfg["layers"])]
+               "b_O": numpy.zeros(E), "ln_g": numpy.ones(E), "ln_b": numpy.zeros(E)} for _ in range(cfg["layers"])]
     params = {"layers": layers, "W_out": dense(E, cfg["d_out"]), "b_out": numpy.zeros(cfg["d_out"])}
     if cfg["positional"]:
         params["pos"] = rng.standard_normal((cfg["T"], E))

@@ -5,7 +5,8 @@ the command line). Here `np` is NumPy and `anp` autograd's wrapper of it. figure
 so matplotlib) is imported only inside the tests that use it (sections 5 and 9).
 
 Sections (headers `# ==== N.`): 1 data and models, 2 R1, 3 R2/R3, 4 R4, 5 Figs. 3-7,
-6 fast == plain, 7 training plumbing, 8 GPU, 9 figures. Claim -> section: main tests
+6 fast == plain, 7 training plumbing, 8 GPU, 9 figures, 10 bad input of the library.
+Claim -> section: main tests
 Samplers (families, noise, s_1) -> 1: test_sampler_W_is_orthogonal_or_unitary_and_s_follows_W,
     test_haar_statistics
 M1 is one GD step -> 1: test_block_M1_is_one_gradient_step_on_the_inner_objective,
@@ -401,7 +402,7 @@ def test_parameter_shapes_must_match_the_data():
          {"A": np.eye(2), "B": np.eye(3)}, icar.augment(s))
     _bad(r"W_KQ has shape \(3, 3\), expected \(9, 9\)", icar.augmented_linear,
          {"W_KQ": np.eye(3), "W_V": np.eye(9)}, icar.augment(s))
-    _bad(r"parameters must be", icar.augmented_linear, {"A": np.eye(3)}, icar.augment(s))
+    _bad(r"params must be a dict with keys", icar.augmented_linear, {"A": np.eye(3)}, icar.augment(s))
     _bad(r"augmented tokens must have size 3d, got 4", icar.augmented_linear,
          {"A": np.eye(3), "B": np.eye(3)}, np.ones((2, 4, 4)))
     _bad(r"P has shape \(5, 5\), expected \(4, 4\)", icar.diagonal_heads,
@@ -423,7 +424,7 @@ def test_bad_sigma_is_rejected(sigma):
 
 @pytest.mark.parametrize("mu", [0, -2.0, None, np.inf])
 def test_bad_mu_is_rejected(mu):
-    _bad(r"family 'angle' needs a finite mu > 0, got mu=", icar.sample_sequences, rng(), 2, 3, 1,
+    _bad(r"mu \(family 'angle'\) must be a finite number > 0, got", icar.sample_sequences, rng(), 2, 3, 1,
          "angle", mu=mu)
 
 
@@ -2686,3 +2687,85 @@ def test_figures_recompute_a_damaged_cache(tmp_path):
     np.testing.assert_array_equal(figures.cached(str(tmp_path), "t", compute, False, {"a": 1})["x"],
                                   np.arange(3))
     assert len(calls) == 2
+
+
+# ==== 10. bad input of the library ======================================================
+# Every public function of icar.py, theory.py and train.py's baselines and probe: a wrong type,
+# shape, dtype, key set or non-finite value is a ValueError naming the argument.
+
+_S = icar.sample_sequences(rng(90), 3, 4, 2, "haar")[0]                            # [3, 5, 2]
+_W = icar.sample_sequences(rng(90), 3, 4, 2, "haar")[1]                            # [3, 2, 2]
+_NAN = np.where(np.arange(2) == 1, np.nan, _S)                                     # NaN in coordinate 1
+_M2 = icar.init_params("diagonal_heads", rng(91), d=2, T=5, H=2)
+_CFG = icar.transformer_config(d_in=2, d_out=2, T=5)
+_M4 = icar.init_params("transformer", rng(92), cfg=_CFG)
+_LAYER = {k: v for k, v in _M4["layers"][0].items() if k != "W_Q"}
+_KEYS = r"params must be a dict with keys"
+
+
+@pytest.mark.parametrize("call, match", [
+    # missing, extra or wrong-type parameter keys
+    (lambda: icar.diagonal_heads({"A": _M2["A"], "B": _M2["B"]}, _S), _KEYS),
+    (lambda: icar.diagonal_heads(dict(_M2, C=_M2["A"]), _S), _KEYS),
+    (lambda: icar.pe_only({}, _S), _KEYS + r" \('P',\), got \[\]"),
+    (lambda: icar.augmented_linear([np.eye(2), np.eye(2)], icar.augment(_S)), _KEYS + r".*got list"),
+    (lambda: icar.transformer({"W_out": _M4["W_out"], "b_out": _M4["b_out"]}, _S, _CFG), _KEYS),
+    (lambda: icar.transformer(dict(_M4, layers=[_LAYER]), _S, _CFG), r"layer must be a dict with keys"),
+    (lambda: icar.positional_attention(_LAYER, np.ones((5, 2))), r"layer must be a dict with keys"),
+    (lambda: icar.transformer(_M4, _S, {"heads": 2}), r"cfg must be a dict with keys"),
+    (lambda: theory.population_loss_and_grad({"A": _M2["A"], "B": _M2["B"]}, "unitary"), _KEYS),
+    (lambda: train.weight_blocks("block", {"A": np.eye(2)}, 2), _KEYS),
+    (lambda: train.weight_blocks("augmented", {"W_out": 1, "b_out": 1}, 2), _KEYS),
+    (lambda: train.weight_blocks("augmented", dict(_M4, layers=[_LAYER]), 2),
+     r"params\['layers'\]\[0\] must be a dict with keys"),
+    (lambda: train.weight_blocks("nonaug", _M4, 2), r"unknown experiment 'nonaug'"),
+    # lists and integer arrays where float or complex arrays are expected
+    (lambda: icar.mse([1.0, 2.0], [1.0, 2.0]), r"f must be a float or complex array, got list"),
+    (lambda: icar.diagonal_heads(_M2, _S.tolist()), r"s must be a float or complex array, got list"),
+    (lambda: icar.augment(np.ones((2, 3, 2), dtype=int)), r"s must be a float or complex array, got int"),
+    (lambda: icar.pe_only({"P": np.eye(5)}, np.ones((2, 5, 2), dtype=int)), r"s must be a float or complex"),
+    (lambda: icar.transformer(_M4, np.ones((2, 5, 2), dtype=int), _CFG), r"x must be a float or complex"),
+    (lambda: icar.augmented_linear({"A": np.eye(2), "B": np.eye(2)}, icar.augment(_S).tolist()),
+     r"e must be a float or complex array, got list"),
+    (lambda: theory.population_loss([[1.0, 0.0], [0.0, 1.0]], np.eye(4), "unitary"),
+     r"C must be a float or complex array, got list"),
+    (lambda: theory.population_loss(np.eye(2), np.eye(4, dtype=int), "unitary"), r"P must be a float or complex"),
+    (lambda: theory.pe_only_loss([[0.0, 0.0], [0.0, 1.0]], mu=2.0), r"P must be a float or complex array"),
+    (lambda: train.least_squares(_S.tolist()), r"s must be a float or complex array, got list"),
+    (lambda: train.baselines(np.ones((3, 5, 2), dtype=int), _W), r"s must be a float or complex array, got int"),
+    # 2-D data or mismatched shapes
+    (lambda: icar.mse(np.ones((2, 3)), np.ones(3)), r"f and y must have the same shape.*\(2, 3\), y \(3,\)"),
+    (lambda: theory.eigen_coordinates(np.ones((5, 2))), r"s must have shape \[n, T, d\]"),
+    (lambda: theory.population_loss_and_grad({"A": np.ones((2, 3)), "B": np.ones((2, 4)), "P": np.eye(4)},
+                                             "unitary"), r"A and B must have the same shape \[H, d\]"),
+    (lambda: train.optimal_gd_step(_S[0]), r"s must have shape \[n, T, d\]"),
+    (lambda: train.optimal_gd_step(_S[:, :1]), r"s must have shape \[n, T\+1, d\] with T >= 1"),
+    (lambda: train.least_squares(_S[0]), r"s must have shape \[n, T, d\]"),
+    (lambda: train.baselines(_S[0], _W), r"s must have shape \[n, T, d\]"),
+    (lambda: train.baselines(_S, _W[:, :1]), r"W must have shape \[n, d, d\]"),
+    (lambda: train.probe(lambda x: x, _S[0]), r"s must have shape \[n, T, d\]"),
+    (lambda: train.probe(lambda x: x, _S, eta=np.ones(3)), r"eta must have shape \[T\]"),
+    (lambda: train.probe(None, _S), r"predict must be a function"),
+    # NaN or inf data in entry points that are not differentiated
+    (lambda: train.optimal_gd_step(_NAN), r"s must be finite"),
+    (lambda: train.least_squares(_NAN), r"s must be finite"),
+    (lambda: train.baselines(_NAN, _W), r"s must be finite"),
+    (lambda: train.baselines(_S, _W * np.inf), r"W must be finite"),
+    (lambda: train.probe(lambda x: x, _NAN), r"s must be finite"),
+    (lambda: theory.eigen_coordinates(_NAN), r"s must be finite"),
+    (lambda: theory.population_loss_and_grad(dict(_M2, P=np.full((5, 5), np.nan)), "unitary"), r"P must be finite"),
+    (lambda: theory.pe_only_loss(np.full((4, 4), np.inf), mu=2.0), r"P must be finite"),
+    # bools are not numbers
+    (lambda: icar.sample_sequences(rng(), 2, 3, 2, "haar", sigma=True),
+     r"sigma must be a finite number >= 0, got True"),
+    (lambda: icar.sample_sequences(rng(), 2, 3, 1, "angle", mu=True), r"mu \(family 'angle'\) must be a finite number"),
+    (lambda: icar.init_params("pe_only", rng(), T=3, scale=True), r"scale must be a finite number >= 0, got True"),
+    (lambda: theory.gd_step_size(True, 5), r"T must be an integer >= 2, got True"),
+    (lambda: theory.gd_loss(5, 3, eta=True), r"eta must be a finite number, got True"),
+    (lambda: train.optimal_gd_step(_S, k=True), r"k must be an integer >= 1, got True"),
+    (lambda: train.least_squares(_S, rtol=True), r"rtol must be a finite number >= 0, got True"),
+    (lambda: train.baselines(_S, _W, gd_steps=True), r"gd_steps must be an integer >= 0, got True"),
+])
+def test_library_functions_reject_bad_input_naming_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -31,13 +31,11 @@ The diagonal model M2 is not basis-free: R3 holds for the orthogonal family writ
 complex eigen-basis (eigen_coordinates of icar's real samples), not on the real rotation
 coordinates that icar.sample_sequences returns.
 """
-import numbers
-
 import autograd.numpy as np
 import numpy
 
 import icar
-from icar import check_choice, check_int
+from icar import check_choice, check_data, check_int, check_params, check_real
 
 FAMILIES = ("unitary", "orthogonal")
 LOSSES = ("last", "all")
@@ -45,12 +43,14 @@ LOSSES = ("last", "all")
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_real(name, value, positive=False):
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(value)
-            or (positive and value <= 0)):
-        raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}number, "
-                         f"got {value!r}")
-    return float(value)
+def _check_square(name, M, low, finite):
+    """The size k >= low of M, a float or complex [k, k] matrix ([d, d] for C, else [T, T]); finite: no
+    NaN or inf (a scan, left out where autograd trains through the loss, as icar's models do)."""
+    k = "d" if name == "C" else "T"
+    size = check_data(M, name, f"{k}, {k}", finite)[0]
+    if numpy.shape(M) != (size, size) or size < low:
+        raise ValueError(f"{name} must be a square [{k}, {k}] matrix with {k} >= {low}, got shape {numpy.shape(M)}")
+    return size
 
 
 def _check_family(family, d):
@@ -86,7 +86,7 @@ def gd_loss(T, d, eta=None, loss="last"):
     """
     T, d = check_int("T", T, 2), check_int("d", d, 1)
     check_choice("loss", loss, LOSSES)
-    eta = gd_step_size(T, d, loss) if eta is None else _check_real("eta", eta)
+    eta = gd_step_size(T, d, loss) if eta is None else check_real("eta", eta)
     k = numpy.arange(T - 1, T) if loss == "last" else numpy.arange(1, T)   # transitions
     return float(d * numpy.sum((eta * k - 1) ** 2 + eta ** 2 * k * (d - 1)))
 
@@ -117,13 +117,10 @@ def _taus(C, E):
     return np.sum(r * r), np.sum(C * C), np.sum(r * np.sum(CE, axis=1)), np.sum(CE * CE)
 
 
-def _check_CP(C, P, family):
-    if numpy.ndim(C) != 2 or numpy.shape(C)[0] != numpy.shape(C)[1] or numpy.shape(C)[0] < 1:
-        raise ValueError(f"C must be a square [d, d] matrix, got shape {numpy.shape(C)}")
-    if numpy.ndim(P) != 2 or numpy.shape(P)[0] != numpy.shape(P)[1] or numpy.shape(P)[0] < 2:
-        raise ValueError(f"P must be a square [T, T] matrix with T >= 2, got shape {numpy.shape(P)}")
-    _check_family(family, numpy.shape(C)[0])
-    return numpy.shape(C)[0], numpy.shape(P)[0]
+def _check_CP(C, P, family, finite=False):
+    d, T = _check_square("C", C, 1, finite), _check_square("P", P, 2, finite)
+    _check_family(family, d)
+    return d, T
 
 
 def population_loss_per_prefix(C, P, family):
@@ -166,7 +163,9 @@ def eigen_coordinates(s):
     (x + i y, x - i y) / sqrt(2), which evolve by (e^{i theta_k}, e^{-i theta_k}) and keep
     the norm. R3 is the loss of icar.diagonal_heads on these coordinates.
     """
-    n, T, d = numpy.shape(s)
+    n, T, d = check_data(s, finite=True)
+    if numpy.iscomplexobj(s):
+        raise ValueError("s must be real (icar's 'orthogonal' samples), got a complex array")
     if d % 2:
         raise ValueError(f"orthogonal data needs an even d, got d={d}")
     x, y = s[..., 0::2], s[..., 1::2]                                      # [n, T, d/2] each
@@ -197,7 +196,7 @@ def minimiser(d, H, family, c=1.0, kappa=1.0, T=20):
     """
     d, H, T = check_int("d", d, 1), check_int("H", H, 1), check_int("T", T, 2)
     _check_family(family, d)
-    c, kappa = _check_real("c", c), _check_real("kappa", kappa)
+    c, kappa = check_real("c", c), check_real("kappa", kappa)
     if c == 0:
         raise ValueError(f"c must be nonzero (p_T = 1/c), got c={c!r}")
     A, B = numpy.zeros((H, d)), numpy.zeros((H, d))
@@ -239,9 +238,12 @@ def population_loss_and_grad(params, family):
     [d, d] and [T, T] arrays, so one step costs microseconds where autograd costs
     milliseconds.
     """
+    check_params("params", params, ("A", "B", "P"))
     A, B, P = params["A"], params["B"], params["P"]
+    if check_data(A, "A", "H, d", finite=True) != check_data(B, "B", "H, d", finite=True):
+        raise ValueError(f"A and B must have the same shape [H, d], got A {A.shape}, B {B.shape}")
     C = B.T @ A                                                            # [d, d]
-    d, T = _check_CP(C, P, family)
+    d, T = _check_CP(C, P, family, finite=True)
     diag, sub, S = _position_masks(T)
     E = _pair_mask(d, family)
     return _loss_and_grad(A, B, P, E, diag, sub, S)
@@ -282,7 +284,7 @@ def train_population(H, d, T, family, lr, steps, rng):
     """
     H, d, T = check_int("H", H, 1), check_int("d", d, 1), check_int("T", T, 2)
     _check_family(family, d)
-    lr, steps = _check_real("lr", lr, positive=True), check_int("steps", steps, 0)
+    lr, steps = check_real("lr", lr, 0, strict=True), check_int("steps", steps, 0)
     params = icar.init_params("diagonal_heads", rng, d=d, T=T, H=H, scale=0.1)
     A, B, P = params["A"], params["B"], params["P"]
     masks = _position_masks(T)
@@ -312,7 +314,7 @@ def _angle_phi(mu, phi):
         if not callable(phi):
             raise ValueError(f"phi must be callable, k -> E[exp(i k theta)], got {phi!r}")
         return phi
-    a = 2 * numpy.pi / _check_real("mu", mu, positive=True)
+    a = 2 * numpy.pi / check_real("mu", mu, 0, strict=True)
 
     def uniform(k):
         z = 1j * a * numpy.asarray(k, dtype=float)
@@ -346,9 +348,7 @@ def _row_systems(T, mu, phi):
 def pe_only_loss(P, mu=None, phi=None):
     """R4 [derived]: population loss of icar.pe_only (d = 1) at positions r = 1..T-1 -> [T-1];
     the mean of icar.mse over all T positions is (1 + sum) / T."""
-    if numpy.ndim(P) != 2 or numpy.shape(P)[0] != numpy.shape(P)[1] or numpy.shape(P)[0] < 2:
-        raise ValueError(f"P must be a square [T, T] matrix with T >= 2, got shape {numpy.shape(P)}")
-    T = numpy.shape(P)[0]
+    T = _check_square("P", P, 2, finite=True)
     M, _ = pe_only_system(T, mu, phi)
     t = numpy.arange(T)
     bmat = numpy.real(_angle_phi(mu, phi)(2 * (t[None, :] - t[:, None])))   # [T, T] b of row r at t
@@ -393,7 +393,7 @@ def gd_path(rows, *, eta, steps):
     _row_systems gives them for the population, or from a sample's moments. steps: an integer
     k -> P_k [T, T], or a 1-D array of them -> [len, T, T].
     """
-    eta = _check_real("eta", eta, positive=True)
+    eta = check_real("eta", eta, 0, strict=True)
     ks = numpy.asarray(steps)
     if ks.ndim > 1 or ks.size == 0 or not numpy.issubdtype(ks.dtype, numpy.integer) or (ks < 0).any():
         raise ValueError(f"steps must be an integer >= 0 or a 1-D array of them, got {steps!r}")

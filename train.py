@@ -462,6 +462,17 @@ def _gd_prediction(C, S, x, eta, k):
     return eta * _apply(C, total)                                    # [n, T, d]
 
 
+def _check_sequences(s, W=None):
+    """(n, T, d) of finite float or complex sequences s [n, T+1, d] (T >= 1) and, if given,
+    their context matrices W [n, d, d]: the data of every baseline and probe."""
+    n, T1, d = icar.check_data(s, finite=True)
+    if T1 < 2:
+        raise ValueError(f"s must have shape [n, T+1, d] with T >= 1, got shape {numpy.shape(s)}")
+    if W is not None and icar.check_data(W, "W", "n, d, d", finite=True) != (n, d, d):
+        raise ValueError(f"W must have shape [n, d, d] = {(n, d, d)} to match s, got shape {numpy.shape(W)}")
+    return n, T1 - 1, d
+
+
 def optimal_gd_step(s, k=1):
     """Per position r, the step eta [T] minimising the test error of k GD steps on s [n, T+1, d].
 
@@ -469,6 +480,8 @@ def optimal_gd_step(s, k=1):
     search on [0, 2 / median lambda_max(S_r)] (the step that keeps GD stable for a typical
     context), 40 iterations (interval 1e-8 of its start). Computed in float64 / complex128.
     """
+    _check_sequences(s)
+    k = icar.check_int("k", k, 1)
     s = _float64(s)
     x, y = s[:, :-1], s[:, 1:]
     C, S = _context_sums(x)
@@ -500,6 +513,8 @@ def least_squares(s, rtol=1e-10):
     """W_hat_r = C_r S_r^+ at every position: s [n, T+1, d] -> [n, T, d, d]. rtol: relative
     cut-off of the pseudo-inverse (S_r has rank min(r, d) in exact arithmetic), for float64:
     s is cast to float64 / complex128 first."""
+    _check_sequences(s)
+    rtol = icar.check_real("rtol", rtol, 0)
     C, S = _context_sums(_float64(s)[:, :-1])
     return C @ numpy.linalg.pinv(S, rtol=rtol, hermitian=True)
 
@@ -508,6 +523,8 @@ def baselines(s, W, gd_steps=4):
     """Per-position test losses [T] on sequences s [n, T+1, d] with context matrices W [n, d, d]:
     "oracle" (W s_r), "least_squares", "gd1".."gd{gd_steps}" (k GD steps from 0 with the
     optimal step per position), "last_value" (s_r), "zero"; in float64 whatever s's dtype."""
+    _check_sequences(s, W)
+    gd_steps = icar.check_int("gd_steps", gd_steps, 0)
     s, W = _float64(s), _float64(W)
     x, y = s[:, :-1], s[:, 1:]
     out = {"oracle": _position_loss(_apply(W[:, None], x), y),
@@ -535,6 +552,11 @@ def probe(predict, s, W=None, eta=None):
     the reference is 0. References and statistics are computed in float64 / complex128;
     Gamma keeps the model's dtype.
     """
+    if not callable(predict):
+        raise ValueError(f"predict must be a function x [n, T, d] -> [n, T, d], got {type(predict).__name__}")
+    _, T, _ = _check_sequences(s, W)
+    if eta is not None and icar.check_data(eta, "eta", "T", finite=True) != (T,):
+        raise ValueError(f"eta must have shape [T] = {(T,)} to match s, got shape {numpy.shape(eta)}")
     x0 = s[:, :-1]
     n, T, d = x0.shape
     real = not numpy.iscomplexobj(x0)
@@ -575,6 +597,14 @@ def weight_blocks(experiment, params, d):
     read-out, ignoring LayerNorm and later layers. Returns KQ [L, H, 3d, 3d], V [L, H, *, 3d],
     share_KQ and share_V [L, H].
     """
+    icar.check_choice("experiment", experiment, ("block", "augmented"))
+    d = icar.check_int("d", d, 1)
+    if experiment == "block":
+        icar.check_params("params", params, ("A", "B"), ("W_KQ", "W_V"))
+    else:
+        icar.check_params("params", params, ("layers", "W_out", "b_out"), ("layers", "W_out", "b_out", "pos"))
+        for i, layer in enumerate(params["layers"]):
+            icar.check_params(f"params['layers'][{i}]", layer, icar.LAYER_KEYS)
     params = tree_map(numpy.asarray, params)
     if EXPERIMENTS[experiment].transformer is None:  # M1
         if "A" in params:
