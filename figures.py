@@ -832,7 +832,7 @@ def probe_rows(fig, metrics):
 FIG5_LAYERS = (1, 2, 3, 4)
 # train.py's quick preset (4000 steps) leaves the 3- and 4-layer models short of k-step GD
 # with k = L; at 8000 steps every depth ends at or below it
-FIG5_OVERRIDES = {"quick": dict(steps=8000), "paper": {}}
+FIG5_OVERRIDES = {"quick": dict(steps=8000), "paper": dict(dtype="float32")}
 
 
 def run_fig5(ctx):
@@ -855,57 +855,136 @@ def run_fig5(ctx):
             f"train.py augmented, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences")
 
 
-FIG7_HEADS = {"quick": (1, 2, 4, 8, 16, 32), "paper": (1, 2, 4, 8, 16, 32, 64)}
+# Fig. 7 [code]: the authors' raw-token model has one layer and 64 heads. paper.md section 5:
+# one layer cannot form the products of adjacent tokens that one GD step needs; a first layer
+# that copies s_{r-1} into position r lets a second do what M1 does. So: the loss against heads
+# at L = 1 and L = 2, against depth L = 1..3 at depth_heads heads (next to the augmented model
+# of the same depth, Fig. 5's runs, and k = L steps of GD), and the mechanism measured on the
+# trained weights. The paper preset keeps the authors' 64-head run and picks the other points
+# to fit within an hour on 2 cores (L = 3 only at the quick scale: 13 more minutes), in float32
+# (the baselines are computed in float64).
+FIG7 = {"quick": dict(heads={1: (1, 2, 4, 8, 16, 32), 2: (2, 4, 8)}, depth_heads=8, depths=(1, 2, 3),
+                      overrides={}),
+        "paper": dict(heads={1: (8, 64), 2: (8,)}, depth_heads=8, depths=(1, 2), overrides=dict(dtype="float32"))}
+DEPTH_STYLE = {1: ("C3", "o-"), 2: ("C1", "s-"), 3: ("C4", "^-")}
 
 
-def plot_fig7(by_heads, attention, out_dir, name="fig7"):
-    """Fig. 7: M4 without augmentation. by_heads: {H: metrics}; attention [H, T, T] of the
-    largest model."""
-    Hs = sorted(by_heads)
-    main = by_heads[Hs[-1]]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7"):
+    """Fig. 7: M4 on raw tokens. raw: {(L, H): metrics}; aug: {L: metrics} of the augmented
+    model of the same depth; attention [H, T, T]: first-layer positional weights of the
+    (L = 2, depth_heads) model."""
+    fig, axes = plt.subplots(2, 4, figsize=(23, 10))
     ax = axes[0, 0]
-    ax.plot(Hs, [mean_loss(by_heads[H]) for H in Hs], "o-", color="C3", label="trained, H heads")
+    for L in sorted({L for L, _ in raw}):
+        Hs = sorted(H for L2, H in raw if L2 == L)
+        if len(Hs) > 1 or L in (1, 2):
+            colour, style = DEPTH_STYLE.get(L, ("k", "o-"))
+            ax.plot(Hs, [mean_loss(raw[L, H]) for H in Hs], style, color=colour, label=f"raw tokens, L = {L}")
+    any_run = raw[min(raw)]
     for key, colour, style, label in (("baseline_gd1", "C0", "--", "one-step GD"),
-                                      ("baseline_least_squares", "C2", ":", "least squares"),
-                                      ("baseline_zero", "0.6", "--", "zero")):
-        ax.plot(Hs, [mean_loss(by_heads[H], key) for H in Hs], style, color=colour, label=label)
+                                      ("baseline_gd2", "C0", ":", "two-step GD"),
+                                      ("baseline_least_squares", "C2", "-.", "least squares")):
+        ax.axhline(mean_loss(any_run, key), linestyle=style, color=colour, label=label)
     ax.set_xscale("log", base=2)
+    Hs = sorted({H for _, H in raw})
     ax.set_xticks(Hs, [str(H) for H in Hs])
     ax.set_xlabel("heads H")
     ax.set_ylabel("test MSE, mean over positions")
     ax.set_title("loss against heads")
     ax.legend(fontsize=8)
-    plot_loss_per_position(axes[0, 1], main, f"test loss per position, H = {Hs[-1]}")
-    heatmap(axes[1, 0], lower(attention.mean(axis=0)),
-            f"positional attention, mean over the {attention.shape[0]} heads", "key position t",
-            "query position r", symmetric=False)
-    plot_probe(axes[1, 1], main, f"in-context mapping probe, H = {Hs[-1]}")
-    fig.suptitle("Fig. 7: Transformer M4 on raw tokens $s_t$ (positional softmax attention), Haar W",
-                 fontsize=13)
+    ax = axes[0, 1]
+    Ls = sorted(L for L, H in raw if H == depth_heads)
+    ax.plot(Ls, [mean_loss(raw[L, depth_heads]) for L in Ls], "o-", color="C3",
+            label=f"raw tokens, H = {depth_heads}")
+    La = [L for L in Ls if L in aug]
+    ax.plot(La, [mean_loss(aug[L]) for L in La], "d-", color="C5", label="augmented tokens (Fig. 5)")
+    ax.plot(Ls, [mean_loss(raw[L, depth_heads], f"baseline_gd{L}") for L in Ls], "s--", color="C0",
+            label="k = L steps of GD")
+    ax.plot(Ls, [mean_loss(raw[L, depth_heads], "baseline_least_squares") for L in Ls], ":", color="C2",
+            label="least squares")
+    ax.set_xticks(Ls)
+    ax.set_xlabel("layers L")
+    ax.set_ylabel("test MSE, mean over positions")
+    ax.set_title("loss against depth")
+    ax.legend(fontsize=8)
+    best = (2, depth_heads) if (2, depth_heads) in raw else min(raw, key=lambda k: mean_loss(raw[k]))
+    plot_loss_per_position(axes[0, 2], raw[best], f"test loss per position, L = {best[0]}, H = {best[1]}")
+    heatmap(axes[0, 3], lower(attention.mean(axis=0)),
+            f"first-layer positional attention, L = 2, H = {depth_heads}\n(mean over heads)",
+            "key position t", "query position r", symmetric=False)
+    ax = axes[1, 0]
+    width = 0.8 / len(Ls)
+    for i, L in enumerate(Ls):
+        share = raw[L, depth_heads]["mech_prev_share"]
+        colour, _ = DEPTH_STYLE.get(L, ("k", "o-"))
+        ax.bar(np.arange(len(share)) + i * width, share, width, color=colour, label=f"L = {L}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("first-layer head")
+    ax.set_ylabel("positional attention on t = r - 1")
+    ax.set_title("previous-token share per head (mean over r >= 1)")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    for L in Ls:
+        colour, style = DEPTH_STYLE.get(L, ("k", "o-"))
+        r2 = raw[L, depth_heads]["mech_readout_r2"]
+        ax.plot(np.arange(len(r2)), r2, style, ms=3, color=colour, label=f"L = {L}")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("position r")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("$R^2$ of $s_{r-1}$ read linearly from layer 1 at r")
+    ax.set_title("previous token in the first layer's output (held out)")
+    ax.legend(fontsize=8)
+    plot_probe(axes[1, 2], raw[best], f"in-context mapping probe, L = {best[0]}, H = {best[1]}")
+    one = (1, max(H for L, H in raw if L == 1))
+    plot_probe(axes[1, 3], raw[one], f"in-context mapping probe, L = 1, H = {one[1]}")
+    fig.suptitle("Fig. 7: Transformer M4 on raw tokens $s_t$ (positional softmax attention), Haar W: "
+                 "one layer cannot learn in context, two can", fontsize=13)
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
 
+def fig7_rows(raw, aug, depth_heads):
+    """Summary rows: every run's loss against one-step GD; depth against k-step GD and the
+    augmented model; the mechanism per depth; the probe of the best two-layer model."""
+    rows = []
+    for (L, H), m in sorted(raw.items()):
+        rows.append(row("fig7", f"L={L}, H={H}: test MSE, mean over positions", mean_loss(m),
+                        mean_loss(m, "baseline_gd1"), "one-step GD, optimal step (same test set); "
+                        "expected below it for L >= 2, not for L = 1 (paper.md section 5)"))
+    for L in sorted(L for L, H in raw if H == depth_heads):
+        m = raw[L, depth_heads]
+        rows.append(row("fig7", f"L={L}, H={depth_heads}: test MSE against {L}-step GD", mean_loss(m),
+                        mean_loss(m, f"baseline_gd{L}"), f"{L}-step GD, optimal step (same test set)"))
+        if L in aug:
+            rows.append(row("fig7", f"L={L}: augmented model of the same depth (Fig. 5 run)",
+                            mean_loss(aug[L]), mean_loss(m), "the raw-token model above"))
+        rows.append(row("fig7", f"L={L}, H={depth_heads}: largest previous-token share of a first-layer head",
+                        float(np.max(m["mech_prev_share"])), 1.0 if L >= 2 else None,
+                        "a previous-token head (paper.md section 5)" if L >= 2 else ""))
+        rows.append(row("fig7", f"L={L}, H={depth_heads}: R^2 of s_(r-1) read from layer 1, mean over r >= 1",
+                        float(np.nanmean(m["mech_readout_r2"][1:])), 1.0 if L >= 2 else None,
+                        "s_(r-1) copied into position r (paper.md section 5)" if L >= 2 else ""))
+    best = (2, depth_heads) if (2, depth_heads) in raw else min(raw, key=lambda k: mean_loss(raw[k]))
+    rows += [dict(r, quantity=f"L={best[0]}, H={best[1]}: " + r["quantity"]) for r in probe_rows("fig7", raw[best])]
+    return rows
+
+
 def run_fig7(ctx):
-    runs = {H: train_cached(ctx, "nonaug", f"fig7-H{H}-{ctx.preset}", heads=H, seed=ctx.seed)
-            for H in FIG7_HEADS[ctx.preset]}
-    by_heads = {H: r["metrics"] for H, r in runs.items()}
-    H_max = max(runs)
-    T = len(by_heads[H_max]["test_loss_position"])
-    params = runs[H_max]["params"]
+    spec = FIG7[ctx.preset]
+    H0 = spec["depth_heads"]
+    points = sorted({(L, H) for L, Hs in spec["heads"].items() for H in Hs} | {(L, H0) for L in spec["depths"]})
+    runs = {(L, H): train_cached(ctx, "nonaug", f"fig7-L{L}-H{H}-{ctx.preset}", layers=L, heads=H,
+                                 seed=ctx.seed, **spec["overrides"]) for L, H in points}
+    aug = {L: train_cached(ctx, "augmented", f"fig5-L{L}-{ctx.preset}", layers=L, seed=ctx.seed,
+                           **FIG5_OVERRIDES[ctx.preset])["metrics"] for L in spec["depths"]}
+    raw = {k: r["metrics"] for k, r in runs.items()}
+    T = len(raw[2, H0]["test_loss_position"])
+    params = runs[2, H0]["params"]
     attention = icar.positional_attention(params["layers"][0], params["pos"][:T])  # [H, T, T]
-    rows = [row("fig7", f"H={H}: test MSE, mean over positions", mean_loss(m),
-                mean_loss(m, "baseline_gd1"), "one-step GD, optimal step (same test set)")
-            for H, m in by_heads.items()]
-    last_two = float(np.mean(np.sum(attention[:, 2:, :] * (np.arange(T)[None, None, :] >=
-                                                            np.arange(2, T)[None, :, None] - 1), axis=-1)))
-    rows += [row("fig7", f"H={H_max}: positional attention on the two newest keys (mean over rows r >= 2)",
-                 last_two)]
-    rows += probe_rows("fig7", by_heads[H_max])
-    cfg = runs[H_max]["config"]
-    return (plot_fig7(by_heads, attention, ctx.out), rows,
-            f"train.py nonaug, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences")
+    cfg = runs[2, H0]["config"]
+    return (plot_fig7(raw, aug, H0, attention, ctx.out), fig7_rows(raw, aug, H0),
+            f"train.py nonaug, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences, "
+            f"{cfg['dtype']}; augmented models as in Fig. 5")
 
 
 # ----------------------------------------------------------------------------- fig1, fig4 runners
@@ -943,7 +1022,8 @@ def parse_args(argv):
                    help=f"figures to make (default: all): {', '.join(FIGURES)}")
     p.add_argument("--preset", default="quick", help="quick (default, minutes) or paper (the authors' sizes)")
     p.add_argument("--retrain", action="store_true", help="recompute instead of reusing runs/")
-    p.add_argument("--out", default="figures", help="folder of the PNG, PDF and summary files")
+    p.add_argument("--out", help="folder of the PNG, PDF and summary files (default: figures, "
+                   "figures/paper with --preset paper)")
     p.add_argument("--runs", default="runs", help="folder of the cached trained models and data")
     p.add_argument("--seed", type=int, default=0, help="seed of every generator")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -955,6 +1035,8 @@ def parse_args(argv):
     if bad:
         raise ValueError(f"unknown figure {bad[0]!r}; allowed: {', '.join(FIGURES)}")
     icar.check_choice("preset", args.preset, PRESETS)
+    if args.out is None:
+        args.out = os.path.join("figures", "paper") if args.preset == "paper" else "figures"
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     for opt in ("embeddings", "tokenizer", "text"):

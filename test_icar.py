@@ -2470,7 +2470,12 @@ def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(t
     cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
     p = icar.init_params("transformer", rng(15), cfg=cfg)
     att = icar.positional_attention(p["layers"][0], p["pos"][:6])
-    paths.append(figures.plot_fig7({1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, att, out))
+    raw = {(L, H): dict(fake_metrics(6, 2, seed=L + H), mech_prev_share=rng(L).random(H),
+                        mech_readout_r2=np.r_[np.nan, rng(L).random(5)])
+           for L, H in ((1, 1), (1, 2), (2, 2), (3, 2))}
+    paths.append(figures.plot_fig7(raw, {1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, 2, att, out))
+    assert {r["quantity"] for r in figures.fig7_rows(raw, {2: fake_metrics(6, 2)}, 2)} >= {
+        "L=2, H=2: largest previous-token share of a first-layer head", "L=3, H=2: test MSE against 3-step GD"}
     paths.append(figures.plot_r1([3, 4, 6], 2, np.array([0.3, 0.25, 0.17]), np.array([0.7, 0.6, 0.4]), out))
     data = figures.compute_r2r3(2, 3, 2, (1e-2, 20), (1e-2, 20))
     paths.append(figures.plot_r2r3(data["loss"], 2, 3, out))
