@@ -229,7 +229,7 @@ def _pe_only_workload(rng, moments):
     s, _ = icar.sample_sequences(rng, n, T, cfg["d"], cfg["family"], mu=cfg["mu"])  # complex128 [n, T+1, 1]
     params = train.init_model("pe-only", cfg, rng)
     if moments:  # executed FLOPs: M P (2 T^3) and about 10 operations per entry of P
-        step = _Trainer(train.pe_only_objective(s), params, "gd", lr)
+        step = _Trainer(fused.pe_only_objective(s), params, "gd", lr)
         return step, 2 * T ** 3 + 10 * T ** 2, (f"{n} sequences, T {T}, GD lr {lr:g} on "
                                                f"pe_only_objective (moments computed once, untimed)")
 

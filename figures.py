@@ -547,9 +547,9 @@ FIG6_MUS = (50.0, 100.0, 200.0, 300.0)  # [code]
 def sample_pe_only_trajectory(s, lr, steps):
     """The exact gradient-descent path from P = 0, after `steps` steps with learning rate lr,
     of the *sample* loss of M3 that the pe-only experiment trains on s [n, T+1, d]: row r >= 1
-    minimises its own quadratic of train.pe_only_moments; theory.gd_path gives the path.
+    minimises its own quadratic of fused.pe_only_moments; theory.gd_path gives the path.
     -> P [T, T]"""
-    M, b, _ = train.pe_only_moments(s)                                         # [T, T, T], [T, T]
+    M, b, _ = fused.pe_only_moments(s)                                         # [T, T, T], [T, T]
     rows = [None] + [(M[r, :r + 1, :r + 1], b[r, :r + 1]) for r in range(1, M.shape[0])]
     return theory.gd_path(rows, eta=lr, steps=steps)
 

@@ -1636,7 +1636,7 @@ def test_pe_only_objective_matches_autograd(family, d, first):
     rng = np.random.default_rng(5)
     s, _ = icar.sample_sequences(rng, 9, 6, d, family, **({"mu": 50.0} if family == "angle" else {}))
     P = rng.standard_normal((6, 6))
-    loss, g = train.pe_only_objective(s, first)({"P": P})
+    loss, g = fused.pe_only_objective(s, first)({"P": P})
     def ref(P):
         f = ref_pe_only(P * np.tril(np.ones((6, 6))), s[:, :-1])
         return icar.mse(f[:, first:], s[:, 1 + first:])

@@ -388,7 +388,7 @@ EXPERIMENTS = {
     "pe-only": Experiment(
         init=lambda cfg, rng: icar.init_params("pe_only", rng, T=cfg["T"]),
         predictor=lambda cfg: icar.pe_only, query=_query_m3, families=icar.FAMILIES, first=1,
-        moments=lambda s, first: pe_only_objective(s, first)),
+        moments=fused.pe_only_objective),
     # theory's population losses are derived for two families
     "population": Experiment(init=None, predictor=None, query=None, families=("unitary", "orthogonal")),
 }
@@ -989,50 +989,6 @@ def _population(cfg):
                                              cfg["lr"], cfg["steps"], rng)
     return {"train_loss": numpy.asarray(losses),
             "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
-
-
-def pe_only_moments(s, first=1):
-    """The training loss of M3, mse(icar.pe_only(params, s[:, :-1])[:, first:], s[:, 1 + first:]),
-    as a quadratic in P from moments of s [n, T+1, d]: (M [T, T, T], b [T, T], c).
-
-    M3 is linear in P: with u[n, r, t] = conj(s_{r-1}) s_t^2 (per coordinate),
-    f_r = sum_t P[r, t] u[n, r, t], so the loss is sum_r (p_r^T M_r p_r - 2 b_r . p_r) + c with
-    M_r = Re(U_r^* U_r) / N, b_r = Re(U_r^* y_r) / N over the N = n (T - first) d-vectors
-    averaged (rows r < first are 0), p_r the row r of P * mask.
-    """
-    x, y = s[:, :-1], s[:, 1:]                                  # [n, T, d] each
-    n, T, d = icar.check_data(x)
-    if not (isinstance(first, int) and 0 <= first < T):
-        raise ValueError(f"first must be an integer position in 0..{T - 1}, got {first!r}")
-    xp = icar.array_module(s)
-    query = xp.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), xp.conj(x[:, :-1])], axis=1)
-    u = query[:, :, None, :] * (x * x)[:, None, :, :]            # [n, T (r), T (t), d]
-    u = xp.reshape(xp.transpose(u, (1, 0, 3, 2)), (T, n * d, T))  # [T (r), n*d, T (t)]: U_r
-    yr = xp.reshape(xp.transpose(y, (1, 0, 2)), (T, n * d, 1))   # [T, n*d, 1]
-    N = n * (T - first)
-    keep = (xp.arange(T) >= first)[:, None]                      # [T, 1] rows in the loss
-    uh = xp.conj(xp.swapaxes(u, -1, -2))                         # [T, T, n*d]: U_r^*
-    M = xp.real(uh @ u) / N * keep[:, :, None]                   # [T, T, T]
-    b = xp.real(uh @ yr)[..., 0] / N * keep                      # [T, T]
-    c = float(xp.sum(xp.real(yr * xp.conj(yr))[first:])) / N
-    return M, b, c
-
-
-def pe_only_objective(s, first=1):
-    """loss_and_grad(params) -> (loss, {"P": gradient}) of the training loss of M3 (see
-    pe_only_moments) from moments of the data computed once. A step costs O(T^3) instead of
-    passes over the data; the values are those of autograd on icar.pe_only up to rounding.
-    """
-    M, b, c = pe_only_moments(s, first)
-    xp = icar.array_module(s)
-    mask = icar.causal_mask(xp, M.shape[0], s)                   # [T, T]
-
-    def loss_and_grad(params):
-        P = params["P"] * mask                                  # [T, T]
-        MP = (M @ P[:, :, None])[..., 0]                        # [T, T, T] @ [T, T, 1] -> [T, T]
-        loss = xp.sum(P * (MP - 2 * b)) + c
-        return loss, {"P": 2 * (MP - b) * mask}
-    return loss_and_grad
 
 
 def _train(experiment, cfg, ckpt, state, quiet, replace=None, folder=None):
