@@ -31,8 +31,16 @@ import icar
 from icar import array_module, causal_mask, layernorm, softmax, swap
 
 CHUNK_ENTRIES = {"cpu": 2 ** 18, "device": 2 ** 27}  # 1 MB of float32 stays in a CPU core's cache
-# threads over batch slices (NumPy releases the GIL inside products and elementwise loops)
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cores():
+    """The cores this process may run on (its CPU affinity where the system says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# threads over batch slices (NumPy releases the GIL inside products and elementwise loops); read
+# at call time: train.py's sweep workers set it so that workers x THREADS <= cores()
+THREADS = cores()
 _POOLS = {}
 os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
 

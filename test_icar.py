@@ -2146,6 +2146,71 @@ def test_ci_runs_the_readme_set_up_and_test_lines():
     assert block[0].startswith("python3 -m venv .venv && ")
 
 
+# ---- sweeps beyond one process: --jobs, --list, --summary
+
+SWEEP_ARGV = ["block", "--T", "5", "--n_train", "64", "--n_test", "32", "--n_probe", "0", "--steps", "6",
+              "--checkpoint_every", "2", "--log_every", "2", "--sweep", "lr=0.01,0.02,0.05", "--sweep", "seed=3"]
+
+
+def test_sweep_in_process_in_workers_and_from_listed_commands_writes_identical_files(tmp_path, capsys):
+    """The same sweep run in this process, in 2 worker processes, and as the commands of --list
+    run one by one in fresh interpreters (then --summary): bit-identical params.npz and
+    metrics.npz of every point, and the same summary.json."""
+    runs = {way: tmp_path / way for way in ("in_process", "jobs", "listed")}
+    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["in_process"]), "--quiet"]) == 0
+    capsys.readouterr()
+    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["jobs"]), "--jobs", "2"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert sum("started" in line for line in err) == 3 and sum("finished" in line for line in err) == 3
+    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["listed"]), "--list", "--quiet"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 3 and not runs["listed"].exists()  # --list writes nothing
+    for command in commands:
+        out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["listed"]), "--summary"]) == 0
+    assert "0.05" in capsys.readouterr().out
+    files = {way: {k: v for k, v in folder_bytes(folder).items()
+                   if k.endswith(("params.npz", "metrics.npz", "summary.json"))}
+             for way, folder in runs.items()}
+    assert len(files["in_process"]) == 3 * 2 + 1
+    assert files["in_process"] == files["jobs"] == files["listed"]
+
+
+def test_a_failed_sweep_point_keeps_the_others_and_exits_1(tmp_path, capsys):
+    argv = ["block", "--T", "5", "--n_train", "64", "--n_test", "32", "--n_probe", "0", "--steps", "50",
+            "--checkpoint_every", "1", "--optimizer", "gd", "--sweep", "lr=0.01,1e6", "--quiet"]
+    for jobs in ("1", "2"):
+        runs = tmp_path / jobs
+        assert train.main(argv + ["--runs_dir", str(runs), "--jobs", jobs]) == 1
+        out = capsys.readouterr()
+        assert len(out.err.strip().splitlines()) == 1 and "point lr=1000000.0 failed" in out.err
+        assert "0.01" in out.out
+        with open(runs / "block" / "summary.json") as f:
+            assert [row["lr"] for row in json.load(f)["rows"]] == [0.01]
+        assert (runs / "block" / "lr=0.01" / "metrics.npz").exists()
+
+
+def test_bad_sweep_process_options_give_one_line_and_touch_no_file(tmp_path, capsys):
+    runs, argv = tmp_path / "runs", SWEEP_ARGV[:-4] + ["--quiet"]
+    assert train.main(argv + ["--runs_dir", str(runs), "--sweep", "lr=0.01"]) == 0  # one point of two
+    before = folder_bytes(runs)
+    sweep = ["--sweep", "lr=0.01,0.02"]
+    table = [(["--jobs", "0"] + sweep, 2), (["--jobs", "x"] + sweep, 2), (["--jobs", "-1"] + sweep, 2),
+             (["--jobs"] + sweep, 2), (["--jobs", "2"], 2), (["--list"], 2), (["--summary"], 2),
+             (["--list", "--jobs", "2"] + sweep, 2), (["--list", "--summary"] + sweep, 2),
+             (["--summary", "--jobs", "2"] + sweep, 2), (["--summary", "--resume"] + sweep, 2),
+             (["--jobs", "2", "--jobs", "2"] + sweep, 2), (["--list", "--sweep", "T=5,1"], 2),
+             (["--summary", "--sweep", "T=5,1"], 2), (["--summary"] + sweep, 1),
+             (["--summary", "--seed", "7", "--sweep", "lr=0.01"], 1)]
+    for extra, code in table:
+        assert train.main(argv + ["--runs_dir", str(runs)] + extra) == code, extra
+        out = capsys.readouterr()
+        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("train.py: "), extra
+        assert folder_bytes(runs) == before, extra
+    assert train.main(argv + ["--runs_dir", str(runs), "--summary", "--sweep", "lr=0.01"]) == 0
+
+
 # ==== 8. GPU: gpu.py's adapter on the strict stand-in =====================================
 # Proves that losses, gradients and Adam steps on device arrays equal NumPy's, on a strict
 # CuPy stand-in (gpu.Strict) that refuses what CuPy refuses; and gpu.py's dry check.

@@ -21,6 +21,8 @@ runs/NAME/KEY=V,.../, then a summary table (and summary.json). The sweeps of pap
     python train.py nonaug --sweep heads=1,2,4,8,16,32,64 --sweep attention=linear,softmax --sweep sigma=0,0.1
     python train.py pe-only --sweep mu=50,100,200,300                        (Fig. 6)
 The augmented summary puts each depth L next to k = L steps of GD with the optimal step.
+`--jobs N` runs the points in N processes; `--list` prints one command per point (for a
+cluster) and runs nothing; `--summary` rebuilds the summary from the points' folders.
 
 What a run computes and saves in runs/NAME/ (each file written atomically):
     config.json     every setting, the seed, package versions
@@ -47,19 +49,23 @@ last checkpoint, whose loss was finite. Bad settings: ValueError; exit status 2.
 Each experiment is described once, in EXPERIMENTS (its model, predictor, probe, loss
 positions, families and extra metrics); everything else reads that description.
 
-Library: run, sweep, load, config, EXPERIMENTS, baselines, optimal_gd_step, probe, weight_blocks,
-query_predictor, tree_map, tree_leaves, adam_init, adam_update, gd_update, atomic_write,
-save_text, save_json, save_npz, load_npz, Parser, main.
+Library: run, sweep, sweep_commands, summary, load, config, EXPERIMENTS, baselines,
+optimal_gd_step, probe, weight_blocks, query_predictor, tree_map, tree_leaves, adam_init,
+adam_update, gd_update, atomic_write, save_text, save_json, save_npz, load_npz, Parser, main.
 """
 import argparse
+import concurrent.futures
 import hashlib
 import importlib.metadata
+import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -680,7 +686,18 @@ def save_json(path, obj):
 
 
 def save_npz(path, arrays):
-    atomic_write(path, lambda f: numpy.savez(f, **arrays))
+    """numpy.savez, with every entry dated 1980-01-01 (zip's first date) instead of now: the
+    bytes depend on the arrays only, so a run writes the same file whenever, and in whichever
+    process, it ran."""
+    def write(f):
+        packed = io.BytesIO()
+        numpy.savez(packed, **arrays)
+        with zipfile.ZipFile(packed) as z, zipfile.ZipFile(f, "w", allowZip64=True) as out:
+            for name in z.namelist():
+                with z.open(name) as src, out.open(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)),
+                                                   "w", force_zip64=True) as dst:
+                    shutil.copyfileobj(src, dst)
+    atomic_write(path, write)
 
 
 def load_npz(path, what="a .npz file of arrays"):
@@ -1089,13 +1106,19 @@ def _evaluate(experiment, cfg, params, predict, s_test, W_test):
 
 # ----------------------------------------------------------------------------- sweeps, report
 
-def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
-          **overrides):
-    """One run per point of the product of grid {option: [values]}, in runs_dir/name/K=V,.../.
+class SweepIncomplete(Exception):
+    """Points of a sweep that failed or have no finished run: `lines` (one per point) and
+    `table`, the summary of the finished ones (None if none was summarised). Exit status 1."""
 
-    Returns (results, table): the list of run results and the summary text (also saved as
-    summary.json next to the runs).
-    """
+    def __init__(self, lines, table=None):
+        super().__init__("; ".join(lines))
+        self.lines, self.table = lines, table
+
+
+def _plan(experiment, grid, preset, runs_dir, name, overrides):
+    """Check every point of the product grid {option: [values]} (settings, and the model built
+    once on two sequences) before anything runs; return (folder of the sweep, [(point name
+    K=V,..., point settings)])."""
     if not grid:
         raise ValueError("sweep needs at least one option with values")
     clash = set(grid) & set(overrides)
@@ -1108,22 +1131,142 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
             raise ValueError(f"--sweep {k} needs distinct values, got {list(grid[k])}")
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     base = run_folder(runs_dir, experiment if name is None else name)
-    subs = [",".join(f"{k}={v}" for k, v in point.items()) for point in points]
-    for point in points:  # every setting checked before the first run starts
+    plan = [(",".join(f"{k}={v}" for k, v in point.items()), point) for point in points]
+    for sub, point in plan:
+        run_folder(base, sub)
         check_run(experiment, config(experiment, preset, **overrides, **point))
-    for sub in subs:
-        _prepare_folder(run_folder(base, sub))
-    results = []
-    for point, sub in zip(points, subs):
-        if not quiet:
-            print(f"-- {experiment} {sub}", file=sys.stderr)
-        results.append(run(experiment, preset, base, sub, resume, quiet, **overrides, **point))
-    rows = [_summary_row(experiment, r, keys) for r in results]
+    return base, plan
+
+
+def _summarize(experiment, grid, base, results):
+    """Write base/summary.json of the finished points' results; return the printable table."""
+    rows = [_summary_row(experiment, r, list(grid)) for r in results]
     save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
     columns = list(rows[0])
-    table = "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
-                      ["  ".join(f"{_fmt(row[c]):>14}" for c in columns) for row in rows])
+    return "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
+                     ["  ".join(f"{_fmt(row[c]):>14}" for c in columns) for row in rows])
+
+
+def _run_point(experiment, preset, base, sub, resume, threads, overrides):
+    """One sweep point in a worker process that shares the machine's cores with the others:
+    `threads` threads of its own (fused.THREADS), one BLAS thread. Returns None, or the
+    failure as one line (the other points go on)."""
+    fused.THREADS = threads
+    fused.set_up_process()
+    try:
+        run(experiment, preset, base, sub, resume, True, **overrides)
+    except (ValueError, FileFault, OSError, MemoryError) as e:
+        return fault_line(e)
+    return None
+
+
+def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
+          jobs=1, **overrides):
+    """One run per point of the product of grid {option: [values]}, in runs_dir/name/K=V,.../,
+    in this process (jobs=1) or in `jobs` worker processes, each with cores // jobs threads.
+
+    Returns (results, table): the list of run results, read back from disk whichever way they
+    ran, and the summary text (also saved as summary.json next to the runs). Every point is
+    checked before the first starts (ValueError). A point that fails (Diverged, a full disk)
+    does not stop the others: once all ran, the finished ones are summarised and
+    SweepIncomplete names the failed ones.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_INT:
+        raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    for sub, _ in plan:
+        _prepare_folder(run_folder(base, sub))
+    failed = {}
+    if jobs == 1:
+        for sub, point in plan:
+            if not quiet:
+                print(f"-- {experiment} {sub}", file=sys.stderr)
+            try:
+                run(experiment, preset, base, sub, resume, quiet, **overrides, **point)
+            except (ValueError, FileFault, OSError, MemoryError) as e:
+                failed[sub] = fault_line(e)
+    else:
+        failed = _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrides)
+    results = [load(run_folder(base, sub)) for sub, _ in plan if sub not in failed]
+    table = _summarize(experiment, grid, base, results) if results else None
+    if failed:
+        raise SweepIncomplete([f"point {sub} failed: {why}" for sub, why in failed.items()], table)
     return results, table
+
+
+def _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrides):
+    """Run the points of plan in `jobs` spawned processes, at most `jobs` at a time, with one
+    progress line per point started and finished; return {point: failure line}."""
+    workers = min(jobs, len(plan))
+    threads = max(1, fused.cores() // workers)
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    failed, running, todo = {}, {}, list(plan)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        try:
+            while todo or running:
+                while todo and len(running) < workers:
+                    sub, point = todo.pop(0)
+                    say(f"-- {experiment} {sub}: started (threads={threads})")
+                    running[pool.submit(_run_point, experiment, preset, base, sub, resume,
+                                        threads, {**overrides, **point})] = (sub, time.perf_counter())
+                done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+                for future in done:
+                    sub, t0 = running.pop(future)
+                    try:
+                        why = future.result()
+                    except Exception as e:  # a worker that died (killed, out of memory)
+                        why = f"its worker process stopped ({type(e).__name__}: {e})"
+                    if why is not None:
+                        failed[sub] = why
+                    say(f"-- {experiment} {sub}: {'failed' if why else 'finished'} "
+                        f"({time.perf_counter() - t0:.1f} s)")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return failed
+
+
+def summary(experiment, grid, preset="quick", runs_dir="runs", name=None, **overrides):
+    """(results, table) of a sweep whose points ran elsewhere (sweep_commands), read from
+    runs_dir/name/K=V,.../ without training; summary.json is written only when every point
+    has a finished run of its settings, else SweepIncomplete names the others (no file touched)."""
+    base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    results, missing = [], []
+    for sub, point in plan:
+        folder = run_folder(base, sub)
+        try:
+            result = load(folder)
+        except FileFault as e:
+            missing.append(f"point {sub} has no finished run: {e}")
+            continue
+        want = dict(config(experiment, preset, **overrides, **point), experiment=experiment,
+                    preset=preset)
+        have = result["config"]
+        other = sorted(k for k in (set(want) | set(have)) - NOT_RESULT - {"versions"}
+                       if want.get(k) != have.get(k))
+        if other:
+            missing.append(f"point {sub}: {folder} holds a run of other settings {other}")
+            continue
+        results.append(result)
+    if missing:
+        raise SweepIncomplete(missing)
+    return results, _summarize(experiment, grid, base, results)
+
+
+def sweep_commands(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False,
+                   quiet=False, **overrides):
+    """One shell command per point of the sweep (for a cluster's job array or GNU parallel),
+    each a plain run writing runs_dir/name/K=V,.../ as `sweep` does, with absolute paths so
+    that it runs from any folder. Checks every point as `sweep` does; writes nothing."""
+    base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = [sys.executable, os.path.join(here, "train.py"), experiment, "--preset", preset,
+            "--runs_dir", os.path.abspath(base)]
+    flags = ["--resume"] * resume + ["--quiet"] * quiet
+    return [" ".join(shlex.quote(a) for a in head + ["--name", sub] + flags + [
+        a for k, v in {**overrides, **point}.items() for a in (f"--{k}", str(v))])
+        for sub, point in plan]
 
 
 def _fmt(v):
@@ -1182,7 +1325,7 @@ def report(result):
 USAGE = """usage: python train.py EXPERIMENT [--key value ...]
 experiments: augmented, nonaug, block, diagonal, pe-only, population, bench
 common flags: --preset quick|paper  --name NAME  --runs_dir DIR  --resume  --quiet
-              --sweep KEY=V1,V2,...  (repeatable)
+              --sweep KEY=V1,V2,...  (repeatable)  --jobs N  --list  --summary
 python train.py EXPERIMENT --help lists its options with their defaults."""
 
 
@@ -1206,7 +1349,9 @@ def _help(experiment):
         lines.append(f"--{key:<16}{_fmt(quick[key]):>11}{_fmt(paper[key]):>11}  {text}{allowed}")
     lines += ["", "--preset quick|paper (quick)  --name NAME (the experiment)  --runs_dir DIR (runs)",
               "--resume: continue from runs/NAME/checkpoint.npz  --quiet: no progress",
-              "--sweep KEY=V1,V2,...: one run per point of the product grid"]
+              "--sweep KEY=V1,V2,...: one run per point of the product grid",
+              "  --jobs N: the points in N processes  --list: one command per point, runs nothing",
+              "  --summary: the summary of points that ran elsewhere (from their folders)"]
     return "\n".join(lines)
 
 
@@ -1222,7 +1367,8 @@ def _parse_value(key, text, cfg):
 
 def _parse(experiment, args):
     """args -> (run keywords, overrides, sweep grid)."""
-    flags = {"preset": "quick", "name": None, "runs_dir": "runs", "resume": False, "quiet": False}
+    flags = {"preset": "quick", "name": None, "runs_dir": "runs", "resume": False, "quiet": False,
+             "jobs": None, "list": False, "summary": False}
     raw, grid, seen = {}, {}, set()
     i = 0
     while i < len(args):
@@ -1233,7 +1379,7 @@ def _parse(experiment, args):
         if key in seen and key != "sweep":
             raise ValueError(f"option --{key} is given twice; give each option once")
         seen.add(key)
-        if key in ("resume", "quiet"):
+        if key in ("resume", "quiet", "list", "summary"):
             flags[key] = True
             i += 1
             continue
@@ -1242,6 +1388,10 @@ def _parse(experiment, args):
         value = args[i + 1]
         if key in ("preset", "name", "runs_dir"):
             flags[key] = value
+        elif key == "jobs":
+            if not (value.isdigit() and 1 <= int(value) <= MAX_INT):
+                raise ValueError(f"option --jobs needs a whole number of processes >= 1, got {value!r}")
+            flags[key] = int(value)
         elif key == "sweep":
             if "=" not in value:
                 raise ValueError(f"--sweep needs KEY=V1,V2,..., got {value!r}")
@@ -1253,6 +1403,13 @@ def _parse(experiment, args):
         else:
             raw[key] = value
         i += 2
+    for key, needs in (("jobs", "runs the points of a sweep"), ("list", "lists the points of a sweep"),
+                       ("summary", "summarises the points of a sweep")):
+        if flags[key] not in (None, False) and not grid:
+            raise ValueError(f"--{key} {needs}; give --sweep KEY=V1,V2,...")
+    for a, b in (("list", "jobs"), ("list", "summary"), ("summary", "jobs"), ("summary", "resume")):
+        if flags[a] and flags[b] not in (None, False):
+            raise ValueError(f"--{a} runs no training, so --{b} has no use with it; give one of them")
     icar.check_choice("preset", flags["preset"], ("quick", "paper"))
     cfg = config(experiment, flags["preset"])
     clash = set(grid) & set(raw)
@@ -1283,12 +1440,25 @@ def main(argv=None):
             print(_help(experiment))
             return 0
         flags, overrides, grid = _parse(experiment, args)
+        jobs, listing, summarise = flags.pop("jobs") or 1, flags.pop("list"), flags.pop("summary")
+        if listing:
+            print("\n".join(sweep_commands(experiment, grid, **flags, **overrides)))
+            return 0
+        if summarise:
+            del flags["resume"], flags["quiet"]
+            print(summary(experiment, grid, **flags, **overrides)[1])
+            return 0
         fused.set_up_process()
         if grid:
-            _, table = sweep(experiment, grid, **flags, **overrides)
-            print(table)
+            print(sweep(experiment, grid, jobs=jobs, **flags, **overrides)[1])
         else:
             print(report(run(experiment, **flags, **overrides)))
+    except SweepIncomplete as e:
+        if e.table is not None:
+            print(e.table)
+        for line in e.lines:
+            print(f"train.py: {line}", file=sys.stderr)
+        return 1
     except Diverged as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
