@@ -51,16 +51,22 @@ def _batch_chunks(n, entries_per_row, xp):
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
+GROUPS = 8  # slices are summed in this many groups whatever THREADS is: the same bits anywhere
+
+
 def _over_slices(fn, slices, threaded):
-    """[fn(group) for each group of consecutive slices], in order: THREADS groups, each in its
-    own thread, where `threaded` (NumPy arrays that autograd does not trace), else one group."""
-    k = min(THREADS, len(slices)) if threaded else 1
+    """[fn(group) for each group of consecutive slices], in order: GROUPS groups (fewer if there
+    are fewer slices), run in THREADS threads where `threaded` (NumPy arrays that autograd does
+    not trace), else one after another. The grouping, and so every sum over groups, does not
+    depend on THREADS: a run gives the same bits with any number of threads."""
+    size = -(-len(slices) // min(GROUPS, len(slices)))
+    groups = [slices[i:i + size] for i in range(0, len(slices), size)]
+    k = min(THREADS, len(groups)) if threaded else 1
     if k <= 1:
-        return [fn(slices)]
+        return [fn(group) for group in groups]
     if k not in _POOLS:
         _POOLS[k] = concurrent.futures.ThreadPoolExecutor(k)
-    size = -(-len(slices) // k)
-    return list(_POOLS[k].map(fn, [slices[i:i + size] for i in range(0, len(slices), size)]))
+    return list(_POOLS[k].map(fn, groups))
 
 
 def _real_if(x, target):

@@ -1718,6 +1718,20 @@ def test_bench_script_and_train_alias_report_bad_arguments_alike():
         assert len(out.stderr.strip().splitlines()) == 1 and "--repeats" in out.stderr
 
 
+def test_fused_gradient_bits_do_not_depend_on_the_thread_count(monkeypatch):
+    """Sweep workers run with fewer threads than the command line: the same bits either way."""
+    cfg = icar.transformer_config(d_in=3, d_out=3, T=7, heads=3, repeat=2, positional=True, residual=False)
+    params = icar.init_params("transformer", rng(40), cfg=cfg)
+    s, _ = icar.sample_sequences(rng(41), 40, 7, 3, "haar")
+    loss = lambda p: icar.mse(fused.transformer(p, s[:, :-1], cfg), s[:, 1:])  # noqa: E731
+    monkeypatch.setitem(fused.CHUNK_ENTRIES, "cpu", 3 * 7 * 7 * 3)  # 14 slices of 3 sequences
+    found = []
+    for threads in (1, 2, 3, 5):
+        monkeypatch.setattr(fused, "THREADS", threads)
+        found.append(flatten(grad(loss)(params))[0])
+    assert all(np.array_equal(found[0], f) for f in found[1:])
+
+
 # ==== 7. training plumbing ================================================================
 # Proves what train.py does around the models: optimisers against a scalar reference, run
 # files written atomically, resume bit-identical, divergence, sweeps, the command line.
