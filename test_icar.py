@@ -2028,7 +2028,8 @@ def _bad_commands(runs, a_file):
         (["diagonal", "--heads", "0"], 2), (["block", "--form", "diag"], 2), (["block", "--seed", "-1"], 2),
         (["block", "--resume", "--steps", "9"], 2), (["block", "--sweep", "form=block,full,diag"], 2),
     ]
-    return [(argv[:1] + r + argv[1:] if argv and argv[0] != "nope" else argv, code) for argv, code in two]
+    return [(argv if not argv or argv[0] == "nope" else
+             argv[:1] + (r[2:] if "--runs_dir" in argv else r) + argv[1:], code) for argv, code in two]
 
 
 def test_bad_command_lines_give_one_line_and_touch_no_file(tmp_path, capsys):
