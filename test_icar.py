@@ -46,6 +46,10 @@ Fig. 5/7 probe and weight blocks -> 5: test_probe_references_match_their_definit
     test_probe_m1_one_gd_step_and_oracle, test_probe_of_the_r2_minimiser_is_w,
     test_two_stream_transformer_is_icar_and_local, test_weight_blocks_m4_reproduce_the_scores
 Fig. 6 (trained P is the GD path) -> 5: test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss
+Raw tokens need depth (paper.md section 5) -> 5:
+    test_mechanism_measures_on_a_hand_built_previous_token_head,
+    test_mechanism_measures_on_heads_that_do_not_copy_the_previous_token,
+    test_raw_token_construction_is_one_gd_step_averaged_over_transitions
 fused == plain -> 6: test_fused_transformer_equals_icar_transformer,
     test_fused_transformer_second_derivatives, test_linear_attention_equals_plain_products,
     test_pe_only_objective_matches_autograd, test_microbatched_gradient_equals_full_batch
@@ -1517,6 +1521,112 @@ def test_fig4_on_the_shipped_text_with_the_real_table(tmp_path):
     assert np.mean(data["err_real"] > figures.EXACT) < np.mean(data["err_shuffled"] > figures.EXACT)
 
 
+# ---- paper.md section 5: raw tokens need depth (mechanism measures, a 2-layer construction) --
+
+def _haar_inputs(n, T, d, seed):
+    """Haar inputs s_1..s_T [n, T, d] with a random first state (no constant target)."""
+    return icar.sample_sequences(np.random.default_rng(seed), n, T, d, "haar")[0][:, :-1]
+
+
+def _with_first_layer(params, **changes):
+    return dict(params, layers=[dict(params["layers"][0], **changes)] + params["layers"][1:])
+
+
+def test_mechanism_measures_on_a_hand_built_previous_token_head():
+    """The construction's first layer copies s_{r-1} into position r (positional logits peak at
+    t = r - 1 by a gap beta; token scores constant): the share misses 1 by at most the softmax
+    leakage T exp(-beta), and s_{r-1} is read out exactly (R^2 = 1 to 1e-6) at every r >= 1."""
+    d, T, beta = 5, 12, 20.0
+    x = _haar_inputs(1000, T, d, 1)
+    params, cfg = theory.raw_token_gd_construction(d, T, eta=0.5, beta=beta)
+    share = train.previous_token_share(params, T)
+    assert share.shape == (1,) and 1 - T * np.exp(-beta) <= share[0] <= 1
+    r2 = train.readout_r2(params, cfg, x[:500], x[500:])
+    assert r2.shape == (T,) and np.isnan(r2[0])
+    np.testing.assert_allclose(r2[1:], 1, atol=1e-6)
+
+
+def test_mechanism_measures_on_heads_that_do_not_copy_the_previous_token():
+    """Controls on the same layer. R^2 is scale-free: any weight left on t = r - 1 is read out
+    (at beta = 20 a self-attending head's 2e-9 leak gives R^2 = 1), so beta = 1000 makes
+    exp(-beta) exactly 0. Self (query not rotated, peak t = r): share 0, the stream holds s_r
+    only and R^2 of s_{r-1} is ~0 (measured |R^2| < 0.03 over three seeds; asserted < 0.1).
+    Uniform (W_Q = 0): share mean_r 1/(r+1) exactly; R^2 = 1 at r = 1 (s_0 = 2 mean - s_1),
+    then ~1/r (measured <= 0.52 at r >= 2, <= 0.29 at r >= 5; asserted < 0.65, < 0.4)."""
+    d, T = 5, 12
+    x = _haar_inputs(1000, T, d, 1)
+    params, cfg = theory.raw_token_gd_construction(d, T, eta=0.5, beta=1000.0)
+    first = params["layers"][0]
+    own = _with_first_layer(params, W_Q=first["W_K"])
+    assert train.previous_token_share(own, T)[0] == 0
+    assert np.all(np.abs(train.readout_r2(own, cfg, x[:500], x[500:])[1:]) < 0.1)
+    uniform = _with_first_layer(params, W_Q=np.zeros_like(first["W_Q"]))
+    np.testing.assert_allclose(train.previous_token_share(uniform, T), np.mean(1 / np.arange(2, T + 1)),
+                               rtol=1e-12)
+    r2 = train.readout_r2(uniform, cfg, x[:500], x[500:])
+    np.testing.assert_allclose(r2[1], 1, atol=1e-6)
+    assert np.all(r2[2:] < 0.65) and np.all(r2[5:] < 0.4)
+
+
+def test_readout_r2_is_nan_for_a_constant_target_and_handles_complex_data():
+    """A fixed first state makes s_0 constant: NaN at r = 1, not 1 - SSE / (rounding).
+    Complex data: real and imaginary parts stacked; the copy is still exact."""
+    d, T = 4, 6
+    params, cfg = theory.raw_token_gd_construction(d, T, eta=1.0, beta=1000.0)
+    rng = np.random.default_rng(2)
+    x = icar.sample_sequences(rng, 200, T, d, "haar", s1="fixed")[0][:, :-1]
+    r2 = train.readout_r2(params, cfg, x[:100], x[100:])
+    assert np.isnan(r2[:2]).all() and np.allclose(r2[2:], 1, atol=1e-6)
+    z = icar.sample_sequences(rng, 200, T, d, "unitary")[0][:, :-1]
+    np.testing.assert_allclose(train.readout_r2(params, cfg, z[:100], z[100:])[1:], 1, atol=1e-6)
+
+
+def test_nonaug_run_adds_mechanism_metrics_and_leaves_the_others_bit_identical(tmp_path, monkeypatch):
+    """metrics.npz of a raw-token run gains mech_prev_share [H] and mech_readout_r2 [T] (equal to
+    the functions on the saved parameters); without them every other metric is bit-identical."""
+    kw = dict(T=5, n_train=32, n_test=16, n_probe=2, steps=3, batch=16, heads=2, quiet=True,
+              runs_dir=str(tmp_path))
+    with_mech = train.load(train.run("nonaug", name="with", **kw)["dir"])
+    monkeypatch.setitem(train.EXPERIMENTS, "nonaug", train.EXPERIMENTS["nonaug"]._replace(mechanism=False))
+    without = train.load(train.run("nonaug", name="without", **kw)["dir"])["metrics"]
+    m = with_mech["metrics"]
+    assert set(m) - set(without) == {"mech_prev_share", "mech_readout_r2"}
+    for k in without:
+        assert np.array_equal(m[k], without[k], equal_nan=True), k
+    assert m["mech_prev_share"].shape == (2,) and m["mech_readout_r2"].shape == (5,)
+    cfg = with_mech["config"]
+    s_test = train.datasets(cfg)[1]
+    expected = train.mechanism("nonaug", cfg, with_mech["params"], s_test[:, :-1])
+    for k, v in expected.items():
+        np.testing.assert_array_equal(m[k], v)
+
+
+def test_raw_token_construction_is_one_gd_step_averaged_over_transitions():
+    """Two layers of raw-token M4 (theory.raw_token_gd_construction) equal M1 with A = I,
+    B = eta I divided by the r transitions seen, at r >= 1, up to the positional softmax
+    leakage, bounded by eta (2T + 2) exp(-beta) for unit-norm states: the error shrinks from
+    beta = 5 to 10 and stays below the bound, and at beta = 40 (bound 5e-17) it is rounding
+    (< 1e-12). Position 0 gives eta |s_0|^2 s_0 as the docstring says; fused equals icar."""
+    d, T, eta = 5, 20, 0.3
+    x = _haar_inputs(64, T, d, 0)
+    r = np.arange(1, T)[None, :, None]
+    ref = icar.augmented_linear({"A": np.eye(d), "B": eta * np.eye(d)}, icar.augment(x))[:, 1:] / r
+    errors = {}
+    for beta in (5.0, 10.0, 40.0):
+        params, cfg = theory.raw_token_gd_construction(d, T, eta, beta)
+        f = icar.transformer(params, x, cfg)
+        errors[beta] = np.abs(f[:, 1:] - ref).max()
+        assert errors[beta] <= eta * (2 * T + 2) * np.exp(-beta) + 1e-12, beta
+        np.testing.assert_allclose(f[:, 0], eta * np.sum(x[:, 0] ** 2, -1)[:, None] * x[:, 0], atol=1e-12)
+        np.testing.assert_allclose(fused.transformer(params, x, cfg), f, atol=1e-12)
+    assert errors[10.0] < errors[5.0] / 50 and errors[40.0] < 1e-12
+
+
+def test_raw_token_construction_needs_d_at_least_2():
+    with pytest.raises(ValueError, match="d must be an integer >= 2"):
+        theory.raw_token_gd_construction(1, 10, 0.1, 10.0)
+
+
 # ==== 6. fast == plain ====================================================================
 # Proves every fast path equal to the plain definition it replaces (fused.py vs icar.py,
 # PE-only moments vs autograd, microbatching), and the benchmark's FLOP counts and CLI.
@@ -2804,6 +2914,9 @@ _KEYS = r"params must be a dict with keys"
     (lambda: train.weight_blocks("augmented", dict(_M4, layers=[_LAYER]), 2),
      r"params\['layers'\]\[0\] must be a dict with keys"),
     (lambda: train.weight_blocks("nonaug", _M4, 2), r"unknown experiment 'nonaug'"),
+    (lambda: train.previous_token_share(_M4, 5), _KEYS + r".*'pos'"),
+    (lambda: train.readout_r2(_M4, dict(_CFG, positional=True), _S[:, :-1], _S[:, :-1]), _KEYS),
+    (lambda: train.readout_r2(_M4, _CFG, _S[:, :-1], _S[:, :-2]), r"s_fit and s_eval must have the same T"),
     # lists and integer arrays where float or complex arrays are expected
     (lambda: icar.mse([1.0, 2.0], [1.0, 2.0]), r"f must be a float or complex array, got list"),
     (lambda: icar.diagonal_heads(_M2, _S.tolist()), r"s must be a float or complex array, got list"),

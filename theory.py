@@ -19,6 +19,9 @@ Index (names of paper.md):
     R4  pe_only_system, pe_only_loss,   M3: the quadratic loss p^T M p - 2 b^T p + 1 of each
         pe_only_solution,               row of P, its minimum-norm minimiser, and the exact
         pe_only_trajectory              gradient-descent path from P = 0
+    sec. 5  raw_token_gd_construction   paper.md section 5 [derived]: weights of a 2-layer
+                                        raw-token M4, a previous-token head, then M1's GD step
+                                        averaged over the r transitions seen
 
 Conventions (those of icar.py): positions are 0-based; the query of position r is s_{r-1},
 and row r of P weighs the keys t <= r, so p_T of paper.md is P[r, r] and p_{T-1} is
@@ -411,3 +414,66 @@ def gd_path(rows, *, eta, steps):
         g = numpy.where(small, 2 * eta * k, g / numpy.where(small, 1.0, lam))
         out[:, r, :r + 1] = (g * (V.T @ rows[r][1])) @ V.T                  # [K, r+1]
     return out if ks.ndim else out[0]
+
+
+# ----------------------------------------------------------------------------- raw tokens need depth
+
+def raw_token_gd_construction(d, T, eta, beta):
+    """paper.md section 5 [derived]: weights of a 2-layer raw-token M4 whose prediction at
+    r >= 1 tends, as beta grows, to M1's one GD step averaged over the r transitions seen:
+        f_r = (eta / r) sum_{t=1}^{r} s_t (s_{t-1}^* s_r)   (icar.augmented_linear with A = I,
+                                                             B = eta I, divided by r).
+    Returns (params, cfg): cfg = icar.transformer_config(d_in=d, d_out=d, T=T, layers=2,
+    heads=1, repeat=3, attention="linear", positional=True, layernorm=False, residual=True).
+
+    The stream holds blocks B1, B2, B3 of size d, [x, x, x] at the input. Position embeddings
+    live where token-reading maps are blind: (cos wt, sin wt) in B3's first two coordinates,
+    w = 2 pi / T, and the first-key indicator [t = 0] in B2's first coordinate; B1 holds none.
+    Layer 1 (previous-token head): W_Q, W_K read B3 - B1 (zero on [x, x, x]), so token
+    scores are the constant b_Q . b_K / sqrt(E) = 1 (biases on a coordinate the maps never
+    write); positional logits are 1 + kappa cos(w (t - r + 1)), kappa = beta / (1 - cos w):
+    the query rotates p_r back by w, so the peak is t = r - 1 and every other key t <= r is at
+    least beta lower (|t - r + 1| < T). The value x_t from B1 is written into B3:
+    B3 = x_r + s_{r-1}. Layer 2 (one GD step): query x_r from B1, key B3 - B1 = s_{t-1},
+    value eta sqrt(E) x_t written into B1. Its positional query is the bias -beta sqrt(E) on a
+    key coordinate B2 - B1 that is 0 for tokens and [t = 0] for positions, so the positional
+    softmax is uniform over t = 1..r, and key 0 is cut by beta: the 1/r remains because
+    softmax rows sum to 1 and no stream carries the position. Read-out B1 - B2.
+
+    Leakage: each copy misses s_{r-1} by at most 2 r exp(-beta) (unit-norm states), key 0
+    keeps weight < exp(-beta): |f_r - ref_r| <= eta (2T + 2) exp(-beta) |s|^3. Position 0
+    (no previous token) copies s_0 itself and keeps key 0 alone: f_0 = eta |s_0|^2 s_0 where
+    M1 predicts 0. d >= 2: positions need three coordinates off what each layer reads."""
+    d, T = check_int("d", d, 2), check_int("T", T, 2)
+    eta, beta = check_real("eta", eta), check_real("beta", beta, 0, strict=True)
+    E = 3 * d
+    B1, B2, B3 = numpy.arange(d), d + numpy.arange(d), 2 * d + numpy.arange(d)
+    cfg = icar.transformer_config(d_in=d, d_out=d, T=T, layers=2, heads=1, repeat=3, attention="linear",
+                                  positional=True, layernorm=False, residual=True)
+    w = 2 * numpy.pi / T
+    a = numpy.sqrt(beta / (1 - numpy.cos(w)) * numpy.sqrt(E))  # scale of layer 1's Q and K
+    R = numpy.array([[numpy.cos(w), -numpy.sin(w)], [numpy.sin(w), numpy.cos(w)]])  # (cos, sin)(wr) R: w(r-1)
+    pos = numpy.zeros((T, E))
+    pos[:, B3[:2]] = numpy.stack([numpy.cos(w * numpy.arange(T)), numpy.sin(w * numpy.arange(T))], -1)
+    pos[0, B2[0]] = 1.0
+
+    def layer():
+        z = lambda *shape: numpy.zeros(shape)  # noqa: E731
+        return {"W_Q": z(1, E, E), "W_K": z(1, E, E), "W_V": z(1, E, E), "W_O": z(E, E), "b_Q": z(1, E),
+                "b_K": z(1, E), "b_V": z(1, E), "b_O": z(E), "ln_g": numpy.ones(E), "ln_b": z(E)}
+
+    L1, L2 = layer(), layer()
+    for name, M in (("W_Q", a * R), ("W_K", a * numpy.eye(2))):  # read B3 - B1: blind to [x, x, x]
+        L1[name][0][numpy.ix_(B3[:2], [0, 1])], L1[name][0][numpy.ix_(B1[:2], [0, 1])] = M, -M
+    L1["b_Q"][0, 2] = L1["b_K"][0, 2] = E ** 0.25            # token scores b_Q . b_K / sqrt(E) = 1
+    L1["W_V"][0][B1, B1] = 1.0                               # value x_t
+    L1["W_O"][B1, B3] = 1.0                                  # written into B3
+    L2["W_Q"][0][B1, B1] = 1.0                               # query x_r
+    L2["W_K"][0][B3, B1], L2["W_K"][0][B1, B1] = 1.0, -1.0   # key B3 - B1 = s_{t-1}
+    L2["W_K"][0][B2[0], d], L2["W_K"][0][B1[0], d] = 1.0, -1.0  # key coordinate d: [t = 0] for positions
+    L2["b_Q"][0, d] = -beta * numpy.sqrt(E)                  # positional logit -beta [t = 0]
+    L2["W_V"][0][B1, B1] = eta * numpy.sqrt(E)               # value eta sqrt(E) x_t
+    L2["W_O"][B1, B1] = 1.0                                  # written into B1
+    W_out = numpy.zeros((E, d))
+    W_out[B1, numpy.arange(d)], W_out[B2, numpy.arange(d)] = 1.0, -1.0  # B1 - B2: layer 2's output
+    return {"layers": [L1, L2], "pos": pos, "W_out": W_out, "b_out": numpy.zeros(d)}, cfg

@@ -30,7 +30,10 @@ What a run computes and saves in runs/NAME/ (each file written atomically):
     params.npz      the trained parameters (nested names joined by "/")
     metrics.npz     loss curves; test loss per position next to `baselines` (oracle W, least
                     squares, k-step GD with the optimal step, last value, zero); the `probe`
-                    of the in-context mapping; for M1 and M4 augmented, `weight_blocks`
+                    of the in-context mapping; for M1 and M4 augmented, `weight_blocks`;
+                    for M4 on raw tokens, the `mechanism`: `mech_prev_share` [H] (first
+                    layer's positional weight on key r - 1) and `mech_readout_r2` [T] (R^2
+                    of s_{r-1} read linearly from the first layer's output at position r)
 
 Positions are 0-based: the prediction at position r (of s_{r+2} in paper.md's 1-based
 states) has seen r transitions (s_t, s_{t+1}).
@@ -50,7 +53,8 @@ Each experiment is described once, in EXPERIMENTS (its model, predictor, probe, 
 positions, families and extra metrics); everything else reads that description.
 
 Library: run, sweep, sweep_commands, summary, load, config, EXPERIMENTS, baselines,
-optimal_gd_step, probe, weight_blocks, query_predictor, tree_map, tree_leaves, adam_init,
+optimal_gd_step, probe, weight_blocks, previous_token_share, readout_r2, mechanism,
+query_predictor, tree_map, tree_leaves, adam_init,
 adam_update, gd_update, atomic_write, save_text, save_json, save_npz, load_npz, Parser, main.
 """
 import argparse
@@ -371,6 +375,7 @@ class Experiment(typing.NamedTuple):
     transformer: typing.Callable = None  # M4: cfg -> icar.transformer_config
     blocks: bool = False        # metrics hold weight_blocks (key-query and value in M1's layout)
     depth_vs_gd: bool = False   # the summary puts each depth L next to k = L steps of GD
+    mechanism: bool = False     # metrics hold `mechanism` (previous-token share, read-out R^2)
 
 
 _MATRICES = ("unitary", "orthogonal", "haar")  # the families of d x d context matrices
@@ -381,7 +386,8 @@ EXPERIMENTS = {
         transformer=_augmented_m4, blocks=True, depth_vs_gd=True),
     "nonaug": Experiment(
         init=lambda cfg, rng: icar.init_params("transformer", rng, cfg=_raw_m4(cfg)),
-        predictor=_predict_raw_m4, query=_query_raw_m4, families=_MATRICES, transformer=_raw_m4),
+        predictor=_predict_raw_m4, query=_query_raw_m4, families=_MATRICES, transformer=_raw_m4,
+        mechanism=True),
     "block": Experiment(
         init=lambda cfg, rng: icar.init_params("augmented_linear", rng, d=cfg["d"],
                                                form=cfg["form"], scale=cfg["init_scale"]),
@@ -628,6 +634,64 @@ def weight_blocks(experiment, params, d):
     return {"KQ": KQ, "V": V,
             "share_KQ": mass(KQ[..., 2 * d:, d:2 * d]) / mass(KQ),
             "share_V": mass(V[..., :d, d:2 * d]) / mass(V)}
+
+
+# ----------------------------------------------------------------------------- mechanism
+# paper.md section 5: a raw-token M4 needs a first layer that copies s_{r-1} into position r.
+# Two measures of whether the first layer of a positional M4 does so.
+
+def previous_token_share(params, T):
+    """[H]: per head of the FIRST layer, the positional attention weight on the previous key
+    t = r - 1, averaged over query positions r = 1..T-1 (1: a previous-token head)."""
+    icar.check_params("params", params, ("layers", "W_out", "b_out", "pos"))
+    T = icar.check_int("T", T, 2)
+    w = icar.positional_attention(params["layers"][0], params["pos"][:T])  # [H, T, T]
+    r = numpy.arange(1, T)
+    return numpy.mean(numpy.asarray(w)[:, r, r - 1], axis=1)               # [H, T-1] -> [H]
+
+
+def readout_r2(params, cfg, s_fit, s_eval):
+    """[T]: R^2 of a least-squares linear read-out (with bias) of s_{r-1} from the FIRST
+    layer's output stream at position r, fitted per position on the inputs s_fit [n, T, d]
+    and scored on the held-out inputs s_eval [m, T, d] (inputs s_1..s_T, not T + 1 states).
+    R^2 = 1 - SSE / SST, SST around the mean of s_eval's targets, summed over coordinates.
+    NaN at position 0 (no previous token) and where the target is constant on s_eval (SST at
+    most 1e-12 of its sum of squares: a fixed first state at r = 1). Complex data: real and
+    imaginary parts are stacked as real features and targets."""
+    icar.check_tokens(s_fit, cfg)
+    icar.check_params("params", params, ("layers", "W_out", "b_out") + (("pos",) if cfg["positional"] else ()))
+    if icar.check_tokens(s_eval, cfg)[1] != s_fit.shape[1]:
+        raise ValueError(f"s_fit and s_eval must have the same T, got {s_fit.shape[1]} and {s_eval.shape[1]}")
+    real = lambda z: numpy.concatenate([z.real, z.imag], -1) if numpy.iscomplexobj(z) else z  # noqa: E731
+
+    def features_targets(x):
+        h = numpy.concatenate([x] * cfg["repeat"], axis=-1)                  # [n, T, E]
+        h1 = icar.transformer_layer(params["layers"][0], h, cfg, params.get("pos"))  # [n, T, E]
+        Z = real(numpy.transpose(numpy.asarray(h1)[:, 1:], (1, 0, 2)))      # [T-1, n, E or 2E]
+        Z = numpy.concatenate([Z, numpy.ones(Z.shape[:2] + (1,))], -1)      # with the bias
+        return Z, real(numpy.transpose(x[:, :-1], (1, 0, 2)))                # [T-1, n, d or 2d]
+
+    Z, Y = features_targets(_float64(s_fit))
+    coef = numpy.linalg.pinv(Z) @ Y                                          # [T-1, E+1, d]: per position
+    Z, Y = features_targets(_float64(s_eval))
+    sse = numpy.sum((Z @ coef - Y) ** 2, axis=(1, 2))                        # [T-1]
+    sst = numpy.sum((Y - numpy.mean(Y, axis=1, keepdims=True)) ** 2, axis=(1, 2))
+    const = sst <= 1e-12 * numpy.sum(Y ** 2, axis=(1, 2))
+    with numpy.errstate(invalid="ignore", divide="ignore"):
+        r2 = numpy.where(const, numpy.nan, 1 - sse / sst)
+    return numpy.concatenate([[numpy.nan], r2])                              # [T]
+
+
+def mechanism(experiment, cfg, params, s_test):
+    """mech_prev_share [H] and mech_readout_r2 [T] of a run: the read-out is fitted on n_test
+    fresh sequences of the training distribution, drawn from a generator of its own (child 4
+    of the run's seed, beside _generators' four, so no other result changes), and scored on
+    the test inputs s_test [n, T, d]."""
+    mcfg = model_config(cfg, experiment)
+    rng = numpy.random.default_rng(numpy.random.SeedSequence(cfg["seed"], spawn_key=(4,)))
+    s_fit = _sample(cfg, rng, cfg["n_test"])[0][:, :-1]                      # [n_test, T, d]
+    return {"mech_prev_share": previous_token_share(params, cfg["T"]),
+            "mech_readout_r2": readout_r2(params, mcfg, s_fit, s_test)}
 
 
 # ----------------------------------------------------------------------------- files
@@ -1089,7 +1153,7 @@ def _train(experiment, cfg, ckpt, state, quiet, replace=None, folder=None):
 
 
 def _evaluate(experiment, cfg, params, predict, s_test, W_test):
-    """Test loss per position, baselines, probe and weight blocks (host arrays)."""
+    """Test loss per position, baselines, probe, weight blocks and mechanism (host arrays)."""
     host = numpy.asarray(s_test)
     out = {"test_loss_position": _position_loss(numpy.asarray(predict(params, s_test[:, :-1])),
                                                 host[:, 1:])}
@@ -1101,6 +1165,8 @@ def _evaluate(experiment, cfg, params, predict, s_test, W_test):
         out.update({"probe_" + k: v for k, v in found.items()})
     if EXPERIMENTS[experiment].blocks:
         out.update({"weights_" + k: v for k, v in weight_blocks(experiment, params, cfg["d"]).items()})
+    if EXPERIMENTS[experiment].mechanism:
+        out.update(mechanism(experiment, cfg, params, host[:, :-1]))
     return out
 
 
