@@ -451,14 +451,36 @@ def train_cached(ctx, experiment, name, **overrides):
                 progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
         except (train.FileFault, AttributeError) as e:  # damaged (or not a dict): trained again
             progress(name, f"retraining: {e}", ctx.quiet)
-    progress(name, f"training {experiment} -> {run_dir}", ctx.quiet)
     t0 = time.perf_counter()
-    res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
+    res = None
+    if not done and not ctx.retrain and _resumable(run_dir, want):  # an interrupted run of this code
+        progress(name, f"resuming {experiment} in {run_dir}", ctx.quiet)
+        try:
+            res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet,
+                            resume=True, **overrides)
+        except train.FileFault as e:  # a damaged checkpoint: trained again from the start
+            progress(name, f"retraining: {e}", ctx.quiet)
+    if res is None:
+        progress(name, f"training {experiment} -> {run_dir}", ctx.quiet)
+        res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
     seconds = time.perf_counter() - t0
     with open(config_path, "rb") as f:
         train.save_json(seconds_path, {"seconds": seconds, "config_sha1": hashlib.sha1(f.read()).hexdigest()})
     _record(ctx, seconds, 0.0, False)
     return res
+
+
+def _resumable(run_dir, want):
+    """Whether run_dir holds a checkpoint of an unfinished run with the settings `want`, made
+    by this code (figures.py --preset paper then resumes it instead of starting over)."""
+    if not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
+        return False
+    try:
+        saved = train.load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
+    except train.FileFault:
+        return False
+    return (all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT)
+            and saved.get("versions", {}).get("code") == train.code_fingerprint())
 
 
 # ----------------------------------------------------------------------------- fig3

@@ -2749,6 +2749,31 @@ def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
     assert os.stat(path).st_mtime_ns != stamp
 
 
+def test_train_cached_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    """figures.py --preset paper killed inside a training run continues from its checkpoint
+    and ends with the bits of an uninterrupted run."""
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
+    small = dict(TINY, family="haar", d=2)
+    whole = figures.train_cached(ctx, "block", "whole", **small)
+    real, calls = train._checkpoint, []
+
+    def killed(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train, "_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        figures.train_cached(ctx, "block", "cut", **small)
+    monkeypatch.setattr(train, "_checkpoint", real)
+    capsys.readouterr()
+    again = figures.train_cached(ctx, "block", "cut", **small)
+    assert "resuming block" in capsys.readouterr().err
+    assert np.array_equal(again["params"]["A"], whole["params"]["A"])
+    np.testing.assert_array_equal(again["metrics"]["train_loss"], whole["metrics"]["train_loss"])
+
+
 def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
     """A run whose config.json holds another code fingerprint, or none, is stale."""
     import figures
