@@ -984,10 +984,11 @@ def fig7_rows(raw, aug, depth_heads):
                             mean_loss(aug[L]), mean_loss(m), "the raw-token model above"))
         rows.append(row("fig7", f"L={L}, H={depth_heads}: largest previous-token share of a first-layer head",
                         float(np.max(m["mech_prev_share"])), 1.0 if L >= 2 else None,
-                        "a previous-token head (paper.md section 5)" if L >= 2 else ""))
+                        "a previous-token head, as in the construction of paper.md section 5 "
+                        "(theory.raw_token_gd_construction)" if L >= 2 else ""))
         rows.append(row("fig7", f"L={L}, H={depth_heads}: R^2 of s_(r-1) read from layer 1, mean over r >= 1",
                         float(np.nanmean(m["mech_readout_r2"][1:])), 1.0 if L >= 2 else None,
-                        "s_(r-1) copied into position r (paper.md section 5)" if L >= 2 else ""))
+                        "s_(r-1) copied into position r, as in that construction" if L >= 2 else ""))
     best = (2, depth_heads) if (2, depth_heads) in raw else min(raw, key=lambda k: mean_loss(raw[k]))
     rows += [dict(r, quantity=f"L={best[0]}, H={best[1]}: " + r["quantity"]) for r in probe_rows("fig7", raw[best])]
     return rows
