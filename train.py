@@ -611,14 +611,15 @@ def weight_blocks(experiment, params, d):
     """
     icar.check_choice("experiment", experiment, ("block", "augmented"))
     d = icar.check_int("d", d, 1)
-    if experiment == "block":
+    m1 = EXPERIMENTS[experiment].transformer is None
+    if m1:
         icar.check_params("params", params, ("A", "B"), ("W_KQ", "W_V"))
     else:
         icar.check_params("params", params, ("layers", "W_out", "b_out"), ("layers", "W_out", "b_out", "pos"))
         for i, layer in enumerate(params["layers"]):
             icar.check_params(f"params['layers'][{i}]", layer, icar.LAYER_KEYS)
     params = tree_map(numpy.asarray, params)
-    if EXPERIMENTS[experiment].transformer is None:  # M1
+    if m1:
         if "A" in params:
             KQ, V = numpy.zeros((3 * d, 3 * d)), numpy.zeros((3 * d, 3 * d))
             KQ[2 * d:, d:2 * d], V[:d, d:2 * d] = params["A"], params["B"]
