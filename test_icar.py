@@ -2897,6 +2897,20 @@ def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
     assert figures.runtime_cell(5.8, "some") == "5.8 (partly cached)" and figures.runtime_cell(2.0, "none") == "2.0"
 
 
+def test_figures_retrain_a_cached_run_with_a_truncated_metrics_file(tmp_path, capsys):
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = tmp_path / "pe" / "metrics.npz"
+    path.write_bytes(path.read_bytes()[:60])
+    capsys.readouterr()
+    again = figures.train_cached(ctx, "pe-only", "pe", **small)
+    err = capsys.readouterr().err
+    assert re.search(r"retraining: .*metrics.npz: cannot be read as a run's metrics", err), err
+    np.testing.assert_array_equal(again["params"]["P"], first["params"]["P"])
+
+
 def test_figures_recompute_a_damaged_cache(tmp_path):
     import figures
     calls = []
