@@ -314,7 +314,8 @@ def main(argv=None, prog="python bench.py", name="bench.py"):
     parser.add_argument("--no-tune-allocator", action="store_true",
                         help="leave glibc's malloc as it is (see fused.tune_allocator)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    try:
+
+    def command():
         args = parser.parse_args(argv)
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json {args.json!r}: no such folder")
@@ -324,13 +325,8 @@ def main(argv=None, prog="python bench.py", name="bench.py"):
                                args.micro, args.dtype, tune=not args.no_tune_allocator)
         if args.json:
             train.save_json(args.json, result)
-    except ValueError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 2
-    except (train.FileFault, OSError, MemoryError) as e:
-        print(f"{name}: {train.fault_line(e)}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+    return train.one_line_errors(name, command)
 
 
 if __name__ == "__main__":

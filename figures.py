@@ -801,6 +801,21 @@ def mean_loss(metrics, key="test_loss_position"):
     return float(np.mean(metrics[key]))
 
 
+def plot_loss_against_depth(ax, by_layers, label, xlabel, gd_label):
+    """Mean test loss of the models {L: metrics} against L, next to k = L steps of GD and
+    least squares on the same test set."""
+    Ls = sorted(by_layers)
+    ax.plot(Ls, [mean_loss(by_layers[L]) for L in Ls], "o-", color="C3", label=label)
+    ax.plot(Ls, [mean_loss(by_layers[L], f"baseline_gd{L}") for L in Ls], "s--", color="C0", label=gd_label)
+    ax.plot(Ls, [mean_loss(by_layers[L], "baseline_least_squares") for L in Ls], ":", color="C2",
+            label="least squares")
+    ax.set_xticks(Ls)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test MSE, mean over positions")
+    ax.set_title("loss against depth")
+    ax.legend(fontsize=8)
+
+
 def plot_fig5(main, by_layers, out_dir, name="fig5"):
     """Fig. 5: M4 on augmented tokens. main: metrics of the 1-layer run; by_layers:
     {L: metrics} of the depth sweep."""
@@ -816,18 +831,8 @@ def plot_fig5(main, by_layers, out_dir, name="fig5"):
             ax.axvline(x, color="k", linewidth=0.6)
             if key == "KQ":
                 ax.axhline(x, color="k", linewidth=0.6)
-    Ls = sorted(by_layers)
-    ax = axes[1, 0]
-    ax.plot(Ls, [mean_loss(by_layers[L]) for L in Ls], "o-", color="C3", label="trained, L layers")
-    ax.plot(Ls, [mean_loss(by_layers[L], f"baseline_gd{L}") for L in Ls], "s--", color="C0",
-            label="k = L steps of GD (optimal step)")
-    ax.plot(Ls, [mean_loss(by_layers[L], "baseline_least_squares") for L in Ls], ":", color="C2",
-            label="least squares")
-    ax.set_xticks(Ls)
-    ax.set_xlabel("layers L (GD steps k)")
-    ax.set_ylabel("test MSE, mean over positions")
-    ax.set_title("loss against depth")
-    ax.legend(fontsize=8)
+    plot_loss_against_depth(axes[1, 0], by_layers, "trained, L layers", "layers L (GD steps k)",
+                            "k = L steps of GD (optimal step)")
     plot_probe(axes[1, 1], main, "in-context mapping probe, L = 1")
     ax = axes[1, 2]
     r = np.arange(len(main["probe_cos_W"]))
@@ -918,19 +923,10 @@ def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7"):
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     Ls = sorted(L for L, H in raw if H == depth_heads)
-    ax.plot(Ls, [mean_loss(raw[L, depth_heads]) for L in Ls], "o-", color="C3",
-            label=f"raw tokens, H = {depth_heads}")
-    La = [L for L in Ls if L in aug]
-    ax.plot(La, [mean_loss(aug[L]) for L in La], "d-", color="C5", label="augmented tokens (Fig. 5)")
-    ax.plot(Ls, [mean_loss(raw[L, depth_heads], f"baseline_gd{L}") for L in Ls], "s--", color="C0",
-            label="k = L steps of GD")
-    ax.plot(Ls, [mean_loss(raw[L, depth_heads], "baseline_least_squares") for L in Ls], ":", color="C2",
-            label="least squares")
-    ax.set_xticks(Ls)
-    ax.set_xlabel("layers L")
-    ax.set_ylabel("test MSE, mean over positions")
-    ax.set_title("loss against depth")
-    ax.legend(fontsize=8)
+    ax.plot([L for L in Ls if L in aug], [mean_loss(aug[L]) for L in Ls if L in aug], "d-", color="C5",
+            label="augmented tokens (Fig. 5)")
+    plot_loss_against_depth(ax, {L: raw[L, depth_heads] for L in Ls}, f"raw tokens, H = {depth_heads}",
+                            "layers L", "k = L steps of GD")
     best = (2, depth_heads) if (2, depth_heads) in raw else min(raw, key=lambda k: mean_loss(raw[k]))
     plot_loss_per_position(axes[0, 2], raw[best], f"test loss per position, L = {best[0]}, H = {best[1]}")
     heatmap(axes[0, 3], lower(attention.mean(axis=0)),
@@ -1129,14 +1125,8 @@ def make_figures(args):
 
 def main(argv=None):
     """Command line; returns the exit status (2: bad arguments or missing extras)."""
-    try:
-        return make_figures(parse_args(sys.argv[1:] if argv is None else list(argv)))
-    except ValueError as e:
-        print(f"figures.py: error: {e}", file=sys.stderr)
-        return 2
-    except (train.FileFault, OSError, MemoryError) as e:
-        print(f"figures.py: error: {train.fault_line(e)}", file=sys.stderr)
-        return 1
+    return train.one_line_errors("figures.py: error", lambda: make_figures(
+        parse_args(sys.argv[1:] if argv is None else list(argv))))
 
 
 if __name__ == "__main__":

@@ -1501,7 +1501,7 @@ def main(argv=None):
     if experiment == "bench":
         import bench  # bench imports train: the alias loads it only when asked
         return bench.main(args, prog="python train.py bench", name="train.py: bench")
-    try:
+    def command():
         icar.check_choice("experiment", experiment, COMMANDS)
         if "-h" in args or "--help" in args:
             print(_help(experiment))
@@ -1520,26 +1520,35 @@ def main(argv=None):
             print(sweep(experiment, grid, jobs=jobs, **flags, **overrides)[1])
         else:
             print(report(run(experiment, **flags, **overrides)))
+        return 0
+    return one_line_errors("train.py", command)
+
+
+def one_line_errors(prefix, command):
+    """command() -> exit status, with every error one line on stderr after prefix: 2 for a bad
+    argument (ValueError), 1 for a diverged run, failed sweep points or a fault of the machine
+    or of a file, 130 for an interruption. The command lines of train, bench and figures."""
+    try:
+        return command()
     except SweepIncomplete as e:
         if e.table is not None:
             print(e.table)
         for line in e.lines:
-            print(f"train.py: {line}", file=sys.stderr)
+            print(f"{prefix}: {line}", file=sys.stderr)
         return 1
     except Diverged as e:
-        print(f"train.py: {e}", file=sys.stderr)
+        print(f"{prefix}: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
-        print(f"train.py: {e}", file=sys.stderr)
+        print(f"{prefix}: {e}", file=sys.stderr)
         return 2
     except (FileFault, OSError, MemoryError) as e:
-        print(f"train.py: {fault_line(e)}", file=sys.stderr)
+        print(f"{prefix}: {fault_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("train.py: interrupted; files already written are intact, and --resume continues "
-              "from the last checkpoint", file=sys.stderr)
+        print(f"{prefix}: interrupted; every file already written is intact (train.py --resume "
+              "and figures.py continue from the last checkpoint)", file=sys.stderr)
         return 130
-    return 0
 
 
 def fault_line(e):
