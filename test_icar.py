@@ -2911,6 +2911,16 @@ def test_figures_retrain_a_cached_run_with_a_truncated_metrics_file(tmp_path, ca
     np.testing.assert_array_equal(again["params"]["P"], first["params"]["P"])
 
 
+def test_figures_names_a_damaged_summary_in_one_line(tmp_path, capsys):
+    import figures
+    (tmp_path / "summary.json").write_text("{not json")
+    before = (tmp_path / "summary.json").read_bytes()
+    assert figures.main(["fig1", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"summary.json: not valid JSON", err[0]), err
+    assert (tmp_path / "summary.json").read_bytes() == before
+
+
 def test_figures_recompute_a_damaged_cache(tmp_path):
     import figures
     calls = []
