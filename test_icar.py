@@ -2261,6 +2261,11 @@ def test_a_closed_pipe_ends_a_command_quietly():
     for script in ("train.py", "bench.py", "figures.py", "gpu.py"):
         assert "run_command(main)" in open(os.path.join(HERE, script)).read()
 
+    def closed():  # print() into a pipe whose reader has gone
+        raise BrokenPipeError(32, "Broken pipe")
+    with pytest.raises(BrokenPipeError):  # not turned into "train.py: Broken pipe", exit 1
+        train.one_line_errors("train.py", closed)
+
 
 def test_ci_runs_the_readme_set_up_and_test_lines():
     readme = open(os.path.join(HERE, "README.md")).read()

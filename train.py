@@ -1530,6 +1530,8 @@ def one_line_errors(prefix, command):
     or of a file, 130 for an interruption. The command lines of train, bench and figures."""
     try:
         return command()
+    except BrokenPipeError:  # the reader of stdout went away: run_command ends quietly
+        raise
     except SweepIncomplete as e:
         if e.table is not None:
             print(e.table)
