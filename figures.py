@@ -433,9 +433,7 @@ def train_cached(ctx, experiment, name, **overrides):
     if done and not ctx.retrain:
         t0 = time.perf_counter()
         try:
-            saved = train.load_json(config_path, "a run's config.json")
-            same = all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT)
-            fresh = saved.get("versions", {}).get("code") == train.code_fingerprint()
+            same, fresh = _matches(train.load_json(config_path, "a run's config.json"), want)
             res = train.load(run_dir) if same and fresh else None
             if res is not None:
                 progress(name, f"reusing {run_dir}", ctx.quiet)
@@ -470,6 +468,13 @@ def train_cached(ctx, experiment, name, **overrides):
     return res
 
 
+def _matches(saved, want):
+    """(same settings, same code): a run's saved config.json against the settings `want` and
+    the code that runs now (train.code_fingerprint)."""
+    return (all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT),
+            saved.get("versions", {}).get("code") == train.code_fingerprint())
+
+
 def _resumable(run_dir, want):
     """Whether run_dir holds a checkpoint of an unfinished run with the settings `want`, made
     by this code (figures.py --preset paper then resumes it instead of starting over)."""
@@ -479,8 +484,7 @@ def _resumable(run_dir, want):
         saved = train.load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
     except train.FileFault:
         return False
-    return (all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT)
-            and saved.get("versions", {}).get("code") == train.code_fingerprint())
+    return all(_matches(saved, want))
 
 
 # ----------------------------------------------------------------------------- fig3
