@@ -2,7 +2,8 @@
 each paper-size workload.
 
     python bench.py [--repeats 5] [--micro 0] [--workloads nonaug,augmented,...] [--json FILE]
-    python train.py bench ...    the same
+    python bench.py --device cupy [--out DIR]    the GPU check (below)
+    python bench.py --device cupy --dry          the GPU check on gpu.py's CPU stand-in
 
 Workloads (the authors' sizes, paper.md [code]):
     nonaug      M4 on raw tokens: batch 1024, 50 positions, d = 5 repeated twice (embed 10),
@@ -33,20 +34,38 @@ the forward pass (each product's gradient takes two products of the same size). 
 entries count as computed. fused.transformer, which training runs, executes fewer: see
 transformer_flops(executed=True). pe-only-moments counts what it executes (2 T^3 + 10 T^2).
 
-The process is set up as training should be: fused.tune_allocator() (glibc keeps freed memory
-between steps) and fused.set_blas_threads(1) while the workloads run (fused.transformer runs
+The process is set up as training should be: runs.tune_allocator() (glibc keeps freed memory
+between steps) and runs.set_blas_threads(1) while the workloads run (fused.transformer runs
 batch slices in fused.THREADS threads of its own); the output says which took effect.
+
+The GPU check (`--device cupy`), run once on a machine with a CUDA GPU, CuPy and autograd
+1.9.1 (`--dry`: anywhere, gpu.py's stand-in plays the GPU and the large size shrinks; it
+checks this code and measures nothing):
+  a. For each model (M1 full and block, M2, M3, M4 augmented and non-augmented, both as
+     training runs it (fused.transformer) and plain (icar.transformer), the
+     population loss of theory.py) on real and complex data: loss and gradients on the
+     device, float64, must equal NumPy's to a relative 1e-10.
+  b. One Adam step (value_and_grad + adam_update), float32, for the non-augmented M4 at a
+     small size and at the authors' size (d = 5, T = 50, 64 heads, batch 1024): ms per step
+     on the device and with NumPy on the CPU.
+It prints a table, writes gpu_check.json into --out (default $OUT or the current folder),
+and exits 1 if any comparison fails.
 """
+import datetime
+import importlib.metadata
 import os
+import platform
 import sys
 import time
 import tracemalloc
 
 import numpy
-from autograd import value_and_grad
+from autograd import grad, value_and_grad
 
 import fused
+import gpu
 import icar
+import runs
 import theory
 import train
 
@@ -249,9 +268,9 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
         icar.check_choice("workload", w, WORKLOADS)
     repeats, micro = icar.check_int("repeats", repeats, 1), icar.check_int("micro", micro, 0)
     load_before = os.getloadavg()
-    tuned = fused.tune_allocator() if tune else False
+    tuned = runs.tune_allocator() if tune else False
     rates = {k: matmul_rate(k) for k in ("float32", "float64")}
-    blas_threads = fused.set_blas_threads(1)                    # None: BLAS left as it is
+    blas_threads = runs.set_blas_threads(1)                    # None: BLAS left as it is
     one_thread = ({k: matmul_rate(k) for k in ("float32", "float64")} if blas_threads is not None
                   else None)
     result = {"matmul_gflops": rates, "matmul_gflops_one_blas_thread": one_thread,
@@ -292,42 +311,191 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
               f"GFLOP/step  {gflops:7.2f} GFLOP/s = {100 * row['fraction_of_matmul']:5.1f}% of "
               f"{prec} matmul  [{notes}]", file=out, flush=True)
     if blas_threads is not None:
-        fused.set_blas_threads(blas_threads)
+        runs.set_blas_threads(blas_threads)
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     print(f"load average after: {result['load_average']['after'][0]:.2f}", file=out)
     return result
 
 
-def main(argv=None, prog="python bench.py", name="bench.py"):
-    """Command line of the benchmark; returns the exit status. prog and name: how usage and
-    error lines call it (train.py's alias passes its own)."""
+# ----------------------------------------------------------------------------- the GPU check
+
+TOL = 1e-10
+
+
+def next_state_loss(model):
+    return lambda params, s: icar.mse(model(params, s[:, :-1]), s[:, 1:])
+
+
+def cases(rng):
+    """name -> (params, s, loss(params, s)) with float64 NumPy arrays."""
+    out = {}
+    for family in ("haar", "unitary"):
+        s, _ = icar.sample_sequences(rng, 16, 10, 4, family)
+        M1 = next_state_loss(lambda p, s: icar.augmented_linear(p, icar.augment(s)))
+        for form in ("full", "block"):
+            p = icar.init_params("augmented_linear", rng, d=4, form=form, scale=0.3)
+            out[f"M1 {form} {family}"] = (p, s, M1)
+        out[f"M2 {family}"] = (icar.init_params("diagonal_heads", rng, d=4, T=10, H=3, scale=0.3),
+                               s, next_state_loss(icar.diagonal_heads))
+        out[f"M3 {family}"] = ({"P": 0.3 * rng.standard_normal((10, 10))}, s, next_state_loss(icar.pe_only))
+        for experiment in ("augmented", "nonaug"):
+            cfg = train.config(experiment, d=4, T=10, heads=2)
+            params, mcfg = train.init_model(experiment, cfg, rng), train.model_config(cfg, experiment)
+            out[f"M4 {experiment} {family}"] = (params, s, next_state_loss(train.predictor(experiment, cfg)))
+            tokens = icar.augment if experiment == "augmented" else (lambda s: s)
+            out[f"M4 plain {experiment} {family}"] = (params, s, next_state_loss(
+                lambda p, s, tokens=tokens, mcfg=mcfg: icar.transformer(p, tokens(s), mcfg)))
+    for family in theory.FAMILIES:
+        p = icar.init_params("diagonal_heads", rng, d=4, T=6, H=2, scale=0.5)
+        out[f"population {family}"] = (
+            p, {}, lambda p, _, f=family: theory.population_loss(p["B"].T @ p["A"], p["P"], f))
+    return out
+
+
+def compare(xp, asnumpy):
+    rows, ok = [], True
+    for name, (params, s, loss) in cases(numpy.random.default_rng(0)).items():
+        value, g = loss(params, s), grad(loss)(params, s)
+        params_d, s_d = train.tree_map(xp.asarray, params), train.tree_map(xp.asarray, s)
+        try:
+            value_d, g_d = loss(params_d, s_d), grad(loss)(params_d, s_d)
+        except Exception as error:  # one model failing on the device must not hide the others
+            rows.append({"model": name, "error": f"{type(error).__name__}: {error}", "ok": False})
+            ok = False
+            print(f"{name:28s} FAIL {type(error).__name__}: {error}")
+            continue
+        err = max(numpy.max(numpy.abs(asnumpy(a) - b)) / (1 + numpy.max(numpy.abs(b)))
+                  for a, b in zip([value_d] + train.tree_leaves(g_d), [numpy.asarray(value)] + train.tree_leaves(g)))
+        rows.append({"model": name, "max_rel_err": float(err), "ok": bool(err <= TOL)})
+        ok &= bool(err <= TOL)
+        print(f"{name:28s} max rel err {err:.1e}  {'ok' if err <= TOL else 'FAIL'}")
+    return rows, ok
+
+
+def time_steps(xp, sync, n, T, heads, steps):
+    """ms per Adam step of the non-augmented M4, float32, and the dtypes it really ran in."""
+    rng = numpy.random.default_rng(1)
+    cfg = train.config("nonaug", d=5, T=T, heads=heads)
+    predict = train.predictor("nonaug", cfg)
+    s, _ = icar.sample_sequences(rng, n, T, 5, "haar")
+    s = xp.asarray(s.astype(numpy.float32))
+    params = train.tree_map(lambda a: xp.asarray(a.astype(numpy.float32)), train.init_model("nonaug", cfg, rng))
+    step_fn = value_and_grad(next_state_loss(predict))
+    state = train.adam_init(params)
+    for i in range(steps + 1):  # step 0 warms up (CuPy compiles its kernels on first use)
+        if i == 1:
+            sync()
+            start = time.perf_counter()
+        loss, g = step_fn(params, s)
+        params, state = train.adam_update(params, g, state, lr=1e-3)
+    sync()
+    ms = 1e3 * (time.perf_counter() - start) / steps
+    return {"n": n, "T": T, "heads": heads, "steps": steps, "ms_per_step": ms,
+            "loss_dtype": str(loss.dtype), "grad_dtype": str(train.tree_leaves(g)[0].dtype)}
+
+
+def gpu_check(dry, out_dir):
+    """Run the check of the module docstring (on the stand-in if dry); write
+    out_dir/gpu_check.json; return the exit status (1 if a comparison fails)."""
+    if dry:
+        gpu.enable_autograd_for(gpu.Strict, gpu.STRICT)
+        xp, sync, device = gpu.STRICT, lambda: None, "CPU stand-in (dry run)"
+    else:
+        xp = gpu.cupy_backend()  # without CuPy: ValueError, exit status 2
+        device = xp.cuda.runtime.getDeviceProperties(0)["name"]
+        device = device.decode() if isinstance(device, bytes) else device
+        sync = xp.cuda.Device().synchronize
+    assert icar.array_module(xp.zeros(1)) is xp, "icar.array_module does not find the device module"
+    print(f"device: {device}")
+    rows, ok = compare(xp, xp.asnumpy)
+    sizes = [(64, 20, 8, 20), (16 if dry else 1024, 50, 64, 5)]  # small; the authors' nonaug size
+    timing = []
+    for n, T, heads, steps in sizes:
+        for where, module, sync_ in (("device", xp, sync), ("numpy", numpy, lambda: None)):
+            r = dict(time_steps(module, sync_, n, T, heads, 2 if where == "numpy" and n > 64 else steps),
+                     backend=where)  # NumPy at the large size: 2 steps, seconds each
+            timing.append(r)
+            print(f"nonaug n={n} T={T} H={heads} {where:6s}: {r['ms_per_step']:9.1f} ms/step "
+                  f"(loss {r['loss_dtype']}, grads {r['grad_dtype']})")
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "dry": dry, "all_ok": bool(ok), "tolerance": TOL,
+              "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
+                           "autograd": importlib.metadata.version("autograd"),
+                           "cupy": None if dry else xp.__version__},
+              "comparisons": rows, "timing": timing}
+    path = os.path.join(out_dir, "gpu_check.json")
+    runs.save_json(path, report)
+    print(f"{'all comparisons ok' if ok else 'SOME COMPARISONS FAILED'}; wrote {path}")
+    return 0 if ok else 1
+
+
+MAX_REPEATS = 10000  # more timed steps than this is a typing error (hours at the paper size)
+
+
+def _workloads(text):
+    names = text.split(",")
+    for w in names:
+        if w not in WORKLOADS:
+            raise ValueError(f"--workloads: unknown workload {w!r}; allowed: {', '.join(WORKLOADS)}")
+    if len(set(names)) < len(names):
+        raise ValueError(f"--workloads names a workload twice, got {text!r}; give each once")
+    return names
+
+
+def main(argv=None):
+    """Command line of the benchmark and of the GPU check; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = train.Parser(prog=prog, description="time one training step of each "
-                     "paper-size workload")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per workload (median)")
-    parser.add_argument("--micro", type=int, default=0,
-                        help="micro-batch of the M4 workloads (0: the whole batch)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                        help="precision of the M4 workloads")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    parser = runs.Parser(prog="python bench.py", allow_abbrev=False, description="time one "
+                         "training step of each paper-size workload; --device cupy: the GPU check")
+    once = dict(action=train.Once)
+    parser.add_argument("--repeats", type=int, help="timed steps per workload (median; default 5)", **once)
+    parser.add_argument("--micro", type=int, help="micro-batch of the M4 workloads (default 0: the whole batch)", **once)
+    parser.add_argument("--dtype", choices=("float32", "float64"),
+                        help="precision of the M4 workloads (default float32)", **once)
+    parser.add_argument("--workloads", help=f"comma-separated subset of {', '.join(WORKLOADS)} (default: all)", **once)
     parser.add_argument("--no-tune-allocator", action="store_true",
-                        help="leave glibc's malloc as it is (see fused.tune_allocator)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+                        help="leave glibc's malloc as it is (see runs.tune_allocator)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE", **once)
+    parser.add_argument("--device", choices=("numpy", "cupy"),
+                        help="numpy (default): the CPU benchmark; cupy: the GPU check", **once)
+    parser.add_argument("--dry", action="store_true", help="the GPU check on the CPU stand-in")
+    parser.add_argument("--out", help="folder of gpu_check.json (default: $OUT or the current folder)", **once)
 
     def command():
         args = parser.parse_args(argv)
+        for flag in ("--dry", "--no-tune-allocator"):
+            if argv.count(flag) > 1:
+                raise ValueError(f"option {flag} is given twice; give each option once")
+        check = args.device == "cupy" or args.dry
+        cpu_only = [k for k in ("repeats", "micro", "dtype", "workloads", "json") if getattr(args, k) is not None]
+        if check and (cpu_only or args.no_tune_allocator):
+            raise ValueError(f"--{(cpu_only or ['no-tune-allocator'])[0]} is an option of the CPU "
+                             f"benchmark, not of the GPU check (--device cupy / --dry)")
+        if args.out is not None and not check:
+            raise ValueError("--out is the folder of the GPU check (--device cupy / --dry); "
+                             "the benchmark writes --json")
+        if args.dry and args.device == "numpy":
+            raise ValueError("--dry runs the GPU check on the stand-in; it has no use with --device numpy")
+        if check:
+            out = args.out or os.environ.get("OUT") or "."
+            if not os.path.isdir(out):
+                raise ValueError(f"--out {out!r}: no such folder")
+            return gpu_check(args.dry, out)
+        repeats = 5 if args.repeats is None else args.repeats
+        if not 1 <= repeats <= MAX_REPEATS:
+            raise ValueError(f"--repeats must be 1 to {MAX_REPEATS}, got {repeats}")
+        workloads = WORKLOADS if args.workloads is None else _workloads(args.workloads)
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json {args.json!r}: no such folder")
         if args.json and os.path.isdir(args.json):
             raise ValueError(f"--json {args.json!r} is a folder; expected a file name")
-        result = run_benchmark([w for w in args.workloads.split(",") if w], args.repeats,
-                               args.micro, args.dtype, tune=not args.no_tune_allocator)
+        result = run_benchmark(workloads, repeats, args.micro or 0, args.dtype or "float32",
+                               tune=not args.no_tune_allocator)
         if args.json:
-            train.save_json(args.json, result)
+            runs.save_json(args.json, result)
         return 0
-    return train.one_line_errors(name, command)
+    return runs.one_line_errors("bench.py", command)
 
 
 if __name__ == "__main__":
-    train.run_command(main)
+    runs.run_command(main)

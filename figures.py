@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 
 import fused  # noqa: E402
 import icar  # noqa: E402
+import runs  # noqa: E402
 import theory  # noqa: E402
 import train  # noqa: E402
 
@@ -77,18 +78,18 @@ def _record(ctx, seconds, load_seconds, reused):
 def cached(runs_dir, name, compute, retrain, settings, ctx=None):
     """The dict of arrays that compute() returns, kept in RUNS/figures-NAME/data.npz.
 
-    The cache is reused only when it was made by the same code (train.code_fingerprint of
+    The cache is reused only when it was made by the same code (runs.code_fingerprint of train.CODE:
     icar, theory and train, and this file's figures_fingerprint) with the same settings
     (a JSON-able dict of everything else that determines the result); it also keeps the
     seconds that compute() took."""
     path = os.path.join(runs_dir, f"figures-{name}", "data.npz")
-    key = json.dumps({"code": train.code_fingerprint(), "figures": figures_fingerprint(),
+    key = json.dumps({"code": runs.code_fingerprint(train.CODE), "figures": figures_fingerprint(),
                       "settings": settings}, sort_keys=True)
     if not retrain and os.path.exists(path):
         t0 = time.perf_counter()
         try:
-            data = train.load_npz(path, "a figures cache")
-        except train.FileFault as e:  # a damaged cache is recomputed
+            data = runs.load_npz(path, "a figures cache")
+        except runs.FileFault as e:  # a damaged cache is recomputed
             progress(name, f"recomputing: {e}", getattr(ctx, "quiet", False))
             data = {}
         if "_key" in data and str(data["_key"]) == key:
@@ -98,7 +99,7 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
     t0 = time.perf_counter()
     data = {k: np.asarray(v) for k, v in compute().items()}
     seconds = time.perf_counter() - t0
-    train.save_npz(path, dict(data, _key=np.asarray(key), _seconds=np.asarray(seconds)))
+    runs.save_npz(path, dict(data, _key=np.asarray(key), _seconds=np.asarray(seconds)))
     _record(ctx, seconds, 0.0, False)
     return data
 
@@ -106,7 +107,7 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
 def save_figure(fig, out_dir, name):
     """Save fig as OUT/NAME.png and OUT/NAME.pdf (atomically); returns the PNG path."""
     for ext in ("png", "pdf"):
-        train.atomic_write(os.path.join(out_dir, f"{name}.{ext}"),
+        runs.atomic_write(os.path.join(out_dir, f"{name}.{ext}"),
                 lambda f: fig.savefig(f, format=ext, dpi=120 if ext == "png" else None,
                                       metadata={"CreationDate": None} if ext == "pdf" else None))
     plt.close(fig)
@@ -175,12 +176,12 @@ def write_summary(out_dir, results, preset):
     path = os.path.join(out_dir, "summary.json")
     recorded = {}
     if os.path.exists(path):
-        recorded = train.load_json(path, "the summary of earlier figures")
+        recorded = runs.load_json(path, "the summary of earlier figures")
     for name, res in results.items():
         recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "cached": res.get("cached", "none"),
                           "note": res.get("note", ""),
                           "rows": [{k: _plain(v) for k, v in r.items()} for r in res.get("rows", [])]}
-    train.save_text(path, json.dumps(recorded, indent=1))  # in the order recorded
+    runs.save_text(path, json.dumps(recorded, indent=1))  # in the order recorded
     lines = ["# Reproduced quantities", "",
              "Each value below is computed by `figures.py`; the expected column is a closed form "
              "of paper.md (section 4), or a value published by the authors where the source says so.",
@@ -198,7 +199,7 @@ def write_summary(out_dir, results, preset):
             r = recorded[name]
             cells = (name, r["preset"], runtime_cell(r.get("seconds"), r.get("cached", "none")), r["note"])
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    train.save_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
+    runs.save_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
     return recorded
 
 
@@ -424,8 +425,8 @@ def fig4_rows(err_real, err_shuffled):
 
 def train_cached(ctx, experiment, name, **overrides):
     """train.run(experiment, ctx.preset, **overrides) in RUNS/NAME, or the finished run
-    already there (train.load) when its config.json holds the same settings and was made by
-    the same code (train.code_fingerprint). Training seconds are kept in RUNS/NAME/seconds.json."""
+    already there (runs.load_run) when its config.json holds the same settings and was made by
+    the same code (runs.code_fingerprint of train.CODE). Training seconds are kept in RUNS/NAME/seconds.json."""
     run_dir = os.path.join(ctx.runs, name)
     want = train.config(experiment, ctx.preset, **overrides)
     config_path, seconds_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "seconds.json")
@@ -433,13 +434,13 @@ def train_cached(ctx, experiment, name, **overrides):
     if done and not ctx.retrain:
         t0 = time.perf_counter()
         try:
-            same, fresh = _matches(train.load_json(config_path, "a run's config.json"), want)
-            res = train.load(run_dir) if same and fresh else None
+            same, fresh = _matches(runs.load_json(config_path, "a run's config.json"), want)
+            res = runs.load_run(run_dir) if same and fresh else None
             if res is not None:
                 progress(name, f"reusing {run_dir}", ctx.quiet)
                 seconds = None
                 if os.path.exists(seconds_path):
-                    timing = train.load_json(seconds_path, "a run's seconds.json")
+                    timing = runs.load_json(seconds_path, "a run's seconds.json")
                     with open(config_path, "rb") as f:  # the time of this very run
                         if timing.get("config_sha1") == hashlib.sha1(f.read()).hexdigest():
                             seconds = timing.get("seconds")
@@ -447,7 +448,7 @@ def train_cached(ctx, experiment, name, **overrides):
                 return res
             if same:
                 progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
-        except (train.FileFault, AttributeError) as e:  # damaged (or not a dict): trained again
+        except (runs.FileFault, AttributeError) as e:  # damaged (or not a dict): trained again
             progress(name, f"retraining: {e}", ctx.quiet)
     t0 = time.perf_counter()
     res = None
@@ -456,23 +457,23 @@ def train_cached(ctx, experiment, name, **overrides):
         try:
             res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet,
                             resume=True, **overrides)
-        except train.FileFault as e:  # a damaged checkpoint: trained again from the start
+        except runs.FileFault as e:  # a damaged checkpoint: trained again from the start
             progress(name, f"retraining: {e}", ctx.quiet)
     if res is None:
         progress(name, f"training {experiment} -> {run_dir}", ctx.quiet)
         res = train.run(experiment, ctx.preset, runs_dir=ctx.runs, name=name, quiet=ctx.quiet, **overrides)
     seconds = time.perf_counter() - t0
     with open(config_path, "rb") as f:
-        train.save_json(seconds_path, {"seconds": seconds, "config_sha1": hashlib.sha1(f.read()).hexdigest()})
+        runs.save_json(seconds_path, {"seconds": seconds, "config_sha1": hashlib.sha1(f.read()).hexdigest()})
     _record(ctx, seconds, 0.0, False)
     return res
 
 
 def _matches(saved, want):
     """(same settings, same code): a run's saved config.json against the settings `want` and
-    the code that runs now (train.code_fingerprint)."""
+    the code that runs now (runs.code_fingerprint of train.CODE)."""
     return (all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT),
-            saved.get("versions", {}).get("code") == train.code_fingerprint())
+            saved.get("versions", {}).get("code") == runs.code_fingerprint(train.CODE))
 
 
 def _resumable(run_dir, want):
@@ -481,8 +482,8 @@ def _resumable(run_dir, want):
     if not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
         return False
     try:
-        saved = train.load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
-    except train.FileFault:
+        saved = runs.load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
+    except runs.FileFault:
         return False
     return all(_matches(saved, want))
 
@@ -607,7 +608,7 @@ def plot_fig6(panels, out_dir, name="fig6"):
 
 
 def fig6_panel(res, mu):
-    """The panel of plot_fig6 and the summary rows of one trained pe-only run (train.load)."""
+    """The panel of plot_fig6 and the summary rows of one trained pe-only run (runs.load_run)."""
     cfg, P = res["config"], np.asarray(res["params"]["P"])
     steps = len(res["metrics"]["train_loss"]) - 1
     # train.py averages the loss over the T - 1 positions r >= 1, so each row's own
@@ -767,7 +768,7 @@ PAPER_GD1 = {1: 0.80, 2: 0.67, 5: 0.42, 10: 0.31, 20: 0.25, 49: 0.22}
 
 
 def plot_loss_per_position(ax, metrics, title):
-    """Test loss per position of the model against every baseline of train.baselines."""
+    """Test loss per position of the model against every baseline of evaluate.baselines."""
     T = len(metrics["test_loss_position"])
     r = np.arange(T)
     for name, (colour, style) in BASELINE_STYLE.items():
@@ -1042,7 +1043,7 @@ RUNNERS = {"fig1": run_fig1, "fig3": run_fig3, "fig4": run_fig4, "fig5": run_fig
 
 
 def parse_args(argv):
-    p = train.Parser(prog="figures.py", description="Reproduce the paper's figures and the summary table.")
+    p = runs.Parser(prog="figures.py", description="Reproduce the paper's figures and the summary table.")
     p.add_argument("figures", nargs="*", metavar="FIGURE",
                    help=f"figures to make (default: all): {', '.join(FIGURES)}")
     p.add_argument("--preset", default="quick", help="quick (default, minutes) or paper (the authors' sizes)")
@@ -1103,7 +1104,7 @@ def make_figures(args):
         raise ValueError(f"missing {', '.join(fig4_missing(args.embeddings))}; {FIG4_INSTALL}")
     for option in ("out", "runs"):
         writable_folder(getattr(args, option), option)
-    fused.set_up_process()  # one BLAS thread, freed memory kept between steps
+    runs.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     for name in names:
         progress(name, f"start ({args.preset})", args.quiet)
@@ -1129,9 +1130,9 @@ def make_figures(args):
 
 def main(argv=None):
     """Command line; returns the exit status (2: bad arguments or missing extras)."""
-    return train.one_line_errors("figures.py: error", lambda: make_figures(
+    return runs.one_line_errors("figures.py: error", lambda: make_figures(
         parse_args(sys.argv[1:] if argv is None else list(argv))))
 
 
 if __name__ == "__main__":
-    train.run_command(main)
+    runs.run_command(main)

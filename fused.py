@@ -1,6 +1,6 @@
-"""fused: the fused M4, icar.transformer computed without forming q, k, v, and the process
-set-up that training uses with it. Every function here equals a plain one of icar.py (tested
-in test_icar.py, values and gradients); icar.py is what to read to audit the model.
+"""fused: the fused M4, icar.transformer computed without forming q, k, v, and M3's loss from
+moments of the data. Every function here equals a plain one of icar.py (tested in
+test_icar.py, values and gradients); icar.py is what to read to audit the model.
 
 The reformulation: q, k, v are affine in z = (h, 1) (z = (x, 1) in the first layer, where
 h = [x] * repeat), so q . conj(k) = z_r G_h conj(z_t) with G_h = [W_Q; b_Q]_h [W_K; b_K]_h^T
@@ -13,13 +13,10 @@ quarter of the masked pairs (causal_blocks), and recomputes the weights in the b
 pass instead of storing them.
 
     transformer        M4, equals icar.transformer
-    set_up_process     one BLAS thread (set_blas_threads) and glibc's malloc keeping freed
-                       memory between steps (tune_allocator), as the command lines train
     pe_only_objective  the loss and gradient of M3 (autograd on icar.pe_only, full batch)
                        from moments of the data (pe_only_moments) computed once
 """
 import concurrent.futures
-import ctypes
 import os
 
 import autograd.numpy as np
@@ -39,7 +36,7 @@ def cores():
 
 
 # threads over batch slices (NumPy releases the GIL inside products and elementwise loops); read
-# at call time: train.py's sweep workers set it so that workers x THREADS <= cores()
+# at call time: sweep.py's workers set it so that workers x THREADS <= cores()
 THREADS = cores()
 _POOLS = {}
 os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
@@ -220,61 +217,6 @@ def transformer(params, x, cfg):
             out = layernorm(out, layer["ln_g"], layer["ln_b"])
         h = h + out if cfg["residual"] else out
     return h @ params["W_out"] + params["b_out"]                # [n, T, d_out]
-
-
-# ----------------------------------------------------------------------------- process
-
-def tune_allocator():
-    """Let glibc's malloc keep freed memory for the next step; True where it took effect.
-
-    By default glibc serves blocks over 128 kB with fresh pages from the system (raising
-    that threshold only after freeing such a block) and returns freed memory at the top of
-    its heap, so each training step pays page faults on its temporaries: a fresh process
-    runs the pe-only step about twice as slowly. Up to 32 MB blocks come from the heap and
-    up to 1 GB of freed memory is kept after this call. Elsewhere (no glibc) it does nothing.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def set_blas_threads(k):
-    """Set the number of threads of the OpenBLAS that NumPy calls; return the previous number,
-    or None where none is found (another BLAS, or no /proc/self/maps).
-
-    fused.transformer runs batch slices in its own threads (THREADS); OpenBLAS threading each of
-    their small products as well puts more threads than cores to work, and on a machine
-    with other load a threaded product waits for its descheduled helper: steps then take
-    2-3 times longer at random. The benchmark times every workload with one BLAS thread.
-    """
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return None
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{name}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{name}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    previous = get()
-                    put(k)
-                    return previous
-    return None
-
-
-def set_up_process():
-    """What the command lines do before training: one BLAS thread (transformer runs batch
-    slices in THREADS threads of its own; BLAS threads on top of them oversubscribe the
-    cores, and a step then takes 2-3 times longer at random) and glibc's allocator keeping
-    freed memory between steps (tune_allocator). Both change this process only."""
-    set_blas_threads(1)
-    tune_allocator()
 
 
 # ----------------------------------------------------------------------------- M3 from moments

@@ -15,6 +15,8 @@ Index (names of paper.md):
     pe_only              M3, only P is trained (d = 1 in the paper, C = I here for any d)
     transformer          M4, the experiments' Transformer (augmented and non-augmented), one
                          transformer_layer per layer (fused.transformer: the same, faster)
+    transformer_two_streams  M4 whose position-r query and residual stream start from another
+                         input (the query of the in-context mapping; evaluate.probe)
     init_params          initial parameters of each model, from a np.random.Generator
     mse                  squared error ||f - y||^2, summed over d, averaged over the rest
     check_*              bad input: a ValueError naming the argument (models: keys, dtypes, shapes)
@@ -40,6 +42,7 @@ LAYER_KEYS = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O", "ln_g", "l
 
 class Diverged(ValueError):
     """Training met a non-finite loss (raised by theory.train_population and train.run)."""
+    exit_status = 1  # on a command line: the settings were valid, the run was not
 
 
 def check_int(name, value, low):
@@ -360,6 +363,20 @@ def transformer(params, x, cfg):
     for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
         h = transformer_layer(layer, h, cfg, params.get("pos"))   # [n, T, E]
     return h @ params["W_out"] + params["b_out"]                  # [n, T, d_out]
+
+
+def transformer_two_streams(params, x, xq, cfg):
+    """M4 where position r's own stream starts from xq_r [n, T, d_in] instead of x_r: keys
+    and values at every position come from the ordinary stream of x, queries and the
+    residual stream from xq (transformer_layer's g). At xq = x this is `transformer`; output
+    position r depends on xq only through xq_r. evaluate.probe differentiates it in xq."""
+    check_tokens(xq, cfg)
+    h = np.concatenate([x] * cfg["repeat"], axis=-1)              # [n, T, E]
+    g = np.concatenate([xq] * cfg["repeat"], axis=-1)             # [n, T, E]
+    for layer in params["layers"]:  # the two streams share keys and values
+        h, g = (transformer_layer(layer, h, cfg, params.get("pos")),
+                transformer_layer(layer, h, cfg, params.get("pos"), g))  # [n, T, E] each
+    return g @ params["W_out"] + params["b_out"]                  # [n, T, d_out]
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -86,11 +86,20 @@ from autograd.test_util import check_grads
 from autograd.tracer import getval
 
 import bench
+import evaluate
 import fused
 import icar
+import runs
+import sweep
 import theory
 import train
 from gpu import STRICT, Strict, cupy_backend, enable_autograd_for
+
+
+def query(experiment, cfg, params, s):
+    """evaluate.query_predictor of a trained experiment's model (M4: with its config)."""
+    mcfg = train.model_config(cfg, experiment) if train.EXPERIMENTS[experiment].transformer else None
+    return evaluate.query_predictor(params, s, mcfg)
 
 
 def rng(seed=0):
@@ -1013,10 +1022,10 @@ def test_baselines_match_paper_numbers():
     after 1, 2, 5, 10, 20, 49 transitions (two decimals, so 0.005 of rounding plus 4
     standard errors); zero predictor 1; least squares exact from 5 transitions."""
     s, W = icar.sample_sequences(np.random.default_rng(1), 4096, 50, 5, "haar", s1="fixed")
-    b = train.baselines(s, W, gd_steps=1)
+    b = evaluate.baselines(s, W, gd_steps=1)
     x, y = s[:, :-1], s[:, 1:]
-    C, _ = train._context_sums(x)
-    per = np.sum((train.optimal_gd_step(s)[None, :, None] * train._apply(C, x) - y) ** 2, -1)
+    C, _ = evaluate.context_sums(x)
+    per = np.sum((evaluate.optimal_gd_step(s)[None, :, None] * (C @ x[..., None])[..., 0] - y) ** 2, -1)
     se = per.std(axis=0) / np.sqrt(len(per))
     for r, ref in zip((1, 2, 5, 10, 20, 49), (0.80, 0.67, 0.42, 0.31, 0.25, 0.22)):
         assert abs(b["gd1"][r] - ref) <= 0.005 + 4 * se[r], (r, b["gd1"][r])
@@ -1122,7 +1131,7 @@ def one_step_vertex(s):
 def test_least_squares_equals_per_position_lstsq(case):
     s, _ = baseline_data(case)
     ref = least_squares_by_lstsq(s)
-    got = train.least_squares(s)
+    got = evaluate.least_squares(s)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= 1e-10 * np.abs(ref).max(), np.abs(got - ref).max()
 
@@ -1136,9 +1145,9 @@ def test_k_step_gd_prediction_equals_explicit_gradient_descent(case):
     eta = rng(21).uniform(0.5, 1.5, T) / (1 + np.arange(T))                     # [T]
     ref = gd_by_autograd(s, eta, 4)                                               # [4, n, T, d]
     x = s[:, :-1]
-    C, S = train._context_sums(x)
+    C, S = evaluate.context_sums(x)
     for k in range(1, 5):
-        got = train._gd_prediction(C, S, x, eta, k)
+        got = evaluate.gd_prediction(C, S, x, eta, k)
         assert np.abs(got - ref[k - 1]).max() <= 1e-10 * np.abs(ref[k - 1]).max(), k
 
 
@@ -1147,7 +1156,7 @@ def test_optimal_one_step_is_the_vertex_of_the_quadratic_loss(case):
     """k = 1: optimal_gd_step equals the vertex of the loss measured at three steps, and no
     step of a fine grid around it does better."""
     s, _ = baseline_data(case, n=32)
-    eta = train.optimal_gd_step(s, 1)                                             # [T]
+    eta = evaluate.optimal_gd_step(s, 1)                                             # [T]
     vertex = one_step_vertex(s)
     assert eta[0] == 0 and np.abs(eta - vertex).max() <= 1e-10 * np.abs(vertex).max()
     grid = np.linspace(0, 2 * eta.max(), 4001)
@@ -1174,7 +1183,7 @@ def test_optimal_k_step_is_the_grid_minimum_of_the_explicit_loss(case):
         return np.mean(np.sum(np.abs(f - y) ** 2, -1), 1)
 
     for k in (2, 3, 4):
-        eta = train.optimal_gd_step(s, k)                                         # [T]
+        eta = evaluate.optimal_gd_step(s, k)                                         # [T]
         grid = np.linspace(0, 2 * eta.max(), 401)
         at_grid = loss(np.repeat(grid[:, None], T, 1), k)                         # [G, T]
         at_eta = loss(eta[None], k)[0]
@@ -1200,8 +1209,8 @@ def test_baselines_recomputed_from_independent_estimators(case):
             "least_squares": loss(np.einsum("ntij,ntj->nti", least_squares_by_lstsq(s), x)),
             "last_value": loss(x), "zero": loss(0 * y)}
     for k in range(1, 5):
-        want[f"gd{k}"] = loss(gd_by_autograd(s, train.optimal_gd_step(s, k), k)[k - 1])
-    got = train.baselines(s, W, gd_steps=4)
+        want[f"gd{k}"] = loss(gd_by_autograd(s, evaluate.optimal_gd_step(s, k), k)[k - 1])
+    got = evaluate.baselines(s, W, gd_steps=4)
     assert sorted(got) == sorted(want)
     for name in want:
         assert np.abs(got[name] - want[name]).max() <= 1e-10 * max(1, want[name].max()), name
@@ -1224,7 +1233,7 @@ def test_probe_references_match_their_definitions(case):
     ls = least_squares_by_lstsq(s)
     fro = lambda M: np.sqrt(np.sum(np.abs(M) ** 2, (-1, -2)))                     # noqa: E731
     for eta in (g.uniform(0.2, 0.9, T1 - 1), None):
-        found = train.probe(predict, s, W, eta=eta)
+        found = evaluate.probe(predict, s, W, eta=eta)
         assert np.abs(found["Gamma"] - G).max() < 1e-14
         step = one_step_vertex(s) if eta is None else eta
         refs = {"W": np.broadcast_to(W[:, None], G.shape), "ls": ls, "gd1": step[:, None, None] * C}
@@ -1248,18 +1257,18 @@ def test_baselines_and_probe_do_not_depend_on_the_data_dtype():
     for family in ("haar", "unitary"):
         s, W = icar.sample_sequences(rng(23), 256, 10, 5, family)
         low = s.astype(np.complex64 if family == "unitary" else np.float32)
-        b32, b64 = train.baselines(low, W), train.baselines(low.astype(s.dtype), W)
-        b_exact = train.baselines(s, W)
+        b32, b64 = evaluate.baselines(low, W), evaluate.baselines(low.astype(s.dtype), W)
+        b_exact = evaluate.baselines(s, W)
         for name in b64:
             assert b32[name].dtype == np.float64 and np.array_equal(b32[name], b64[name]), name
             # 1e-4: float32 rounding of the data (6e-8) times the condition of the sums
             assert np.allclose(b32[name], b_exact[name], rtol=1e-4, atol=1e-6), (family, name)
         for k in (1, 2):
-            assert np.array_equal(train.optimal_gd_step(low, k), train.optimal_gd_step(low.astype(s.dtype), k))
-        assert np.array_equal(train.least_squares(low), train.least_squares(low.astype(s.dtype)))
+            assert np.array_equal(evaluate.optimal_gd_step(low, k), evaluate.optimal_gd_step(low.astype(s.dtype), k))
+        assert np.array_equal(evaluate.least_squares(low), evaluate.least_squares(low.astype(s.dtype)))
         G = (W[:, None] + 0.1 * rng(24).standard_normal((256, 10, 5, 5))).astype(low.dtype)
-        p32 = train.probe(lambda x: (G @ x[..., None])[..., 0], low, W)
-        p64 = train.probe(lambda x: (G.astype(s.dtype) @ x[..., None])[..., 0], low.astype(s.dtype), W)
+        p32 = evaluate.probe(lambda x: (G @ x[..., None])[..., 0], low, W)
+        p64 = evaluate.probe(lambda x: (G.astype(s.dtype) @ x[..., None])[..., 0], low.astype(s.dtype), W)
         assert p32["Gamma"].dtype == low.dtype
         for name in p64:
             if name != "Gamma":
@@ -1273,18 +1282,18 @@ def test_baselines_and_probe_do_not_depend_on_the_data_dtype():
 def test_k_step_gd_step_is_the_grid_minimum():
     s, W = icar.sample_sequences(np.random.default_rng(2), 256, 12, 3, "haar")
     x, y = s[:, :-1], s[:, 1:]
-    C, S = train._context_sums(x)
-    eta = train.optimal_gd_step(s, 3)
-    best = train._position_loss(train._gd_prediction(C, S, x, eta, 3), y)
+    C, S = evaluate.context_sums(x)
+    eta = evaluate.optimal_gd_step(s, 3)
+    best = evaluate.position_loss(evaluate.gd_prediction(C, S, x, eta, 3), y)
     grid = np.linspace(0, 2 * eta.max(), 2001)
-    losses = np.stack([train._position_loss(
-        train._gd_prediction(C, S, x, np.full(12, g), 3), y) for g in grid])  # [grid, T]
+    losses = np.stack([evaluate.position_loss(
+        evaluate.gd_prediction(C, S, x, np.full(12, g), 3), y) for g in grid])  # [grid, T]
     assert np.all(best <= losses.min(axis=0) + 1e-12)
     # and one step through the same code equals the closed form of optimal_gd_step(s, 1)
-    eta1 = train.optimal_gd_step(s, 1)
-    one = train._position_loss(train._gd_prediction(C, S, x, eta1, 1), y)
-    assert np.all(one <= np.stack([train._position_loss(
-        train._gd_prediction(C, S, x, np.full(12, g), 1), y) for g in grid]).min(0) + 1e-12)
+    eta1 = evaluate.optimal_gd_step(s, 1)
+    one = evaluate.position_loss(evaluate.gd_prediction(C, S, x, eta1, 1), y)
+    assert np.all(one <= np.stack([evaluate.position_loss(
+        evaluate.gd_prediction(C, S, x, np.full(12, g), 1), y) for g in grid]).min(0) + 1e-12)
 
 
 # ---- probe (Figs. 5, 7) and weight blocks ------------------------------------------------
@@ -1297,16 +1306,16 @@ def test_probe_m1_one_gd_step_and_oracle():
     s, W = icar.sample_sequences(rng, 8, T, d, "unitary")
     params = {"A": np.eye(d), "B": eta * np.eye(d)}
     cfg = train.config("block", d=d, T=T)
-    predict = train.query_predictor("block", cfg, params, s[:, :-1])
+    predict = query("block", cfg, params, s[:, :-1])
     assert np.allclose(predict(s[:, :-1]), icar.augmented_linear(params, icar.augment(s[:, :-1])),
                           atol=1e-13)
-    G = train.probe(predict, s, W)["Gamma"]
+    G = evaluate.probe(predict, s, W)["Gamma"]
     want = np.zeros((8, d, d), complex)
     for r in range(T):  # reference: the sum written out
         if r:
             want = want + eta * s[:, r, :, None] * s[:, r - 1, None, :].conj()
         assert np.abs(G[:, r] - want).max() < 1e-12, r
-    oracle = train.probe(lambda x: (W[:, None] @ x[..., None])[..., 0], s, W)
+    oracle = evaluate.probe(lambda x: (W[:, None] @ x[..., None])[..., 0], s, W)
     assert np.abs(oracle["Gamma"] - W[:, None]).max() < 1e-14
     assert np.allclose(oracle["err_W"], 0, atol=1e-14) and np.allclose(oracle["cos_W"], 1)
 
@@ -1319,12 +1328,12 @@ def test_probe_full_form_equals_block_form():
     full = {"W_KQ": np.zeros((3 * d, 3 * d)), "W_V": np.zeros((3 * d, 3 * d))}
     full["W_KQ"][2 * d:, d:2 * d], full["W_V"][:d, d:2 * d] = A, B
     cfg = train.config("block", d=d, T=T)
-    pf = train.query_predictor("block", cfg, full, s[:, :-1])
+    pf = query("block", cfg, full, s[:, :-1])
     assert np.allclose(pf(s[:, :-1]), icar.augmented_linear(full, icar.augment(s[:, :-1])), atol=1e-13)
-    Gf = train.probe(pf, s, W)["Gamma"]
-    Gb = train.probe(train.query_predictor("block", cfg, {"A": A, "B": B}, s[:, :-1]), s, W)["Gamma"]
+    Gf = evaluate.probe(pf, s, W)["Gamma"]
+    Gb = evaluate.probe(query("block", cfg, {"A": A, "B": B}, s[:, :-1]), s, W)["Gamma"]
     assert np.abs(Gf - Gb).max() < 1e-12
-    shares = train.weight_blocks("block", full, d)
+    shares = evaluate.weight_blocks(full, d)
     assert np.allclose(shares["share_KQ"], 1) and np.allclose(shares["share_V"], 1)
 
 
@@ -1335,13 +1344,13 @@ def test_two_stream_transformer_is_icar_and_local(experiment, attention):
     cfg = train.config(experiment, d=d, T=T, layers=2, heads=2, attention=attention)
     params = train.init_model(experiment, cfg, rng)
     s, W = icar.sample_sequences(rng, 3, T, d, "haar")
-    predict = train.query_predictor(experiment, cfg, params, s[:, :-1])
+    predict = query(experiment, cfg, params, s[:, :-1])
     assert np.abs(predict(s[:, :-1]) - train.predictor(experiment, cfg)(params, s[:, :-1])).max() < 1e-12
     # output position r depends on the query states only through x_r
     g = grad(lambda x: anp.sum(predict(x)[:, 2]))(s[:, :-1])
     assert np.all(g[:, [0, 1, 3, 4]] == 0) and np.abs(g[:, 2]).max() > 1e-6
     # probe rows against central finite differences
-    G = train.probe(predict, s, W)["Gamma"]
+    G = evaluate.probe(predict, s, W)["Gamma"]
     h, j = 1e-6, 1
     e = np.zeros_like(s[:, :-1])
     e[..., j] = h
@@ -1356,9 +1365,9 @@ def test_probe_of_the_r2_minimiser_is_w():
     params = theory.minimiser(d, d, "unitary", c=-1.2, T=T)
     s, W = icar.sample_sequences(np.random.default_rng(7), 5, T, d, "unitary")
     cfg = train.config("diagonal", d=d, T=T, heads=d)
-    predict = train.query_predictor("diagonal", cfg, params, s[:, :-1])
+    predict = query("diagonal", cfg, params, s[:, :-1])
     assert np.abs(predict(s[:, :-1]) - icar.diagonal_heads(params, s[:, :-1])).max() < 1e-13
-    found = train.probe(predict, s, W)
+    found = evaluate.probe(predict, s, W)
     assert np.abs(found["Gamma"][:, 1:] - W[:, None]).max() < 1e-12
     assert np.all(found["err_W"][1:] < 1e-12)
 
@@ -1372,7 +1381,7 @@ def test_value_slot_predictors_are_the_models(experiment):
     if experiment == "diagonal":
         params.update(A=rng.standard_normal((4, d)), B=rng.standard_normal((4, d)))
     s, W = icar.sample_sequences(rng, 3, T, d, "unitary")
-    predict = train.query_predictor(experiment, cfg, params, s[:, :-1])
+    predict = query(experiment, cfg, params, s[:, :-1])
     assert np.abs(predict(s[:, :-1]) - train.predictor(experiment, cfg)(params, s[:, :-1])).max() < 1e-12
     x = s[:, :-1] + rng.standard_normal(s[:, :-1].shape)
     for r in range(T):  # position r reads x only at r, linearly, as the value of the newest token
@@ -1391,9 +1400,9 @@ def test_weight_blocks_m4_reproduce_the_scores():
     e = rng.standard_normal((3, 3 * d))
     layer = params["layers"][0]
     want = np.einsum("hri,hti->htr", e @ layer["W_Q"], e @ layer["W_K"])       # [H, t, r]
-    KQ = train.weight_blocks("augmented", params, d)["KQ"][0]                       # [H, 3d, 3d]
+    KQ = evaluate.weight_blocks(params, d)["KQ"][0]                       # [H, 3d, 3d]
     assert np.allclose(e @ KQ @ e.T, want, atol=1e-12)
-    blocks = train.weight_blocks("augmented", params, d)
+    blocks = evaluate.weight_blocks(params, d)
     by_hand = np.sum(KQ[:, 2 * d:, d:2 * d] ** 2, (1, 2)) / np.sum(KQ ** 2, (1, 2))
     assert np.allclose(blocks["share_KQ"][0], by_hand)
 
@@ -1539,9 +1548,9 @@ def test_mechanism_measures_on_a_hand_built_previous_token_head():
     d, T, beta = 5, 12, 20.0
     x = _haar_inputs(1000, T, d, 1)
     params, cfg = theory.raw_token_gd_construction(d, T, eta=0.5, beta=beta)
-    share = train.previous_token_share(params, T)
+    share = evaluate.previous_token_share(params, T)
     assert share.shape == (1,) and 1 - T * np.exp(-beta) <= share[0] <= 1
-    r2 = train.readout_r2(params, cfg, x[:500], x[500:])
+    r2 = evaluate.readout_r2(params, cfg, x[:500], x[500:])
     assert r2.shape == (T,) and np.isnan(r2[0])
     np.testing.assert_allclose(r2[1:], 1, atol=1e-6)
 
@@ -1558,12 +1567,12 @@ def test_mechanism_measures_on_heads_that_do_not_copy_the_previous_token():
     params, cfg = theory.raw_token_gd_construction(d, T, eta=0.5, beta=1000.0)
     first = params["layers"][0]
     own = _with_first_layer(params, W_Q=first["W_K"])
-    assert train.previous_token_share(own, T)[0] == 0
-    assert np.all(np.abs(train.readout_r2(own, cfg, x[:500], x[500:])[1:]) < 0.1)
+    assert evaluate.previous_token_share(own, T)[0] == 0
+    assert np.all(np.abs(evaluate.readout_r2(own, cfg, x[:500], x[500:])[1:]) < 0.1)
     uniform = _with_first_layer(params, W_Q=np.zeros_like(first["W_Q"]))
-    np.testing.assert_allclose(train.previous_token_share(uniform, T), np.mean(1 / np.arange(2, T + 1)),
+    np.testing.assert_allclose(evaluate.previous_token_share(uniform, T), np.mean(1 / np.arange(2, T + 1)),
                                rtol=1e-12)
-    r2 = train.readout_r2(uniform, cfg, x[:500], x[500:])
+    r2 = evaluate.readout_r2(uniform, cfg, x[:500], x[500:])
     np.testing.assert_allclose(r2[1], 1, atol=1e-6)
     assert np.all(r2[2:] < 0.65) and np.all(r2[5:] < 0.4)
 
@@ -1575,10 +1584,10 @@ def test_readout_r2_is_nan_for_a_constant_target_and_handles_complex_data():
     params, cfg = theory.raw_token_gd_construction(d, T, eta=1.0, beta=1000.0)
     rng = np.random.default_rng(2)
     x = icar.sample_sequences(rng, 200, T, d, "haar", s1="fixed")[0][:, :-1]
-    r2 = train.readout_r2(params, cfg, x[:100], x[100:])
+    r2 = evaluate.readout_r2(params, cfg, x[:100], x[100:])
     assert np.isnan(r2[:2]).all() and np.allclose(r2[2:], 1, atol=1e-6)
     z = icar.sample_sequences(rng, 200, T, d, "unitary")[0][:, :-1]
-    np.testing.assert_allclose(train.readout_r2(params, cfg, z[:100], z[100:])[1:], 1, atol=1e-6)
+    np.testing.assert_allclose(evaluate.readout_r2(params, cfg, z[:100], z[100:])[1:], 1, atol=1e-6)
 
 
 def test_nonaug_run_adds_mechanism_metrics_and_leaves_the_others_bit_identical(tmp_path, monkeypatch):
@@ -1586,9 +1595,9 @@ def test_nonaug_run_adds_mechanism_metrics_and_leaves_the_others_bit_identical(t
     the functions on the saved parameters); without them every other metric is bit-identical."""
     kw = dict(T=5, n_train=32, n_test=16, n_probe=2, steps=3, batch=16, heads=2, quiet=True,
               runs_dir=str(tmp_path))
-    with_mech = train.load(train.run("nonaug", name="with", **kw)["dir"])
+    with_mech = runs.load_run(train.run("nonaug", name="with", **kw)["dir"])
     monkeypatch.setitem(train.EXPERIMENTS, "nonaug", train.EXPERIMENTS["nonaug"]._replace(mechanism=False))
-    without = train.load(train.run("nonaug", name="without", **kw)["dir"])["metrics"]
+    without = runs.load_run(train.run("nonaug", name="without", **kw)["dir"])["metrics"]
     m = with_mech["metrics"]
     assert set(m) - set(without) == {"mech_prev_share", "mech_readout_r2"}
     for k in without:
@@ -1596,7 +1605,9 @@ def test_nonaug_run_adds_mechanism_metrics_and_leaves_the_others_bit_identical(t
     assert m["mech_prev_share"].shape == (2,) and m["mech_readout_r2"].shape == (5,)
     cfg = with_mech["config"]
     s_test = train.datasets(cfg)[1]
-    expected = train.mechanism("nonaug", cfg, with_mech["params"], s_test[:, :-1])
+    rng = np.random.default_rng(np.random.SeedSequence(cfg["seed"], spawn_key=(4,)))
+    s_fit = train.sample(cfg, rng, cfg["n_test"])[0][:, :-1]
+    expected = evaluate.mechanism(with_mech["params"], train.model_config(cfg, "nonaug"), s_fit, s_test[:, :-1])
     for k, v in expected.items():
         np.testing.assert_array_equal(m[k], v)
 
@@ -1776,13 +1787,13 @@ def test_microbatched_gradient_equals_full_batch():
 
 
 def test_set_blas_threads_round_trip():
-    previous = fused.set_blas_threads(1)
+    previous = runs.set_blas_threads(1)
     if previous is None:
         pytest.skip("NumPy is not linked to an OpenBLAS found in /proc/self/maps")
     try:
-        assert fused.set_blas_threads(previous) == 1
+        assert runs.set_blas_threads(previous) == 1
     finally:
-        fused.set_blas_threads(previous)
+        runs.set_blas_threads(previous)
 
 
 # ---- the benchmark -----------------------------------------------------------------------
@@ -1820,12 +1831,13 @@ def test_bench_rejects_unknown_workload(capsys):
     assert len(err) == 1 and "fast" in err[0] and "nonaug" in err[0]
 
 
-def test_bench_script_and_train_alias_report_bad_arguments_alike():
-    for script, prefix in ((["bench.py"], "bench.py: "), (["train.py", "bench"], "train.py: bench: ")):
-        out = subprocess.run([sys.executable, *script, "--repeats", "x"], cwd=HERE,
-                             capture_output=True, text=True)
-        assert out.returncode == 2 and out.stderr.startswith(prefix)
-        assert len(out.stderr.strip().splitlines()) == 1 and "--repeats" in out.stderr
+def test_bench_reports_bad_arguments_in_one_line():
+    for argv in (["--repeats", "x"], ["--repeats", "0"], ["--repeats", "1e20"], ["--workloads", ""],
+                 ["--workloads", "nonaug,nonaug"], ["--json", "a", "--json", "b"], ["--device", "tpu"],
+                 ["--dry", "--repeats", "3"], ["--out", "."], ["--dry", "--device", "numpy"]):
+        out = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.startswith("bench.py: "), (argv, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and argv[0] in out.stderr, (argv, out.stderr)
 
 
 def test_fused_gradient_bits_do_not_depend_on_the_thread_count(monkeypatch):
@@ -1850,7 +1862,7 @@ TINY = dict(T=5, n_train=64, n_test=32, n_probe=4, steps=6, checkpoint_every=2, 
 
 
 def flat(tree):
-    return train._flatten(tree)
+    return runs.flatten(tree)
 
 
 # ---- optimisers --------------------------------------------------------------------------
@@ -1880,22 +1892,22 @@ def test_adam_matches_scalar_reference_and_gd_is_one_line():
 
 def test_flatten_roundtrip_keeps_lists():
     tree = {"layers": [{"W": np.ones(2)}, {"W": np.zeros(3)}], "b": np.arange(2.0)}
-    back = train._unflatten(flat(tree))
+    back = runs.unflatten(flat(tree))
     assert isinstance(back["layers"], list) and len(back["layers"]) == 2
     assert np.array_equal(back["layers"][1]["W"], np.zeros(3))
 
 
 def test_interrupted_write_leaves_previous_file(tmp_path):
     path = str(tmp_path / "metrics.npz")
-    train.save_npz(path, {"x": np.arange(3.0)})
+    runs.save_npz(path, {"x": np.arange(3.0)})
 
     def crash(f):  # a partial write, then the process is interrupted
         f.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_write(path, crash)
-    assert np.array_equal(train.load_npz(path)["x"], np.arange(3.0))
+        runs.atomic_write(path, crash)
+    assert np.array_equal(runs.load_npz(path)["x"], np.arange(3.0))
     assert os.listdir(tmp_path) == ["metrics.npz"]
 
 
@@ -1915,7 +1927,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         train.run("block", runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
     monkeypatch.setattr(np, "savez", savez)
-    assert int(train.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
+    assert int(runs.load_npz(str(tmp_path / "cut" / "checkpoint.npz"))["step"]) == 2
     resumed = train.run("block", runs_dir=str(tmp_path), name="cut", resume=True, quiet=True, **kw)
     assert np.array_equal(full["params"]["A"], resumed["params"]["A"])
     assert np.array_equal(full["metrics"]["train_loss"], resumed["metrics"]["train_loss"])
@@ -1925,8 +1937,8 @@ def test_atomic_writes_of_figures_are_flushed_to_disk(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
-    train.save_text(str(tmp_path / "a" / "x.txt"), "hello")
-    train.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
+    runs.save_text(str(tmp_path / "a" / "x.txt"), "hello")
+    runs.save_npz(str(tmp_path / "y.npz"), {"y": np.ones(2)})
     assert len(synced) == 2 and (tmp_path / "a" / "x.txt").read_text() == "hello"
     assert os.listdir(tmp_path / "a") == ["x.txt"]
 
@@ -1962,7 +1974,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
         assert np.array_equal(a[k], b[k]), k
     for k in ("train_loss", "test_loss", "test_step"):
         assert np.array_equal(full["metrics"][k], resumed["metrics"][k]), k
-    loaded = train.load(resumed["dir"])
+    loaded = runs.load_run(resumed["dir"])
     assert all(np.array_equal(a[k], v) for k, v in flat(loaded["params"]).items())
     assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
     assert np.array_equal(loaded["metrics"]["test_loss_position"],
@@ -1977,10 +1989,10 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
     kw = dict(TINY, optimizer="gd", lr=1e6, steps=100, checkpoint_every=1, n_probe=0)
-    with pytest.raises(train.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
+    with pytest.raises(icar.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
         train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
     step = int(str(e.value).split("at step ")[1].split(":")[0])
-    z = train.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
+    z = runs.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
     assert int(z["step"]) == step - 1
     assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
     # the command line: one line on stderr, non-zero status
@@ -1997,7 +2009,7 @@ def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsy
     assert not (tmp_path / "block").exists()  # found before any file was written
     # a loss finite on check_run's 2 sequences but not on the training data: Diverged at step 0
     monkeypatch.setattr(train, "check_run", lambda experiment, cfg: None)
-    with pytest.raises(train.Diverged, match=r"at step 0, before any update.*nothing was saved"):
+    with pytest.raises(icar.Diverged, match=r"at step 0, before any update.*nothing was saved"):
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
     assert os.listdir(tmp_path / "block") == []
     assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
@@ -2013,7 +2025,7 @@ def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
     train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, steps=3))
     assert sorted(os.listdir(tmp_path / "block")) == ["checkpoint.npz", "config.json", "metrics.npz",
                                                       "params.npz"]
-    assert train.load(str(tmp_path / "block"))["metrics"]["steps_done"] == 3
+    assert runs.load_run(str(tmp_path / "block"))["metrics"]["steps_done"] == 3
 
 
 def folder_bytes(folder):
@@ -2048,13 +2060,13 @@ def test_every_experiment_runs_end_to_end(tmp_path, capsys):
         extra = ["--batch", "16"] if experiment in ("augmented", "nonaug") else []
         extra += ["--heads", "2"] if experiment == "nonaug" else []
         assert train.main([experiment] + tiny + extra) == 0, experiment
-        result = train.load(str(tmp_path / experiment))
+        result = runs.load_run(str(tmp_path / experiment))
         m = result["metrics"]
         assert len(m["train_loss"]) == 4 and m["test_loss_position"].shape == (5,)
         assert np.isfinite(m["test_loss"]).all()
     assert train.main(["population", "--steps", "3", "--d", "4", "--heads", "2", "--T", "5",
                        "--runs_dir", str(tmp_path)]) == 0
-    assert len(train.load(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
+    assert len(runs.load_run(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
     assert "model" in capsys.readouterr().out
     assert train.main(["augmented", "--help"]) == 0
     assert "--layers" in capsys.readouterr().out
@@ -2064,11 +2076,11 @@ def test_sweep_over_layers_writes_summary(tmp_path, capsys):
     argv = ["augmented", "--T", "4", "--n_train", "32", "--n_test", "16", "--n_probe", "0",
             "--steps", "2", "--batch", "0", "--quiet", "--runs_dir", str(tmp_path),
             "--sweep", "layers=1,2", "--sweep", "sigma=0,0.1"]
-    assert train.main(argv) == 0
+    assert sweep.main(argv) == 0
     with open(tmp_path / "augmented" / "summary.json") as f:
         rows = json.load(f)["rows"]
     assert [(r["layers"], r["sigma"]) for r in rows] == [(1, 0.0), (1, 0.1), (2, 0.0), (2, 0.1)]
-    second = train.load(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
+    second = runs.load_run(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
     assert second["config"]["layers"] == 2 and second["config"]["sigma"] == 0.1
     assert rows[3]["gd_k=L"] == pytest.approx(float(np.mean(second["metrics"]["baseline_gd2"])))
     assert "gd_k=L" in capsys.readouterr().out
@@ -2091,14 +2103,14 @@ def test_progress_updates_one_line_on_a_terminal_and_prints_lines_otherwise():
 
     for tty in (True, False):
         stream = Stream(tty)
-        progress = train._Progress(10, quiet=False, stream=stream)
+        progress = runs.Progress(10, quiet=False, stream=stream)
         for step in (0, 5, 10):
             progress.show(step, 1.0, 2.0, final=step == 10)
         text = "".join(stream)
         assert text.count("\r") == (3 if tty else 0) and text.count("\n") == (1 if tty else 3)
         assert "step 10/10" in text and "steps/s" in text and "left" in text
     quiet = Stream(False)
-    train._Progress(10, quiet=True, stream=quiet).show(0, 1.0, 2.0)
+    runs.Progress(10, quiet=True, stream=quiet).show(0, 1.0, 2.0)
     assert quiet == []
 
 
@@ -2137,6 +2149,7 @@ def _bad_commands(runs, a_file):
         (["block", "--name", "x", "--name", "y"], 2), (["block", "--resume", "--resume"], 2),
         (["diagonal", "--heads", "0"], 2), (["block", "--form", "diag"], 2), (["block", "--seed", "-1"], 2),
         (["block", "--resume", "--steps", "9"], 2), (["block", "--sweep", "form=block,full,diag"], 2),
+        (["block", "--jobs", "2"], 2),
     ]
     return [(argv if not argv or argv[0] == "nope" else
              argv[:1] + (r[2:] if "--runs_dir" in argv else r) + argv[1:], code) for argv, code in two]
@@ -2151,9 +2164,10 @@ def test_bad_command_lines_give_one_line_and_touch_no_file(tmp_path, capsys):
     table = _bad_commands(runs, str(a_file))
     assert len(table) >= 40
     for argv, code in table:
-        assert train.main(argv) == code, argv
+        main, prefix = (sweep.main, "sweep.py: ") if "--sweep" in argv else (train.main, "train.py: ")
+        assert main(argv) == code, argv
         out = capsys.readouterr()
-        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("train.py: "), (argv, out.err)
+        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith(prefix), (argv, out.err)
         assert out.out == "", argv
         assert folder_bytes(runs) == before, argv
     assert sorted(os.listdir(runs)) == ["block"] and not os.path.exists("/tmp/icar-abs")
@@ -2166,9 +2180,9 @@ def test_bad_command_lines_give_one_line_and_touch_no_file(tmp_path, capsys):
     (lambda p: np.savez(open(p, "wb"), step=np.asarray(1)), 1, r"checkpoint.npz: an incomplete checkpoint"),
     (lambda p: (p.parent / "config.json").unlink(), 1, r"config.json: no such file"),
     (lambda p: (p.parent / "config.json").write_text("{bad json"), 1, r"config.json: not valid JSON"),
-    (lambda p: train.save_npz(str(p), dict(np.load(p), step=np.asarray(99))), 2,
+    (lambda p: runs.save_npz(str(p), dict(np.load(p), step=np.asarray(99))), 2,
      r"does not belong to this run: its step 99 is past steps=5"),
-    (lambda p: train.save_npz(str(p), {k: (np.zeros((3, 3)) if k == "params/A" else v)
+    (lambda p: runs.save_npz(str(p), {k: (np.zeros((3, 3)) if k == "params/A" else v)
                                       for k, v in np.load(p).items()}), 2,
      r"does not belong to this run: its parameters"),
 ])
@@ -2205,7 +2219,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, mo
 
 def test_a_fresh_run_replaces_the_old_one_only_after_its_first_checkpoint(tmp_path, monkeypatch):
     before = _finished_run(tmp_path)
-    real = train._checkpoint
+    real = runs.save_checkpoint
     calls = []
 
     def crash(nth):
@@ -2215,16 +2229,16 @@ def test_a_fresh_run_replaces_the_old_one_only_after_its_first_checkpoint(tmp_pa
                 raise KeyboardInterrupt
             return real(*args)
         return checkpoint
-    monkeypatch.setattr(train, "_checkpoint", crash(1))  # killed while writing the first one
+    monkeypatch.setattr(runs, "save_checkpoint", crash(1))  # killed while writing the first one
     with pytest.raises(KeyboardInterrupt):
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, seed=5))
     assert folder_bytes(tmp_path) == before
     calls.clear()
-    monkeypatch.setattr(train, "_checkpoint", crash(2))  # killed after the first checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", crash(2))  # killed after the first checkpoint
     with pytest.raises(KeyboardInterrupt):
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, seed=5, checkpoint_every=2))
     assert sorted(os.listdir(tmp_path / "block")) == ["checkpoint.npz", "config.json"]
-    monkeypatch.setattr(train, "_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     resumed = train.run("block", runs_dir=str(tmp_path), quiet=True, resume=True,
                         **dict(TINY, seed=5, checkpoint_every=2))
     whole = train.run("block", runs_dir=str(tmp_path / "whole"), quiet=True, **dict(TINY, seed=5))
@@ -2233,12 +2247,12 @@ def test_a_fresh_run_replaces_the_old_one_only_after_its_first_checkpoint(tmp_pa
 
 def test_sweeps_check_every_point_first_and_show_the_swept_key(tmp_path, capsys):
     with pytest.raises(ValueError, match="T must be an integer >= 2"):
-        train.sweep("block", {"T": [5, 1]}, runs_dir=str(tmp_path), quiet=True,
+        sweep.sweep("block", {"T": [5, 1]}, runs_dir=str(tmp_path), quiet=True,
                     **{k: v for k, v in TINY.items() if k != "T"})
     assert not (tmp_path / "block").exists()  # the good point did not train
     with pytest.raises(ValueError, match="distinct values"):
-        train.sweep("block", {"lr": [0.1, 1e-1]}, runs_dir=str(tmp_path), quiet=True, **TINY)
-    _, table = train.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path), quiet=True, **TINY)
+        sweep.sweep("block", {"lr": [0.1, 1e-1]}, runs_dir=str(tmp_path), quiet=True, **TINY)
+    _, table = sweep.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path), quiet=True, **TINY)
     assert table.split()[0] == "lr" and "0.02" in table
 
 
@@ -2246,25 +2260,25 @@ def test_ignored_settings_are_not_stored_and_help_lists_only_allowed_families(tm
     result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, family="unitary"))
     assert "mu" not in result["config"] and result["config"]["family"] == "unitary"
     assert train.main(["population", "--help"]) == 0
-    family = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--family")]
-    assert family and family[0].endswith("(unitary, orthogonal)")
+    family = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--family")]
+    assert family and "(unitary, orthogonal);" in family[0]
 
 
 def test_a_closed_pipe_ends_a_command_quietly():
-    code = "import train; train.run_command(lambda: print('x' * 10 ** 6) or 0)"
+    code = "import runs; runs.run_command(lambda: print('x' * 10 ** 6) or 0)"
     p = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     p.stdout.read(10)
     p.stdout.close()  # as `| head` does
     err = p.stderr.read()
     assert p.wait() == 0 and err == b""
-    for script in ("train.py", "bench.py", "figures.py", "gpu.py"):
+    for script in ("train.py", "sweep.py", "bench.py", "figures.py"):
         assert "run_command(main)" in open(os.path.join(HERE, script)).read()
 
     def closed():  # print() into a pipe whose reader has gone
         raise BrokenPipeError(32, "Broken pipe")
     with pytest.raises(BrokenPipeError):  # not turned into "train.py: Broken pipe", exit 1
-        train.one_line_errors("train.py", closed)
+        runs.one_line_errors("train.py", closed)
 
 
 def test_ci_runs_the_readme_set_up_and_test_lines():
@@ -2286,23 +2300,23 @@ def test_sweep_in_process_in_workers_and_from_listed_commands_writes_identical_f
     """The same sweep run in this process, in 2 worker processes, and as the commands of --list
     run one by one in fresh interpreters (then --summary): bit-identical params.npz and
     metrics.npz of every point, and the same summary.json."""
-    runs = {way: tmp_path / way for way in ("in_process", "jobs", "listed")}
-    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["in_process"]), "--quiet"]) == 0
+    folders = {way: tmp_path / way for way in ("in_process", "jobs", "listed")}
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["in_process"]), "--quiet"]) == 0
     capsys.readouterr()
-    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["jobs"]), "--jobs", "2"]) == 0
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["jobs"]), "--jobs", "2"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert sum("started" in line for line in err) == 3 and sum("finished" in line for line in err) == 3
-    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["listed"]), "--list", "--quiet"]) == 0
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["listed"]), "--list", "--quiet"]) == 0
     commands = capsys.readouterr().out.splitlines()
-    assert len(commands) == 3 and not runs["listed"].exists()  # --list writes nothing
+    assert len(commands) == 3 and not folders["listed"].exists()  # --list writes nothing
     for command in commands:
         out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-    assert train.main(SWEEP_ARGV + ["--runs_dir", str(runs["listed"]), "--summary"]) == 0
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["listed"]), "--summary"]) == 0
     assert "0.05" in capsys.readouterr().out
     files = {way: {k: v for k, v in folder_bytes(folder).items()
                    if k.endswith(("params.npz", "metrics.npz", "summary.json"))}
-             for way, folder in runs.items()}
+             for way, folder in folders.items()}
     assert len(files["in_process"]) == 3 * 2 + 1
     assert files["in_process"] == files["jobs"] == files["listed"]
 
@@ -2311,34 +2325,34 @@ def test_a_failed_sweep_point_keeps_the_others_and_exits_1(tmp_path, capsys):
     argv = ["block", "--T", "5", "--n_train", "64", "--n_test", "32", "--n_probe", "0", "--steps", "50",
             "--checkpoint_every", "1", "--optimizer", "gd", "--sweep", "lr=0.01,1e6", "--quiet"]
     for jobs in ("1", "2"):
-        runs = tmp_path / jobs
-        assert train.main(argv + ["--runs_dir", str(runs), "--jobs", jobs]) == 1
+        folders = tmp_path / jobs
+        assert sweep.main(argv + ["--runs_dir", str(folders), "--jobs", jobs]) == 1
         out = capsys.readouterr()
         assert len(out.err.strip().splitlines()) == 1 and "point lr=1000000.0 failed" in out.err
         assert "0.01" in out.out
-        with open(runs / "block" / "summary.json") as f:
+        with open(folders / "block" / "summary.json") as f:
             assert [row["lr"] for row in json.load(f)["rows"]] == [0.01]
-        assert (runs / "block" / "lr=0.01" / "metrics.npz").exists()
+        assert (folders / "block" / "lr=0.01" / "metrics.npz").exists()
 
 
 def test_bad_sweep_process_options_give_one_line_and_touch_no_file(tmp_path, capsys):
-    runs, argv = tmp_path / "runs", SWEEP_ARGV[:-4] + ["--quiet"]
-    assert train.main(argv + ["--runs_dir", str(runs), "--sweep", "lr=0.01"]) == 0  # one point of two
-    before = folder_bytes(runs)
-    sweep = ["--sweep", "lr=0.01,0.02"]
-    table = [(["--jobs", "0"] + sweep, 2), (["--jobs", "x"] + sweep, 2), (["--jobs", "-1"] + sweep, 2),
-             (["--jobs"] + sweep, 2), (["--jobs", "2"], 2), (["--list"], 2), (["--summary"], 2),
-             (["--list", "--jobs", "2"] + sweep, 2), (["--list", "--summary"] + sweep, 2),
-             (["--summary", "--jobs", "2"] + sweep, 2), (["--summary", "--resume"] + sweep, 2),
-             (["--jobs", "2", "--jobs", "2"] + sweep, 2), (["--list", "--sweep", "T=5,1"], 2),
-             (["--summary", "--sweep", "T=5,1"], 2), (["--summary"] + sweep, 1),
+    folders, argv = tmp_path / "folders", SWEEP_ARGV[:-4] + ["--quiet"]
+    assert sweep.main(argv + ["--runs_dir", str(folders), "--sweep", "lr=0.01"]) == 0  # one point of two
+    before = folder_bytes(folders)
+    grid_args = ["--sweep", "lr=0.01,0.02"]
+    table = [(["--jobs", "0"] + grid_args, 2), (["--jobs", "x"] + grid_args, 2), (["--jobs", "-1"] + grid_args, 2),
+             (["--jobs"] + grid_args, 2), (["--jobs", "2"], 2), (["--list"], 2), (["--summary"], 2),
+             (["--list", "--jobs", "2"] + grid_args, 2), (["--list", "--summary"] + grid_args, 2),
+             (["--summary", "--jobs", "2"] + grid_args, 2), (["--summary", "--resume"] + grid_args, 2),
+             (["--jobs", "2", "--jobs", "2"] + grid_args, 2), (["--list", "--sweep", "T=5,1"], 2),
+             (["--summary", "--sweep", "T=5,1"], 2), (["--summary"] + grid_args, 1),
              (["--summary", "--seed", "7", "--sweep", "lr=0.01"], 1)]
     for extra, code in table:
-        assert train.main(argv + ["--runs_dir", str(runs)] + extra) == code, extra
+        assert sweep.main(argv + ["--runs_dir", str(folders)] + extra) == code, extra
         out = capsys.readouterr()
-        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("train.py: "), extra
-        assert folder_bytes(runs) == before, extra
-    assert train.main(argv + ["--runs_dir", str(runs), "--summary", "--sweep", "lr=0.01"]) == 0
+        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("sweep.py: "), extra
+        assert folder_bytes(folders) == before, extra
+    assert sweep.main(argv + ["--runs_dir", str(folders), "--summary", "--sweep", "lr=0.01"]) == 0
 
 
 # ==== 8. GPU: gpu.py's adapter on the strict stand-in =====================================
@@ -2584,8 +2598,8 @@ def test_importing_train_loads_neither_the_adapter_nor_the_benchmark():
 
 
 def test_gpu_check_dry_run_on_the_stand_in(tmp_path):
-    out = subprocess.run([sys.executable, "gpu.py", "--dry"], cwd=HERE, capture_output=True,
-                         text=True, env=dict(os.environ, OUT=str(tmp_path)))
+    out = subprocess.run([sys.executable, "bench.py", "--device", "cupy", "--dry"], cwd=HERE,
+                         capture_output=True, text=True, env=dict(os.environ, OUT=str(tmp_path)))
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     models = [c["model"] for c in report["comparisons"]]
@@ -2761,17 +2775,17 @@ def test_train_cached_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
     small = dict(TINY, family="haar", d=2)
     whole = figures.train_cached(ctx, "block", "whole", **small)
-    real, calls = train._checkpoint, []
+    real, calls = runs.save_checkpoint, []
 
     def killed(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(train, "_checkpoint", killed)
+    monkeypatch.setattr(runs, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         figures.train_cached(ctx, "block", "cut", **small)
-    monkeypatch.setattr(train, "_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     capsys.readouterr()
     again = figures.train_cached(ctx, "block", "cut", **small)
     assert "resuming block" in capsys.readouterr().err
@@ -2787,7 +2801,7 @@ def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
     first = figures.train_cached(ctx, "pe-only", "pe", **small)
     path = os.path.join(first["dir"], "params.npz")
     stamp = os.stat(path).st_mtime_ns
-    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
+    monkeypatch.setattr(runs, "code_fingerprint", lambda names: "0" * 40)
     figures.train_cached(ctx, "pe-only", "pe", **small)
     assert os.stat(path).st_mtime_ns != stamp
     stamp = os.stat(path).st_mtime_ns
@@ -2818,7 +2832,7 @@ def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path
     assert ctx.timings[1]["seconds"] == ctx.timings[0]["seconds"] > 0
     get({"d": 3})
     assert len(calls) == 2  # other settings
-    monkeypatch.setattr(train, "code_fingerprint", lambda: "0" * 40)
+    monkeypatch.setattr(runs, "code_fingerprint", lambda names: "0" * 40)
     get({"d": 3})
     assert len(calls) == 3  # other code of icar, theory or train
     monkeypatch.setattr(figures, "figures_fingerprint", lambda: "1" * 40)
@@ -2885,7 +2899,7 @@ def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
     import figures
     monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3)))
     set_up = []
-    monkeypatch.setattr(fused, "set_up_process", lambda: set_up.append(1))
+    monkeypatch.setattr(runs, "set_up_process", lambda: set_up.append(1))
     real = figures.compute_r2r3
     monkeypatch.setattr(figures, "compute_r2r3", lambda **kw: (figures.time.sleep(0.5), real(**kw))[1])
     argv = ["r2r3", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]
@@ -2963,14 +2977,14 @@ _KEYS = r"params must be a dict with keys"
     (lambda: icar.positional_attention(_LAYER, np.ones((5, 2))), r"layer must be a dict with keys"),
     (lambda: icar.transformer(_M4, _S, {"heads": 2}), r"cfg must be a dict with keys"),
     (lambda: theory.population_loss_and_grad({"A": _M2["A"], "B": _M2["B"]}, "unitary"), _KEYS),
-    (lambda: train.weight_blocks("block", {"A": np.eye(2)}, 2), _KEYS),
-    (lambda: train.weight_blocks("augmented", {"W_out": 1, "b_out": 1}, 2), _KEYS),
-    (lambda: train.weight_blocks("augmented", dict(_M4, layers=[_LAYER]), 2),
+    (lambda: evaluate.weight_blocks({"A": np.eye(2)}, 2), _KEYS),
+    (lambda: evaluate.weight_blocks({"W_out": 1, "b_out": 1}, 2), _KEYS),
+    (lambda: evaluate.weight_blocks(dict(_M4, layers=[_LAYER]), 2),
      r"params\['layers'\]\[0\] must be a dict with keys"),
-    (lambda: train.weight_blocks("nonaug", _M4, 2), r"unknown experiment 'nonaug'"),
-    (lambda: train.previous_token_share(_M4, 5), _KEYS + r".*'pos'"),
-    (lambda: train.readout_r2(_M4, dict(_CFG, positional=True), _S[:, :-1], _S[:, :-1]), _KEYS),
-    (lambda: train.readout_r2(_M4, _CFG, _S[:, :-1], _S[:, :-2]), r"s_fit and s_eval must have the same T"),
+    (lambda: evaluate.weight_blocks(dict(_M4, pos=np.zeros((5, 2))), 2), _KEYS),
+    (lambda: evaluate.previous_token_share(_M4, 5), _KEYS + r".*'pos'"),
+    (lambda: evaluate.readout_r2(_M4, dict(_CFG, positional=True), _S[:, :-1], _S[:, :-1]), _KEYS),
+    (lambda: evaluate.readout_r2(_M4, _CFG, _S[:, :-1], _S[:, :-2]), r"s_fit and s_eval must have the same T"),
     # lists and integer arrays where float or complex arrays are expected
     (lambda: icar.mse([1.0, 2.0], [1.0, 2.0]), r"f must be a float or complex array, got list"),
     (lambda: icar.diagonal_heads(_M2, _S.tolist()), r"s must be a float or complex array, got list"),
@@ -2983,27 +2997,27 @@ _KEYS = r"params must be a dict with keys"
      r"C must be a float or complex array, got list"),
     (lambda: theory.population_loss(np.eye(2), np.eye(4, dtype=int), "unitary"), r"P must be a float or complex"),
     (lambda: theory.pe_only_loss([[0.0, 0.0], [0.0, 1.0]], mu=2.0), r"P must be a float or complex array"),
-    (lambda: train.least_squares(_S.tolist()), r"s must be a float or complex array, got list"),
-    (lambda: train.baselines(np.ones((3, 5, 2), dtype=int), _W), r"s must be a float or complex array, got int"),
+    (lambda: evaluate.least_squares(_S.tolist()), r"s must be a float or complex array, got list"),
+    (lambda: evaluate.baselines(np.ones((3, 5, 2), dtype=int), _W), r"s must be a float or complex array, got int"),
     # 2-D data or mismatched shapes
     (lambda: icar.mse(np.ones((2, 3)), np.ones(3)), r"f and y must have the same shape.*\(2, 3\), y \(3,\)"),
     (lambda: theory.eigen_coordinates(np.ones((5, 2))), r"s must have shape \[n, T, d\]"),
     (lambda: theory.population_loss_and_grad({"A": np.ones((2, 3)), "B": np.ones((2, 4)), "P": np.eye(4)},
                                              "unitary"), r"A and B must have the same shape \[H, d\]"),
-    (lambda: train.optimal_gd_step(_S[0]), r"s must have shape \[n, T, d\]"),
-    (lambda: train.optimal_gd_step(_S[:, :1]), r"s must have shape \[n, T\+1, d\] with T >= 1"),
-    (lambda: train.least_squares(_S[0]), r"s must have shape \[n, T, d\]"),
-    (lambda: train.baselines(_S[0], _W), r"s must have shape \[n, T, d\]"),
-    (lambda: train.baselines(_S, _W[:, :1]), r"W must have shape \[n, d, d\]"),
-    (lambda: train.probe(lambda x: x, _S[0]), r"s must have shape \[n, T, d\]"),
-    (lambda: train.probe(lambda x: x, _S, eta=np.ones(3)), r"eta must have shape \[T\]"),
-    (lambda: train.probe(None, _S), r"predict must be a function"),
+    (lambda: evaluate.optimal_gd_step(_S[0]), r"s must have shape \[n, T, d\]"),
+    (lambda: evaluate.optimal_gd_step(_S[:, :1]), r"s must have shape \[n, T\+1, d\] with T >= 1"),
+    (lambda: evaluate.least_squares(_S[0]), r"s must have shape \[n, T, d\]"),
+    (lambda: evaluate.baselines(_S[0], _W), r"s must have shape \[n, T, d\]"),
+    (lambda: evaluate.baselines(_S, _W[:, :1]), r"W must have shape \[n, d, d\]"),
+    (lambda: evaluate.probe(lambda x: x, _S[0]), r"s must have shape \[n, T, d\]"),
+    (lambda: evaluate.probe(lambda x: x, _S, eta=np.ones(3)), r"eta must have shape \[T\]"),
+    (lambda: evaluate.probe(None, _S), r"predict must be a function"),
     # NaN or inf data in entry points that are not differentiated
-    (lambda: train.optimal_gd_step(_NAN), r"s must be finite"),
-    (lambda: train.least_squares(_NAN), r"s must be finite"),
-    (lambda: train.baselines(_NAN, _W), r"s must be finite"),
-    (lambda: train.baselines(_S, _W * np.inf), r"W must be finite"),
-    (lambda: train.probe(lambda x: x, _NAN), r"s must be finite"),
+    (lambda: evaluate.optimal_gd_step(_NAN), r"s must be finite"),
+    (lambda: evaluate.least_squares(_NAN), r"s must be finite"),
+    (lambda: evaluate.baselines(_NAN, _W), r"s must be finite"),
+    (lambda: evaluate.baselines(_S, _W * np.inf), r"W must be finite"),
+    (lambda: evaluate.probe(lambda x: x, _NAN), r"s must be finite"),
     (lambda: theory.eigen_coordinates(_NAN), r"s must be finite"),
     (lambda: theory.population_loss_and_grad(dict(_M2, P=np.full((5, 5), np.nan)), "unitary"), r"P must be finite"),
     (lambda: theory.pe_only_loss(np.full((4, 4), np.inf), mu=2.0), r"P must be finite"),
@@ -3014,9 +3028,9 @@ _KEYS = r"params must be a dict with keys"
     (lambda: icar.init_params("pe_only", rng(), T=3, scale=True), r"scale must be a finite number >= 0, got True"),
     (lambda: theory.gd_step_size(True, 5), r"T must be an integer >= 2, got True"),
     (lambda: theory.gd_loss(5, 3, eta=True), r"eta must be a finite number, got True"),
-    (lambda: train.optimal_gd_step(_S, k=True), r"k must be an integer >= 1, got True"),
-    (lambda: train.least_squares(_S, rtol=True), r"rtol must be a finite number >= 0, got True"),
-    (lambda: train.baselines(_S, _W, gd_steps=True), r"gd_steps must be an integer >= 0, got True"),
+    (lambda: evaluate.optimal_gd_step(_S, k=True), r"k must be an integer >= 1, got True"),
+    (lambda: evaluate.least_squares(_S, rtol=True), r"rtol must be a finite number >= 0, got True"),
+    (lambda: evaluate.baselines(_S, _W, gd_steps=True), r"gd_steps must be an integer >= 0, got True"),
 ])
 def test_library_functions_reject_bad_input_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,388 @@
+"""runs: the disk and shell boundary of icar's command lines. Imports no project module.
+
+Files: every result is written atomically (atomic_write: a unique temporary file in the
+target folder, then a rename) and read back through read_file, which turns every way a
+file can be missing or damaged into one FileFault naming it. Run folders: run_folder,
+prepare_folder, replace_run (a fresh run replaces an earlier one only after its first
+checkpoint), save_checkpoint / load_checkpoint. Shell: Parser (argparse with one-line
+errors), one_line_errors (the error -> exit status mapping of every command line),
+run_command, Progress, and the process set-up of training (set_up_process).
+
+Exit statuses: 0 done; 1 a fault of the machine or of a file (FileFault, OSError, out of
+memory), a diverged run or failed sweep points; 2 a bad argument (ValueError); 130 an
+interruption.
+"""
+import argparse
+import ctypes
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy
+
+
+# ----------------------------------------------------------------------------- files
+
+class FileFault(Exception):
+    """A file that cannot be written (a full disk, no permission) or read back (truncated,
+    empty, foreign): a fault of the machine or of the file, not of the settings (exit status 1)."""
+
+
+def atomic_write(path, write):
+    """write(binary file) into a new temporary file beside path (created exclusively, with a
+    unique name, flushed to disk), then rename it to path: a reader sees the old or the new
+    file, never a partial one. Creates path's folder if needed; FileFault naming path if the
+    disk refuses."""
+    tmp = None
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FileFault(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_file(path, what, read):
+    """read(path), with every way the file can be missing, damaged or foreign turned into one
+    FileFault naming the file and what it should have been."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise FileFault(f"{path}: no such file (expected {what})") from None
+    except json.JSONDecodeError as e:
+        raise FileFault(f"{path}: not valid JSON ({e}); expected {what}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "truncated, empty or not this kind of file"
+        raise FileFault(f"{path}: cannot be read as {what} ({why})") from None
+
+
+def load_json(path, what="a JSON file"):
+    def read(p):
+        with open(p, "rb") as f:
+            return json.loads(f.read())
+    return read_file(path, what, read)
+
+
+def save_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_json(path, obj):
+    save_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def save_npz(path, arrays):
+    """numpy.savez, with every entry dated 1980-01-01 (zip's first date) instead of now: the
+    bytes depend on the arrays only, so a run writes the same file whenever, and in whichever
+    process, it ran."""
+    def write(f):
+        packed = io.BytesIO()
+        numpy.savez(packed, **arrays)
+        with zipfile.ZipFile(packed) as z, zipfile.ZipFile(f, "w", allowZip64=True) as out:
+            for name in z.namelist():
+                with z.open(name) as src, out.open(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)),
+                                                   "w", force_zip64=True) as dst:
+                    shutil.copyfileobj(src, dst)
+    atomic_write(path, write)
+
+
+def load_npz(path, what="a .npz file of arrays"):
+    def read(p):
+        with numpy.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    return read_file(path, what, read)
+
+
+def flatten(tree, prefix=""):
+    """A nested dict / list of arrays as {"a/0/b": array}: the names of .npz files."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}/").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in flatten(sub, f"{prefix}{i}/").items()}
+    return {prefix[:-1]: numpy.asarray(tree)}
+
+
+def unflatten(flat):
+    """The inverse of flatten (dicts keyed 0..k-1 become lists)."""
+    tree = {}
+    for key, value in flat.items():
+        node, parts = tree, key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def lists(node):  # dicts keyed 0..k-1 were lists
+        if not isinstance(node, dict):
+            return node
+        node = {k: lists(v) for k, v in node.items()}
+        if node and all(k.isdigit() for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+    return lists(tree)
+
+
+def code_fingerprint(names):
+    """SHA-1 of the project files `names` (beside this file): a result made by other code is
+    stale."""
+    digest = hashlib.sha1()
+    for name in names:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def versions(names):
+    """Python, NumPy and autograd versions and the fingerprint of the code `names`."""
+    out = {"python": platform.python_version(), "code": code_fingerprint(names)}
+    for package in ("numpy", "autograd"):
+        out[package] = importlib.metadata.version(package)
+    return out
+
+
+def load_run(run_dir):
+    """The result of a run read back from its folder: config, params, metrics, dir."""
+    cfg = load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
+    metrics = {k: (float(v) if v.ndim == 0 else v)
+               for k, v in load_npz(os.path.join(run_dir, "metrics.npz"), "a run's metrics").items()}
+    params = unflatten(load_npz(os.path.join(run_dir, "params.npz"), "a run's parameters"))
+    return {"config": cfg, "params": params, "metrics": metrics, "dir": run_dir}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, step, params, opt, rng, perm, pos, history):
+    """Write a training state: host parameters and Adam state (opt, or None for GD), the
+    minibatch generator, the epoch's permutation and position in it, the loss history."""
+    arrays = {f"params/{k}": v for k, v in flatten(params).items()}
+    if opt is not None:
+        arrays.update({f"opt/{k}": v for k, v in flatten({"m": opt["m"], "v": opt["v"]}).items()})
+        arrays["opt_t"] = numpy.asarray(opt["t"])
+    arrays.update(step=numpy.asarray(step), rng=numpy.asarray(json.dumps(rng.bit_generator.state)),
+                  perm=numpy.asarray(perm, dtype=numpy.int64), pos=numpy.asarray(pos),
+                  **{f"history/{k}": numpy.asarray(v) for k, v in history.items()})
+    save_npz(path, arrays)
+
+
+def load_checkpoint(path, move):
+    """(step, params, opt, rng, perm, pos, history) of save_checkpoint, arrays passed through
+    move (e.g. an array module's asarray); FileFault naming path if incomplete."""
+    z = load_npz(path, "a checkpoint")
+    def group(name, move=move):
+        return unflatten({k[len(name) + 1:]: move(v) for k, v in z.items() if k.startswith(name + "/")})
+
+    try:
+        opt = dict(group("opt"), t=int(z["opt_t"])) if "opt_t" in z else None
+        rng = numpy.random.default_rng()
+        rng.bit_generator.state = json.loads(str(z["rng"]))
+        history = {k: list(v) for k, v in group("history", move=numpy.asarray).items()}
+        return int(z["step"]), group("params"), opt, rng, z["perm"], int(z["pos"]), history
+    except (KeyError, ValueError, TypeError) as e:
+        raise FileFault(f"{path}: an incomplete checkpoint ({type(e).__name__}: {e})") from None
+
+# ----------------------------------------------------------------------------- run folders
+
+RUN_FILES = ("config.json", "checkpoint.npz", "params.npz", "metrics.npz")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*")
+
+
+def run_folder(runs_dir, name):
+    """runs_dir/name, where name must be one plain folder name, so that a run writes (and
+    replaces) files inside runs_dir only."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"run name {name!r} must be one plain folder name: letters, digits and "
+                         f"_ . , = + -, not starting with '.' or '-'")
+    return os.path.join(runs_dir, name)
+
+
+def prepare_folder(run_dir):
+    """Create run_dir; ValueError if it cannot hold a run's files (a bad --runs_dir or name)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the run folder {run_dir} ({e.strerror or e}); "
+                         f"expected a writable folder") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"the run folder {run_dir} is not writable; expected a writable folder")
+    for f in RUN_FILES:
+        if os.path.isdir(os.path.join(run_dir, f)):
+            raise ValueError(f"{os.path.join(run_dir, f)} is a folder; a run writes a file there")
+    if os.path.exists(os.path.join(run_dir, ".replaced")):
+        raise ValueError(f"{os.path.join(run_dir, '.replaced')} holds an earlier run's files, set "
+                         f"aside by an interrupted start; move them back or delete the folder")
+def replace_run(stage, run_dir):
+    """Move a fresh run's files from stage into run_dir, in place of an earlier run's. The
+    earlier files are first renamed into run_dir/.replaced, then removed: an interruption in
+    between leaves every file on disk (prepare_folder then says where)."""
+    aside = os.path.join(run_dir, ".replaced")
+    try:
+        os.makedirs(aside)
+        for f in RUN_FILES:
+            if os.path.exists(os.path.join(run_dir, f)):
+                os.replace(os.path.join(run_dir, f), os.path.join(aside, f))
+        for f in os.listdir(stage):
+            os.replace(os.path.join(stage, f), os.path.join(run_dir, f))
+        os.rmdir(stage)
+        shutil.rmtree(aside)
+    except OSError as e:
+        raise FileFault(f"cannot move the new run into {run_dir}: {e.strerror or e}") from None
+
+# ----------------------------------------------------------------------------- command lines
+
+class Progress:
+    """One updating line on a terminal, plain periodic lines otherwise, nothing when quiet."""
+
+    def __init__(self, total, quiet, stream=sys.stderr):
+        self.total, self.quiet, self.stream = total, quiet, stream
+        self.tty = stream.isatty()
+        self.first = None  # (step, time) of the first report: rates exclude start-up
+
+    def show(self, step, train, test, final=False):
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        line = f"step {step}/{self.total}  train {train:.4g}  test {test:.4g}"
+        if done > 0 and elapsed > 0:  # no rate before a second report
+            rate = done / elapsed
+            line += f"  {rate:.1f} steps/s  left {(self.total - step) / rate:.0f} s"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(78) + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad argument raises ValueError, which one_line_errors prints as one line
+    with exit status 2."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+class SweepIncomplete(Exception):
+    """Points of a sweep that failed or have no finished run: `lines` (one per point) and
+    `table`, the summary of the finished ones (None if none was summarised). Exit status 1."""
+
+    def __init__(self, lines, table=None):
+        super().__init__("; ".join(lines))
+        self.lines, self.table = lines, table
+
+
+def one_line_errors(prefix, command):
+    """command() -> exit status, with every error one line on stderr after prefix: 2 for a bad
+    argument (ValueError), 1 for a ValueError whose class says `exit_status = 1` (a diverged
+    run: the settings were valid), failed sweep points or a fault of the machine or of a
+    file, 130 for an interruption. The command lines of train, sweep, bench and figures."""
+    try:
+        return command()
+    except BrokenPipeError:  # the reader of stdout went away: run_command ends quietly
+        raise
+    except SweepIncomplete as e:
+        if e.table is not None:
+            print(e.table)
+        for line in e.lines:
+            print(f"{prefix}: {line}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return getattr(e, "exit_status", 2)
+    except (FileFault, OSError, MemoryError) as e:
+        print(f"{prefix}: {fault_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted; every file already written is intact (train.py --resume "
+              "and figures.py continue from the last checkpoint)", file=sys.stderr)
+        return 130
+
+
+def fault_line(e):
+    """One line for a fault of the machine or of a file."""
+    if isinstance(e, MemoryError):
+        return "out of memory: try fewer sequences (n_train, n_test, batch) or a smaller model"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+def run_command(main):
+    """sys.exit(main()), quietly when the reader of standard output goes away first
+    (`python train.py --help | head`)."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        status = 0
+    sys.exit(status)
+
+# ----------------------------------------------------------------------------- process
+
+def tune_allocator():
+    """Let glibc's malloc keep freed memory for the next step; True where it took effect.
+
+    By default glibc serves blocks over 128 kB with fresh pages from the system (raising
+    that threshold only after freeing such a block) and returns freed memory at the top of
+    its heap, so each training step pays page faults on its temporaries: a fresh process
+    runs the pe-only step about twice as slowly. Up to 32 MB blocks come from the heap and
+    up to 1 GB of freed memory is kept after this call. Elsewhere (no glibc) it does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def set_blas_threads(k):
+    """Set the number of threads of the OpenBLAS that NumPy calls; return the previous number,
+    or None where none is found (another BLAS, or no /proc/self/maps).
+
+    fused.transformer runs batch slices in its own threads (THREADS); OpenBLAS threading each of
+    their small products as well puts more threads than cores to work, and on a machine
+    with other load a threaded product waits for its descheduled helper: steps then take
+    2-3 times longer at random. The benchmark times every workload with one BLAS thread.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{name}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{name}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    previous = get()
+                    put(k)
+                    return previous
+    return None
+
+
+def set_up_process():
+    """What the command lines do before training: one BLAS thread (transformer runs batch
+    slices in THREADS threads of its own; BLAS threads on top of them oversubscribe the
+    cores, and a step then takes 2-3 times longer at random) and glibc's allocator keeping
+    freed memory between steps (tune_allocator). Both change this process only."""
+    set_blas_threads(1)
+    tune_allocator()

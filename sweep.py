@@ -1,0 +1,281 @@
+"""sweep: one training run per point of a grid of settings, and the summary table.
+
+    python sweep.py EXPERIMENT --sweep KEY=V1,V2,... [--sweep ...] [train.py's options]
+                    [--jobs N] [--list] [--summary]
+
+One run of train.py per point of the product grid, in runs/NAME/KEY=V,.../ (NAME: the
+experiment unless --name), then a summary table printed and saved as runs/NAME/summary.json.
+The sweeps of paper.md:
+    python sweep.py augmented --sweep layers=1,2,3,4 --sweep attention=linear,softmax --sweep sigma=0,0.1
+    python sweep.py nonaug --sweep heads=1,2,4,8,16,32,64 --sweep attention=linear,softmax --sweep sigma=0,0.1
+    python sweep.py pe-only --sweep mu=50,100,200,300                        (Fig. 6)
+The augmented summary puts each depth L next to k = L steps of GD with the optimal step.
+`--jobs N` runs the points in N processes; `--list` prints one train.py command per point (for
+a cluster) and runs nothing; `--summary` rebuilds the summary from the points' folders.
+Every point is checked before the first starts. A point that fails does not stop the others;
+the sweep then exits 1 naming it.
+"""
+import concurrent.futures
+import itertools
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+
+import numpy
+
+import fused
+import runs
+import train
+from runs import SweepIncomplete
+
+def _plan(experiment, grid, preset, runs_dir, name, overrides):
+    """Check every point of the product grid {option: [values]} (settings, and the model built
+    once on two sequences) before anything runs; return (folder of the sweep, [(point name
+    K=V,..., point settings)])."""
+    if not grid:
+        raise ValueError("sweep needs at least one option with values")
+    clash = set(grid) & set(overrides)
+    if clash:
+        raise ValueError(f"option(s) {sorted(clash)} are both swept and fixed; give each once")
+    keys = list(grid)
+    for k in keys:
+        values = [train.config(experiment, preset, **overrides, **{k: v})[k] for v in grid[k]]
+        if not values or len(set(values)) < len(values):
+            raise ValueError(f"--sweep {k} needs distinct values, got {list(grid[k])}")
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    base = runs.run_folder(runs_dir, experiment if name is None else name)
+    plan = [(",".join(f"{k}={v}" for k, v in point.items()), point) for point in points]
+    for sub, point in plan:
+        runs.run_folder(base, sub)
+        train.check_run(experiment, train.config(experiment, preset, **overrides, **point))
+    return base, plan
+
+
+def _summarize(experiment, grid, base, results):
+    """Write base/summary.json of the finished points' results; return the printable table."""
+    rows = [_summary_row(experiment, r, list(grid)) for r in results]
+    runs.save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
+    columns = list(rows[0])
+    return "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
+                     ["  ".join(f"{train.fmt(row[c]):>14}" for c in columns) for row in rows])
+
+
+def _run_point(experiment, preset, base, sub, resume, threads, overrides):
+    """One sweep point in a worker process that shares the machine's cores with the others:
+    `threads` threads of its own (fused.THREADS), one BLAS thread. Returns None, or the
+    failure as one line (the other points go on)."""
+    fused.THREADS = threads
+    runs.set_up_process()
+    try:
+        train.run(experiment, preset, base, sub, resume, True, **overrides)
+    except (ValueError, runs.FileFault, OSError, MemoryError) as e:
+        return runs.fault_line(e)
+    return None
+
+
+def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
+          jobs=1, **overrides):
+    """One run per point of the product of grid {option: [values]}, in runs_dir/name/K=V,.../,
+    in this process (jobs=1) or in `jobs` worker processes, each with cores // jobs threads.
+
+    Returns (results, table): the list of run results, read back from disk whichever way they
+    ran, and the summary text (also saved as summary.json next to the runs). Every point is
+    checked before the first starts (ValueError). A point that fails (Diverged, a full disk)
+    does not stop the others: once all ran, the finished ones are summarised and
+    SweepIncomplete names the failed ones.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= train.MAX_INT:
+        raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    for sub, _ in plan:
+        runs.prepare_folder(runs.run_folder(base, sub))
+    failed = {}
+    if jobs == 1:
+        for sub, point in plan:
+            if not quiet:
+                print(f"-- {experiment} {sub}", file=sys.stderr)
+            try:
+                train.run(experiment, preset, base, sub, resume, quiet, **overrides, **point)
+            except (ValueError, runs.FileFault, OSError, MemoryError) as e:
+                failed[sub] = runs.fault_line(e)
+    else:
+        failed = _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrides)
+    results = [runs.load_run(runs.run_folder(base, sub)) for sub, _ in plan if sub not in failed]
+    table = _summarize(experiment, grid, base, results) if results else None
+    if failed:
+        raise SweepIncomplete([f"point {sub} failed: {why}" for sub, why in failed.items()], table)
+    return results, table
+
+
+def _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrides):
+    """Run the points of plan in `jobs` spawned processes, at most `jobs` at a time, with one
+    progress line per point started and finished; return {point: failure line}."""
+    workers = min(jobs, len(plan))
+    threads = max(1, fused.cores() // workers)
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    failed, running, todo = {}, {}, list(plan)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        try:
+            while todo or running:
+                while todo and len(running) < workers:
+                    sub, point = todo.pop(0)
+                    say(f"-- {experiment} {sub}: started (threads={threads})")
+                    running[pool.submit(_run_point, experiment, preset, base, sub, resume,
+                                        threads, {**overrides, **point})] = (sub, time.perf_counter())
+                done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+                for future in done:
+                    sub, t0 = running.pop(future)
+                    try:
+                        why = future.result()
+                    except Exception as e:  # a worker that died (killed, out of memory)
+                        why = f"its worker process stopped ({type(e).__name__}: {e})"
+                    if why is not None:
+                        failed[sub] = why
+                    say(f"-- {experiment} {sub}: {'failed' if why else 'finished'} "
+                        f"({time.perf_counter() - t0:.1f} s)")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return failed
+
+
+def summary(experiment, grid, preset="quick", runs_dir="runs", name=None, **overrides):
+    """(results, table) of a sweep whose points ran elsewhere (sweep_commands), read from
+    runs_dir/name/K=V,.../ without training; summary.json is written only when every point
+    has a finished run of its settings, else SweepIncomplete names the others (no file touched)."""
+    base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    results, missing = [], []
+    for sub, point in plan:
+        folder = runs.run_folder(base, sub)
+        try:
+            result = runs.load_run(folder)
+        except runs.FileFault as e:
+            missing.append(f"point {sub} has no finished run: {e}")
+            continue
+        want = dict(train.config(experiment, preset, **overrides, **point), experiment=experiment,
+                    preset=preset)
+        have = result["config"]
+        other = sorted(k for k in (set(want) | set(have)) - train.NOT_RESULT - {"versions"}
+                       if want.get(k) != have.get(k))
+        if other:
+            missing.append(f"point {sub}: {folder} holds a run of other settings {other}")
+            continue
+        results.append(result)
+    if missing:
+        raise SweepIncomplete(missing)
+    return results, _summarize(experiment, grid, base, results)
+
+
+def sweep_commands(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False,
+                   quiet=False, **overrides):
+    """One shell command per point of the sweep (for a cluster's job array or GNU parallel),
+    each a plain run writing runs_dir/name/K=V,.../ as `sweep` does, with absolute paths so
+    that it runs from any folder. Checks every point as `sweep` does; writes nothing."""
+    base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = [sys.executable, os.path.join(here, "train.py"), experiment, "--preset", preset,
+            "--runs_dir", os.path.abspath(base)]
+    flags = ["--resume"] * resume + ["--quiet"] * quiet
+    return [" ".join(shlex.quote(a) for a in head + ["--name", sub] + flags + [
+        a for k, v in {**overrides, **point}.items() for a in (f"--{k}", str(v))])
+        for sub, point in plan]
+
+
+def _loss_positions(cfg, experiment):
+    """The positions the training loss averages over."""
+    if cfg["loss"] == "last":
+        return slice(-1, None)
+    return slice(train.EXPERIMENTS[experiment].first, None)
+
+
+def _summary_row(experiment, result, swept=()):
+    cfg, m = result["config"], result["metrics"]
+    row = {k: cfg[k] for k in (*swept, "layers", "heads", "attention", "sigma") if k in cfg}
+    if experiment == train.POPULATION:
+        row["loss"] = float(m["train_loss"][-1])
+        return row
+    at = _loss_positions(cfg, experiment)
+    row["test_loss"] = float(numpy.mean(m["test_loss_position"][at]))
+    if train.EXPERIMENTS[experiment].depth_vs_gd and f"baseline_gd{cfg['layers']}" in m:
+        row["gd_k=L"] = float(numpy.mean(m[f"baseline_gd{cfg['layers']}"][at]))
+    row["gd1"] = float(numpy.mean(m["baseline_gd1"][at]))
+    row["least_squares"] = float(numpy.mean(m["baseline_least_squares"][at]))
+    return row
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _grid(experiment, preset, specs):
+    """{option: [values]} of the --sweep KEY=V1,V2,... specs, each value of the option's type."""
+    cfg, grid = train.config(experiment, preset), {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ValueError(f"--sweep needs KEY=V1,V2,..., got {spec!r}")
+        key, values = spec.split("=", 1)
+        key = key.replace("-", "_")
+        if key in grid:
+            raise ValueError(f"--sweep {key} is given twice; give all its values in one --sweep")
+        if key not in cfg:
+            raise ValueError(f"unknown option --{key}; allowed: {', '.join('--' + k for k in cfg)}")
+        kind = train.OPTIONS[key][0]
+        try:
+            grid[key] = [kind(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--sweep {key} needs {kind.__name__} values, got {values!r}") from None
+    return grid
+
+
+def main(argv=None):
+    """Command line of a sweep; returns the exit status (2: bad arguments; 1: failed points)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def command():
+        if not argv or argv[0] in ("-h", "--help"):
+            if not argv:
+                raise ValueError(f"name an experiment ({', '.join(train.COMMANDS)}); --help for more")
+            print(__doc__.strip())
+            return 0
+        experiment, args = argv[0], argv[1:]
+        p = train.parser(experiment, prog="python sweep.py")
+        p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="one run per value; repeat for a product grid")
+        p.add_argument("--jobs", type=int, action=train.Once, help="run the points in N worker processes")
+        p.add_argument("--list", action="store_true", help="print one train.py command per point; run nothing")
+        p.add_argument("--summary", action="store_true", help="rebuild the summary from the points' folders")
+        parsed = train.parse(args, p)
+        if parsed is None:
+            return 0
+        flags, overrides, ns = parsed
+        if not ns["sweep"]:
+            raise ValueError("give --sweep KEY=V1,V2,... (one run: python train.py)")
+        for flag in ("list", "summary"):
+            if args.count(f"--{flag}") > 1:
+                raise ValueError(f"option --{flag} is given twice; give each option once")
+        jobs, listing, summarise = ns["jobs"], ns["list"], ns["summary"]
+        if jobs is not None and not 1 <= jobs <= train.MAX_INT:
+            raise ValueError(f"option --jobs needs a whole number of processes >= 1, got {jobs}")
+        given = {"list": listing, "summary": summarise, "jobs": jobs is not None, "resume": flags["resume"]}
+        for a, b in (("list", "jobs"), ("list", "summary"), ("summary", "jobs"), ("summary", "resume")):
+            if given[a] and given[b]:
+                raise ValueError(f"--{a} runs no training, so --{b} has no use with it; give one of them")
+        grid = _grid(experiment, flags["preset"], ns["sweep"])
+        clash = set(grid) & set(overrides)
+        if clash:
+            raise ValueError(f"option(s) {sorted(clash)} are both swept and fixed; give each once")
+        if listing:
+            print("\n".join(sweep_commands(experiment, grid, **flags, **overrides)))
+        elif summarise:
+            del flags["resume"], flags["quiet"]
+            print(summary(experiment, grid, **flags, **overrides)[1])
+        else:
+            runs.set_up_process()
+            print(sweep(experiment, grid, jobs=jobs or 1, **flags, **overrides)[1])
+        return 0
+    return runs.one_line_errors("sweep.py", command)
+
+
+if __name__ == "__main__":
+    runs.run_command(main)
