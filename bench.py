@@ -480,6 +480,7 @@ def main(argv=None):
             out = args.out or os.environ.get("OUT") or "."
             if not os.path.isdir(out):
                 raise ValueError(f"--out {out!r}: no such folder")
+            runs.check_regular(os.path.join(out, "gpu_check.json"), "--out's gpu_check.json")
             return gpu_check(args.dry, out)
         repeats = 5 if args.repeats is None else args.repeats
         if not 1 <= repeats <= MAX_REPEATS:
@@ -489,6 +490,8 @@ def main(argv=None):
             raise ValueError(f"--json {args.json!r}: no such folder")
         if args.json and os.path.isdir(args.json):
             raise ValueError(f"--json {args.json!r} is a folder; expected a file name")
+        if args.json:  # before the minutes of timing: never written through a link or a device
+            runs.check_regular(args.json, "--json")
         result = run_benchmark(workloads, repeats, args.micro or 0, args.dtype or "float32",
                                tune=not args.no_tune_allocator)
         if args.json:

@@ -18,12 +18,26 @@ The probe differentiates with respect to the current state in its role as the qu
 in-context mapping, f_r = Gamma(context) x_r, holding the context (which also contains s_r)
 fixed; the total derivative d f_r / d s_r would add d Gamma / d s_r terms (for M1 with
 A = I, B = eta I: eta (s_{r-1}^* s_r) I).
+
+Causal tests (paper.md section 6: does a model learn in context, or read W off a known start?),
+for any model as predict(x) (`model_predictor`, chosen by `model_kind`):
+    influence_map        [T, T] mean ||d f_r / d x_t||_F, of the output or of an M4 stream (m4_streams)
+    score                per-position losses next to least squares, k GD steps and zero, on the
+                         same (possibly intervened) data: a start of the other law
+                         (icar.sample_sequences with the other s1), switch_context (W -> W2 at
+                         position k), replace_tokens (states from another sequence)
+    head_ablation        [L, H] loss of an M4 with one head's value map removed
+    linear_probe_w       R^2 of a ridge read-out of vec(W) from features; stream_w_r2 per M4
+                         stream and position
+    fresh_query_probe    the map applied to a fresh current state (in every role), context
+                         fixed: reads one GD step and its step size where `probe`'s query-only
+                         derivative points away from W (raw-token M4 without residual; see there)
 """
 import math
 
 import autograd.numpy as np
 import numpy
-from autograd import grad
+from autograd import grad, make_vjp
 
 import icar
 
@@ -133,6 +147,8 @@ def baselines(s, W, gd_steps=4):
     """Per-position test losses [T] on sequences s [n, T+1, d] with context matrices W [n, d, d]:
     "oracle" (W s_r), "least_squares", "gd1".."gd{gd_steps}" (k GD steps from 0 with the
     optimal step per position), "last_value" (s_r), "zero"; in float64 whatever s's dtype."""
+    if W is None:
+        raise ValueError("W must be the context matrices [n, d, d] of s, got None")
     _check_sequences(s, W)
     gd_steps = icar.check_int("gd_steps", gd_steps, 0)
     s, W = _float64(s), _float64(W)
@@ -193,6 +209,13 @@ def probe(predict, s, W=None, eta=None):
     (ls) and one-step GD (gd1) with step eta [T] (default: the optimal step on s); NaN where
     the reference is 0. References and statistics are computed in float64 / complex128;
     Gamma keeps the model's dtype.
+
+    This asks how f_r moves with x_r AS THE QUERY only. Where a model reads its current state
+    elsewhere (a raw-token M4 without residual reads it through the value of key t = r, and
+    LayerNorm makes its query path nearly scale-free), the answer is not the in-context map:
+    cosine -0.48 to W for a quick random-start two-layer raw-token M4 that learns in context.
+    `fresh_query_probe` asks the better-posed question (the map applied to a fresh state in
+    every role, context fixed); its docstring gives the numbers.
     """
     if not callable(predict):
         raise ValueError(f"predict must be a function x [n, T, d] -> [n, T, d], got {type(predict).__name__}")
@@ -216,7 +239,14 @@ def probe(predict, s, W=None, eta=None):
     refs = {"ls": least_squares(host), "gd1": eta[None, :, None, None] * C}
     if W is not None:
         refs = dict(W=numpy.broadcast_to(_float64(W)[:, None], G.shape), **refs)
-    out = {"Gamma": Gamma}
+    return dict(Gamma=Gamma, **_compare(G, refs))
+
+
+def _compare(G, refs):
+    """err_<name>, cos_<name> [T] of maps G [n, T, d, d] to each reference R [n, T, d, d] of
+    refs: the relative Frobenius error ||G - R|| / ||R|| and the cosine (real part of the
+    Frobenius inner product), averaged over sequences; NaN where R is 0 for every sequence."""
+    out = {}
     norm_G = numpy.linalg.norm(G, axis=(2, 3))                           # [n, T]
     for name, R in refs.items():
         norm_R = numpy.linalg.norm(R, axis=(2, 3))                       # [n, T]
@@ -322,6 +352,7 @@ def mechanism(params, cfg, s_fit, s_eval):
     """mech_prev_share [H] and mech_readout_r2 [T] of a positional M4 (cfg: its
     icar.transformer_config): the read-out is fitted on inputs s_fit and scored on s_eval
     (each [n, T, d]; see readout_r2)."""
+    icar.check_params("cfg", cfg, tuple(icar.TRANSFORMER_DEFAULTS))
     return {"mech_prev_share": previous_token_share(params, cfg["T"]),
             "mech_readout_r2": readout_r2(params, cfg, s_fit, s_eval)}
 
@@ -390,3 +421,345 @@ def _query_augmented_m4(params, s, cfg):
 def _query_raw_m4(params, s, cfg):
     """x_r feeds position r's queries and residual stream; keys and values keep s_r."""
     return lambda x: icar.transformer_two_streams(params, s, x, cfg)
+
+
+# ----------------------------------------------------------------------------- causal tests
+# paper.md section 6: a low loss does not say whether a model learns in context (a model
+# trained from a fixed s_0 can read W off the first tokens, a Krylov sequence of W). These
+# tools ask causal questions instead, of any model given as predict(x) -> f: which inputs
+# move each output (influence_map), how the loss reacts to data the model did not train on
+# (score on a start of the other law, switch_context, replace_tokens), which heads matter
+# (head_ablation), where W can be read linearly (linear_probe_w, stream_w_r2), and which
+# linear map the model applies to a fresh current state (fresh_query_probe).
+
+def model_kind(params, cfg=None):
+    """"M1", "M2", "M3", "M4 augmented" or "M4 raw": the model of `params`, read from its
+    keys (and for M4 from its icar.transformer_config cfg), as `query_predictor` reads it."""
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
+    if "layers" in params:
+        if cfg is None or not isinstance(cfg, dict):
+            raise ValueError("cfg must be the icar.transformer_config of an M4 (params has 'layers')")
+        if cfg.get("d_in") == 3 * cfg.get("d_out", 0):
+            return "M4 augmented"
+        if cfg.get("d_in") == cfg.get("d_out"):
+            return "M4 raw"
+        raise ValueError(f"cfg must have d_in = 3 d_out (augmented tokens) or d_in = d_out (raw "
+                         f"tokens), got d_in={cfg.get('d_in')}, d_out={cfg.get('d_out')}")
+    if "P" in params:
+        return "M2" if "A" in params else "M3"
+    if "A" in params or "W_KQ" in params:
+        return "M1"
+    raise ValueError(f"params must be those of M1 (A, B or W_KQ, W_V), M2 (A, B, P), M3 (P) or "
+                     f"M4 (layers, W_out, b_out), got keys {sorted(params)}")
+
+
+def model_predictor(params, cfg=None):
+    """predict(x) -> [n, T, d]: the model's ordinary prediction on states x [n, T, d] (the
+    inputs s_1..s_T), the model chosen by `model_kind`; augmented tokens are built from x."""
+    kind = model_kind(params, cfg)
+    if kind == "M1":
+        return lambda x: icar.augmented_linear(params, icar.augment(x))
+    if kind == "M2":
+        return lambda x: icar.diagonal_heads(params, x)
+    if kind == "M3":
+        return lambda x: icar.pe_only(params, x)
+    tokens = icar.augment if kind == "M4 augmented" else (lambda x: x)
+    return lambda x: icar.transformer(params, tokens(x), cfg)
+
+
+def m4_streams(params, x, cfg):
+    """[h_0, h_1, .., h_L], each [n, T, E]: M4's stream at its input (the tokens repeated
+    cfg["repeat"] times; (0, s_t, s_{t-1}) for augmented tokens) and after each layer, on
+    states x [n, T, d]. The prediction is h_L W_out + b_out."""
+    kind = model_kind(params, cfg)
+    if not kind.startswith("M4"):
+        raise ValueError(f"params must be those of an M4 (layers, W_out, b_out), got {kind}")
+    tokens = icar.augment(x) if kind == "M4 augmented" else x              # [n, T, d_in]
+    icar.check_tokens(tokens, cfg)
+    h = np.concatenate([tokens] * cfg["repeat"], axis=-1)                  # [n, T, E]
+    out = [h]
+    for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
+        h = icar.transformer_layer(layer, h, cfg, params.get("pos"))        # [n, T, E]
+        out.append(h)
+    return out
+
+
+def _real_parts(z):
+    """z, or its real and imaginary parts side by side on the last axis if complex."""
+    return np.concatenate([np.real(z), np.imag(z)], axis=-1) if numpy.iscomplexobj(z) else z
+
+
+def influence_map(predict, s):
+    """[T, T]: I[r, t] = mean over sequences of ||d f_r / d x_t||_F, f = predict(x) at the
+    inputs x = s[:, :T] of s [n, T+1, d].
+
+    predict: x [n, T, d] -> f [n, T, K], any K (the model, model_predictor; or one of M4's
+    streams, lambda x: m4_streams(params, x, cfg)[l]), treating sequences independently (every
+    model here does: one reverse pass then serves all n sequences). Exact: autograd, one
+    forward pass, one reverse pass per output position and coordinate (T K, 2 T K for
+    complex f). For a causal model I[r, t] = 0 for t > r. Complex data: the derivative along
+    real and imaginary directions, sqrt(||d f / d z||_F^2 + ||d f / d conj(z)||_F^2) (the real
+    Jacobian's norm / sqrt 2), which is ||d f / d z||_F where f is holomorphic in z."""
+    if not callable(predict):
+        raise ValueError(f"predict must be a function x [n, T, d] -> [n, T, K], got {type(predict).__name__}")
+    _check_sequences(s)
+    x0 = s[:, :-1]                                                          # [n, T, d]
+    n, T, d = x0.shape
+    complex_x = numpy.iscomplexobj(x0)
+    u0 = numpy.zeros((2 if complex_x else 1,) + x0.shape, dtype=numpy.real(x0[:1, :1, :1]).dtype)
+
+    def real_f(u):  # real directions u[0] (and imaginary ones u[1]) of x -> real outputs
+        x = x0 + u[0] + (1j * u[1] if complex_x else 0)                     # [n, T, d]
+        return _real_parts(predict(x))                                      # [n, T, K or 2K]
+
+    vjp, f = make_vjp(real_f)(u0)
+    if numpy.ndim(f) != 3 or numpy.shape(f)[:2] != (n, T):
+        raise ValueError(f"predict must return [n, T, K] = [{n}, {T}, K], got shape {numpy.shape(f)}")
+    sq = numpy.zeros((n, T, T))                                             # [n, r, t]
+    for r in range(T):  # rows of the Jacobian, outside the differentiated function
+        for k in range(f.shape[-1]):
+            g = numpy.zeros(f.shape, dtype=f.dtype)
+            g[:, r, k] = 1.0
+            J = numpy.asarray(vjp(g))                                       # [1 or 2, n, T, d]
+            sq[:, r] += numpy.sum(J ** 2, axis=(0, 3))                      # [n, T]
+    return numpy.mean(numpy.sqrt(sq / (2 if complex_x else 1)), axis=0)    # [T, T]
+
+
+def score(predict, s, gd_steps=1, eta=None):
+    """Per-position test losses [T] of predict(x) -> [n, T, d] on the inputs of s [n, T+1, d]
+    against its own next states, next to references computed on the same (possibly
+    intervened) data: "model", "least_squares", "gd1".."gd{gd_steps}" (k GD steps from 0; the
+    step eta [T] if given, else the optimal step per position and k on s) and "zero". No
+    oracle: after an intervention no single W explains the data. In float64."""
+    if not callable(predict):
+        raise ValueError(f"predict must be a function x [n, T, d] -> [n, T, d], got {type(predict).__name__}")
+    _, T, _ = _check_sequences(s)
+    gd_steps = icar.check_int("gd_steps", gd_steps, 0)
+    if eta is not None and icar.check_data(eta, "eta", "T", finite=True) != (T,):
+        raise ValueError(f"eta must have shape [T] = {(T,)} to match s, got shape {numpy.shape(eta)}")
+    host = _float64(s)
+    x, y = host[:, :-1], host[:, 1:]                                        # [n, T, d] each
+    f = _float64(predict(s[:, :-1]))
+    if f.shape != y.shape:
+        raise ValueError(f"predict must return [n, T, d] = {y.shape}, got shape {f.shape}")
+    out = {"model": position_loss(f, y),
+           "least_squares": position_loss(_apply(least_squares(host), x), y)}
+    C, S = context_sums(x)
+    for k in range(1, gd_steps + 1):
+        step = optimal_gd_step(host, k) if eta is None else _float64(eta)
+        out[f"gd{k}"] = position_loss(gd_prediction(C, S, x, step, k), y)
+    out["zero"] = position_loss(numpy.zeros_like(y), y)
+    return out
+
+
+def switch_context(source, s, W, k):
+    """(s2 [n, T+1, d], W2 [n, d, d]): s [n, T+1, d] (context matrices W [n, d, d]) with W
+    switched to W2 at position k: s2 keeps the states s_0..s_k (0-based) and continues
+    s2_{t+1} = W2 s2_t for t >= k, noise-free. The prediction at position r >= k then has
+    seen r - k transitions of W2. k = T leaves s as it is.
+
+    source: a numpy.random.Generator (W2 is another sequence's W, a random cyclic derangement
+    of the batch, so W2 follows the law of W; needs n >= 2), or W2 itself [n, d, d]."""
+    n, T, d = _check_sequences(s, W)
+    k = icar.check_int("k", k, 0)
+    if k > T:
+        raise ValueError(f"k must be at most T = {T} (the last input position), got {k}")
+    if isinstance(source, numpy.random.Generator):
+        if n < 2:
+            raise ValueError(f"source: a generator draws W2 from another sequence of the batch, "
+                             f"which needs n >= 2 sequences, got n = {n}")
+        perm = source.permutation(n)
+        W2 = numpy.empty_like(numpy.asarray(W))
+        W2[perm] = numpy.asarray(W)[numpy.roll(perm, 1)]                    # each gets another's W
+    else:
+        if numpy.shape(source) != (n, d, d):
+            raise ValueError(f"source must be a numpy.random.Generator or W2 of shape [n, d, d] = "
+                             f"{(n, d, d)}, got {type(source).__name__} of shape {numpy.shape(source)}")
+        icar.check_data(source, "source (W2)", "n, d, d", finite=True)
+        W2 = numpy.asarray(source)
+    s2 = numpy.array(s, dtype=numpy.result_type(s, W2))                      # [n, T+1, d], a copy
+    for t in range(k, T):  # the recursion is sequential; the batch is not
+        s2[:, t + 1] = (W2 @ s2[:, t, :, None])[..., 0]                     # [n, d]
+    return s2, W2
+
+
+def replace_tokens(s, other, positions):
+    """s [n, T+1, d] with the states at `positions` (0-based indices into the T + 1 states)
+    taken from other [n, T+1, d] (e.g. another sequence's, numpy.roll(s, 1, axis=0)): a copy.
+    The transitions into and out of a replaced state are broken; later targets are not."""
+    n, T, d = _check_sequences(s)
+    if numpy.shape(other) != numpy.shape(s):
+        raise ValueError(f"other must have the shape of s {numpy.shape(s)}, got {numpy.shape(other)}")
+    icar.check_data(other, "other", finite=True)
+    positions = list(positions)
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, (int, numpy.integer)) or not 0 <= p <= T:
+            raise ValueError(f"positions must be integers in 0..T = 0..{T}, got {p!r}")
+    out = numpy.array(s, dtype=numpy.result_type(s, other))                 # [n, T+1, d], a copy
+    out[:, positions] = numpy.asarray(other)[:, positions]
+    return out
+
+
+def head_ablation(params, cfg, s, predict=None):
+    """{"ablated" [L, H], "full"}: an M4's test loss on s [n, T+1, d] (mean over every
+    position of `position_loss`) with the value map of one head of one layer removed
+    (W_V[h] and b_V[h] set to 0: the head adds nothing to its layer's output), for every
+    layer and head, and without ablation. predict(params, x) -> [n, T, d] defaults to
+    icar.transformer on x's tokens (`model_predictor`); any equal function may replace it."""
+    kind = model_kind(params, cfg)
+    if not kind.startswith("M4"):
+        raise ValueError(f"params must be those of an M4 (layers, W_out, b_out), got {kind}")
+    _check_sequences(s)
+    if predict is None:
+        predict = lambda p, x: model_predictor(p, cfg)(x)                  # noqa: E731
+    elif not callable(predict):
+        raise ValueError(f"predict must be a function (params, x) -> [n, T, d], got {type(predict).__name__}")
+    x, y = s[:, :-1], _float64(s[:, 1:])
+
+    def loss(p):
+        return float(numpy.mean(position_loss(_float64(predict(p, x)), y)))
+
+    L, H = len(params["layers"]), cfg["heads"]
+    ablated = numpy.zeros((L, H))
+    for l in range(L):  # one evaluation per head: outside any derivative
+        for h in range(H):
+            layer = dict(params["layers"][l])
+            layer["W_V"], layer["b_V"] = numpy.array(layer["W_V"]), numpy.array(layer["b_V"])
+            layer["W_V"][h], layer["b_V"][h] = 0.0, 0.0
+            layers = list(params["layers"])
+            layers[l] = layer
+            ablated[l, h] = loss(dict(params, layers=layers))
+    return {"ablated": ablated, "full": loss(params)}
+
+
+def linear_probe_w(features_fit, W_fit, features_eval, W_eval, ridge=1e-6):
+    """R^2 [...] of a ridge regression (with bias) from features [n, ..., F] to vec(W) (W [n,
+    d, d]; real and imaginary parts stacked as real targets for complex W, and likewise for
+    complex features), one regression per index of the middle axes (e.g. [n, L+1, T, F]: per
+    layer and position), fitted on (features_fit, W_fit) and scored on held-out
+    (features_eval, W_eval). ridge >= 0: the penalty relative to the mean feature variance
+    (ridge * tr(Z^T Z) / F on centred fit features Z; 0: least squares, minimum norm).
+    R^2 = 1 - SSE / SST around the mean of the held-out targets, summed over coordinates:
+    1 for features that contain vec(W), about 0 or below for features unrelated to W."""
+    ridge = icar.check_real("ridge", ridge, 0)
+    Ff, Wf, Fe, We = (icar.check_data(a, name, None, finite=True) for a, name in
+                      ((features_fit, "features_fit"), (W_fit, "W_fit"),
+                       (features_eval, "features_eval"), (W_eval, "W_eval")))
+    if len(Ff) < 2 or Ff[1:] != Fe[1:] or len(Wf) != 3 or Wf[1:] != We[1:] or Wf[1] != Wf[2]:
+        raise ValueError(f"features_fit, features_eval must be [n, ..., F] with the same trailing axes "
+                         f"and W_fit, W_eval [n, d, d], got {Ff}, {Fe}, {Wf}, {We}")
+    if Ff[0] != Wf[0] or Fe[0] != We[0]:
+        raise ValueError(f"features and W must have the same n, got features_fit {Ff[0]}, W_fit "
+                         f"{Wf[0]}, features_eval {Fe[0]}, W_eval {We[0]}")
+
+    def arrange(Z, W):  # [n, ..., F], [n, d, d] -> [..., n, F or 2F], [n, d^2 or 2 d^2]
+        Z = numpy.moveaxis(_real_parts(_float64(Z)), 0, -2)
+        return Z, _real_parts(_float64(W).reshape(len(W), -1))
+
+    Zf, Yf = arrange(features_fit, W_fit)
+    Ze, Ye = arrange(features_eval, W_eval)
+    mz, my = numpy.mean(Zf, axis=-2, keepdims=True), numpy.mean(Yf, axis=0)
+    Z = Zf - mz                                                              # [..., n, F]
+    G = numpy.swapaxes(Z, -1, -2) @ Z                                        # [..., F, F]
+    F = G.shape[-1]
+    lam = ridge * numpy.trace(G, axis1=-2, axis2=-1)[..., None, None] / F    # [..., 1, 1]
+    coef = numpy.linalg.pinv(G + lam * numpy.eye(F), hermitian=True) @ (numpy.swapaxes(Z, -1, -2) @ (Yf - my))
+    sse = numpy.sum(((Ze - mz) @ coef + my - Ye) ** 2, axis=(-1, -2))       # [...]
+    sst = numpy.sum((Ye - numpy.mean(Ye, axis=0)) ** 2)
+    if sst <= 1e-12 * numpy.sum(Ye ** 2):
+        raise ValueError("W_eval must vary over its sequences (R^2 is undefined for one W)")
+    return 1 - sse / sst
+
+
+def stream_w_r2(params, cfg, s_fit, W_fit, s_eval, W_eval, ridge=1e-6):
+    """[L+1, T]: `linear_probe_w` of an M4's streams (`m4_streams`: the input, then each
+    layer's output) at each position r, fitted on sequences s_fit [n, T+1, d] with context
+    matrices W_fit and scored on held-out s_eval, W_eval. Where W becomes linearly readable.
+
+    An in-context learner need not hold vec(W) anywhere: M1 and theory's construction hold
+    states and Gamma s_r, and the quick random-start raw-token M4 (L = 2, H = 8) reads
+    R^2 <= 0 at every layer and position; a fixed start gives 1/d away at position 1
+    (s_1 = W s_0 with s_0 known). So this locates what a start gives away; the in-context map
+    itself is read by `fresh_query_probe`."""
+    def features(s):
+        return numpy.stack([numpy.asarray(h) for h in m4_streams(params, s[:, :-1], cfg)], axis=1)  # [n, L+1, T, E]
+    _check_sequences(s_fit, W_fit)
+    _check_sequences(s_eval, W_eval)
+    return linear_probe_w(features(s_fit), W_fit, features(s_eval), W_eval, ridge)
+
+
+def fresh_query_probe(predict, s, rng, W=None, eta=None):
+    """The linear map the model applies to a fresh current state: Gamma_hat [n, T, d, d] at
+    each position r, read from the outputs f_r when the state x_r is replaced, in every role
+    (query, key, value, residual), by u = +-rho q_j for an orthonormal frame q_1..q_d drawn
+    per sequence and position from rng, with the context x_0..x_{r-1} of s [n, T+1, d] kept:
+        Gamma_hat = sum_j (f_r(rho q_j) - f_r(-rho q_j)) / (2 rho) q_j^T,
+    rho [T] the root-mean-square norm of s's states at r. The antithetic pair removes every
+    even term: for a model of degree <= 2 in x_r (M1, theory.raw_token_gd_construction) this
+    is the exact linear part, whatever the frame, and the transition (s_{r-1}, u) that the
+    replacement creates only adds such even terms. For a nonlinear model it is the odd part
+    at the data's scale averaged over directions (Stein: a linear regression of f_r on
+    Gaussian u reads the mean Jacobian).
+
+    Why not `probe`: it differentiates where x_r acts as the query of the two-stream model
+    (icar.transformer_two_streams), holding s_r fixed as a key and value. A raw-token M4
+    without residual (train.py's nonaug) can only carry s_r forward through attention, and
+    the trained one reads it mostly through the VALUE of key t = r: at the quick scale with
+    random starts (L = 2, H = 8, seed 0; the first layer's head 0 puts 0.94 of its
+    positional weight on t = r, and removing it raises the loss from 0.29 to 0.79), at r = 19
+    the total derivative d f_r / d s_r splits into a key/value path (cosine +0.65 to W, norm
+    1.21 of the total) and the query path `probe` reads (norm 0.28, cosine -0.77 to the
+    key/value path: it corrects it, and -0.48 to W). The query path is nearly blind to the
+    query's scale (LayerNorm after linear scores: scaling x_r by 1.5 as a query moves f_r by
+    4%), so it cannot be a linear map Gamma x_r. The total derivative reads +0.66 but mixes
+    in d Gamma / d s_r (for M1: eta (s_{r-1}^* s_r) I, from the transition into s_r); this
+    probe holds the context fixed, removes that by symmetry and reads +0.81 (+0.87 to one
+    GD step). It reads the map, not where it comes from: the model trained from a fixed
+    start reads +0.70 from its first tokens; the causal tests above tell the two apart.
+
+    predict: the model's ordinary prediction x [m, T, d] -> [m, T, d] on any batch size m
+    (`model_predictor`). Returns "Gamma", "step" [T] (the one-GD-step size that fits Gamma
+    best: sum <C, Gamma> / sum ||C||^2 over sequences, C = C_{r-1} the context's transitions),
+    and per position [T] "err_*", "cos_*" (as `probe`) to W (if given), least squares on the
+    context (ls, W_hat at r - 1) and one GD step eta C_{r-1} (gd1; eta [T] the step at each r,
+    default the optimal step for the r - 1 transitions, optimal_gd_step shifted by one); NaN
+    where the reference is 0 (r = 0 for ls and gd1). d f_r / d x_r for complex data is read
+    along real directions (exact where f is holomorphic in x_r, as in `probe`)."""
+    if not callable(predict):
+        raise ValueError(f"predict must be a function x [m, T, d] -> [m, T, d], got {type(predict).__name__}")
+    if not isinstance(rng, numpy.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    n, T, d = _check_sequences(s, W)
+    if eta is not None and icar.check_data(eta, "eta", "T", finite=True) != (T,):
+        raise ValueError(f"eta must have shape [T] = {(T,)} to match s, got shape {numpy.shape(eta)}")
+    x0 = numpy.asarray(s[:, :-1])                                           # [n, T, d]
+    rho = numpy.sqrt(numpy.mean(numpy.sum(numpy.abs(_float64(x0)) ** 2, axis=-1), axis=0))  # [T]
+    Z = rng.standard_normal((n, T, d, d))
+    Q, R = numpy.linalg.qr(Z)                                               # [n, T, d, d]: columns q_j
+    Q = Q * numpy.sign(numpy.diagonal(R, axis1=-2, axis2=-1))[..., None, :]  # Haar frames
+    Gamma = numpy.zeros((n, T, d, d), dtype=numpy.result_type(x0, 1.0))
+    for r in range(T):  # one batch of 2 d n sequences per position, outside any derivative
+        u = rho[r] * numpy.swapaxes(Q[:, r], -1, -2)                        # [n, d (j), d]: u_j
+        xs = numpy.repeat(x0[None, None], 2, axis=0).repeat(d, axis=1)     # [2, d, n, T, d]
+        xs[:, :, :, r] = numpy.stack([numpy.swapaxes(u, 0, 1), -numpy.swapaxes(u, 0, 1)])  # +-u_j
+        f = numpy.asarray(predict(xs.reshape(2 * d * n, T, d).astype(x0.dtype)))  # [2 d n, T, d]
+        f = f[:, r].reshape(2, d, n, -1)                                    # [2, d (j), n, d]
+        odd = numpy.moveaxis((f[0] - f[1]) / 2, 0, -1)                      # [n, d, d (j)]
+        Gamma[:, r] = (odd @ numpy.swapaxes(Q[:, r], -1, -2)) / rho[r]      # [n, d, d]
+    host, G = _float64(s), _float64(Gamma)
+    C, _ = context_sums(host[:, :-1])                                       # [n, T, d, d]
+    zero = numpy.zeros_like(C[:, :1])
+    C = numpy.concatenate([zero, C[:, :-1]], axis=1)                        # C_{r-1}: before s_r
+    ls = numpy.concatenate([zero, least_squares(host)[:, :-1]], axis=1)
+    if eta is None:
+        eta = numpy.concatenate([[0.0], optimal_gd_step(host, 1)[:-1]])
+    eta = _float64(eta)
+    refs = {"ls": ls, "gd1": eta[None, :, None, None] * C}
+    if W is not None:
+        refs = dict(W=numpy.broadcast_to(_float64(W)[:, None], G.shape), **refs)
+    num = numpy.sum(numpy.real(numpy.conj(C) * G), axis=(0, 2, 3))
+    den = numpy.sum(numpy.abs(C) ** 2, axis=(0, 2, 3))
+    out = {"Gamma": Gamma, "step": numpy.divide(num, den, out=numpy.full_like(num, numpy.nan), where=den > 0)}
+    out.update(_compare(G, refs))
+    return out

@@ -79,10 +79,15 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
     """The dict of arrays that compute() returns, kept in RUNS/figures-NAME/data.npz.
 
     The cache is reused only when it was made by the same code (runs.code_fingerprint of train.CODE:
-    icar, theory and train, and this file's figures_fingerprint) with the same settings
+    every module that defines a result, and this file's figures_fingerprint) with the same settings
     (a JSON-able dict of everything else that determines the result); it also keeps the
     seconds that compute() took."""
-    path = os.path.join(runs_dir, f"figures-{name}", "data.npz")
+    folder = os.path.join(runs_dir, f"figures-{name}")
+    with runs.locked(folder):  # one process per cache folder
+        return _cached(os.path.join(folder, "data.npz"), name, compute, retrain, settings, ctx)
+
+
+def _cached(path, name, compute, retrain, settings, ctx):
     key = json.dumps({"code": runs.code_fingerprint(train.CODE), "figures": figures_fingerprint(),
                       "settings": settings}, sort_keys=True)
     if not retrain and os.path.exists(path):
@@ -92,7 +97,8 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None):
         except runs.FileFault as e:  # a damaged cache is recomputed
             progress(name, f"recomputing: {e}", getattr(ctx, "quiet", False))
             data = {}
-        if "_key" in data and str(data["_key"]) == key:
+        if ("_key" in data and str(data["_key"]) == key and "_seconds" in data
+                and data["_seconds"].dtype.kind == "f" and data["_seconds"].ndim == 0):
             seconds = float(data["_seconds"])
             _record(ctx, seconds, time.perf_counter() - t0, True)
             return {k: v for k, v in data.items() if not k.startswith("_")}
@@ -177,6 +183,12 @@ def write_summary(out_dir, results, preset):
     recorded = {}
     if os.path.exists(path):
         recorded = runs.load_json(path, "the summary of earlier figures")
+        if not (isinstance(recorded, dict) and all(
+                isinstance(r, dict) and isinstance(r.get("rows"), list) and isinstance(r.get("preset"), str)
+                and all(isinstance(row, dict) and {"quantity", "value", "expected", "source"} <= set(row)
+                        for row in r["rows"]) for r in recorded.values())):
+            raise runs.FileFault(f"{path}: not a summary of figures (an object of figures, each with "
+                                 f"a preset and rows); delete it or give another --out")
     for name, res in results.items():
         recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "cached": res.get("cached", "none"),
                           "note": res.get("note", ""),
@@ -428,28 +440,38 @@ def train_cached(ctx, experiment, name, **overrides):
     already there (runs.load_run) when its config.json holds the same settings and was made by
     the same code (runs.code_fingerprint of train.CODE). Training seconds are kept in RUNS/NAME/seconds.json."""
     run_dir = os.path.join(ctx.runs, name)
+    with runs.locked(run_dir):  # one process per run folder, before its files are read
+        return _train_cached(ctx, experiment, name, run_dir, overrides)
+
+
+def _train_cached(ctx, experiment, name, run_dir, overrides):
     want = train.config(experiment, ctx.preset, **overrides)
     config_path, seconds_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "seconds.json")
     done = all(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "params.npz", "metrics.npz"))
     if done and not ctx.retrain:
         t0 = time.perf_counter()
+        res = None
         try:
             same, fresh = _matches(runs.load_json(config_path, "a run's config.json"), want)
             res = runs.load_run(run_dir) if same and fresh else None
-            if res is not None:
-                progress(name, f"reusing {run_dir}", ctx.quiet)
-                seconds = None
-                if os.path.exists(seconds_path):
-                    timing = runs.load_json(seconds_path, "a run's seconds.json")
-                    with open(config_path, "rb") as f:  # the time of this very run
-                        if timing.get("config_sha1") == hashlib.sha1(f.read()).hexdigest():
-                            seconds = timing.get("seconds")
-                _record(ctx, seconds, time.perf_counter() - t0, True)
-                return res
-            if same:
+            if same and not fresh:
                 progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
-        except (runs.FileFault, AttributeError) as e:  # damaged (or not a dict): trained again
+        except runs.FileFault as e:  # a damaged run: trained again
             progress(name, f"retraining: {e}", ctx.quiet)
+        if res is not None:  # its seconds.json is a record, not a result: a bad one is an error
+            progress(name, f"reusing {run_dir}", ctx.quiet)
+            seconds = None
+            if os.path.exists(seconds_path):
+                timing = runs.load_json(seconds_path, "a run's seconds.json")
+                if not (isinstance(timing, dict) and isinstance(timing.get("seconds"), (int, float))
+                        and not isinstance(timing["seconds"], bool) and isinstance(timing.get("config_sha1"), str)):
+                    raise runs.FileFault(f"{seconds_path}: not a run's seconds (an object with a "
+                                         f"number 'seconds' and a 'config_sha1')")
+                with open(config_path, "rb") as f:  # the time of this very run
+                    if timing["config_sha1"] == hashlib.sha1(f.read()).hexdigest():
+                        seconds = float(timing["seconds"])
+            _record(ctx, seconds, time.perf_counter() - t0, True)
+            return res
     t0 = time.perf_counter()
     res = None
     if not done and not ctx.retrain and _resumable(run_dir, want):  # an interrupted run of this code
@@ -471,7 +493,10 @@ def train_cached(ctx, experiment, name, **overrides):
 
 def _matches(saved, want):
     """(same settings, same code): a run's saved config.json against the settings `want` and
-    the code that runs now (runs.code_fingerprint of train.CODE)."""
+    the code that runs now (runs.code_fingerprint of train.CODE); FileFault if it is not a
+    run's settings."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("versions", {}), dict):
+        raise runs.FileFault(f"a run's config.json is not a JSON object of settings, got {type(saved).__name__}")
     return (all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT),
             saved.get("versions", {}).get("code") == runs.code_fingerprint(train.CODE))
 
@@ -1063,8 +1088,8 @@ def parse_args(argv):
     icar.check_choice("preset", args.preset, PRESETS)
     if args.out is None:
         args.out = os.path.join("figures", "paper") if args.preset == "paper" else "figures"
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed <= train.MAX_INT:  # every figure's seed, checked before the first is drawn
+        raise ValueError(f"--seed must be 0 to {train.MAX_INT}, got {args.seed}")
     for opt in ("embeddings", "tokenizer", "text"):
         path = getattr(args, opt)
         if path is not None and not os.path.isfile(path):
@@ -1104,6 +1129,8 @@ def make_figures(args):
         raise ValueError(f"missing {', '.join(fig4_missing(args.embeddings))}; {FIG4_INSTALL}")
     for option in ("out", "runs"):
         writable_folder(getattr(args, option), option)
+    for name in [f"{n}.{ext}" for n in names for ext in ("png", "pdf")] + ["summary.json", "summary.md"]:
+        runs.check_regular(os.path.join(args.out, name), "every file figures.py writes")  # before drawing
     runs.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     for name in names:

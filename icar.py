@@ -48,6 +48,8 @@ class Diverged(ValueError):
 def check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value > 2 ** 62:  # past this no size or count fits memory or a float's 53 bits
+        raise ValueError(f"{name} must be an integer at most 2^62, got {value!r}")
     return int(value)
 
 
@@ -77,6 +79,9 @@ def check_params(name, params, *allowed):
 
 
 def _check_shape(name, array, shape):
+    """A parameter: a real float array of the given shape."""
+    if getattr(getattr(getval(array), "dtype", None), "kind", None) != "f":
+        raise ValueError(f"{name} must be a real float array, got {getattr(getval(array), 'dtype', type(getval(array)).__name__)}")
     if tuple(numpy.shape(array)) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(numpy.shape(array))}, expected {tuple(shape)} to match the data")
 
@@ -124,6 +129,8 @@ def sample_sequences(rng, n, T, d, family, sigma=0.0, s1="random", mu=None):
         if d != 1:
             raise ValueError(f"family 'angle' needs d=1, got d={d}")
         mu = check_real("mu (family 'angle')", mu, 0, strict=True)
+        if not numpy.isfinite(2 * numpy.pi / mu):
+            raise ValueError(f"mu (family 'angle') is too small: 2 pi / mu overflows, got {mu!r}")
     elif mu is not None:
         raise ValueError(f"mu is only used by family 'angle', got mu={mu!r} for {family!r}")
 

@@ -13,7 +13,9 @@ memory), a diverged run or failed sweep points; 2 a bad argument (ValueError); 1
 interruption.
 """
 import argparse
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import importlib.metadata
 import io
@@ -22,6 +24,8 @@ import os
 import platform
 import re
 import shutil
+import signal
+import stat
 import sys
 import tempfile
 import time
@@ -37,11 +41,29 @@ class FileFault(Exception):
     empty, foreign): a fault of the machine or of the file, not of the settings (exit status 1)."""
 
 
+def check_regular(path, what="a result file"):
+    """ValueError unless path is absent or a regular file: icar never writes through, or
+    replaces, a link, a fifo, a device node, a socket or a folder."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise FileFault(f"{path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a fifo, device node or socket")
+        raise ValueError(f"{path} is {kind}; {what} must be a regular file or absent (nothing else "
+                         f"is written through or replaced)")
+
+
 def atomic_write(path, write):
-    """write(binary file) into a new temporary file beside path (created exclusively, with a
-    unique name, flushed to disk), then rename it to path: a reader sees the old or the new
-    file, never a partial one. Creates path's folder if needed; FileFault naming path if the
-    disk refuses."""
+    """write(binary file) into a new temporary file beside path (created exclusively with a
+    unique name: a planted link is never followed), flushed to disk, then renamed to path: a
+    reader sees the old or the new file, never a partial one. Creates path's folder if
+    needed; ValueError if path exists as anything but a regular file (check_regular);
+    FileFault naming path if the disk refuses."""
+    check_regular(path)
     tmp = None
     try:
         folder = os.path.dirname(os.path.abspath(path))
@@ -55,14 +77,18 @@ def atomic_write(path, write):
     except OSError as e:
         raise FileFault(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.remove(tmp)
 
 
 def read_file(path, what, read):
-    """read(path), with every way the file can be missing, damaged or foreign turned into one
-    FileFault naming the file and what it should have been."""
+    """read(path), with every way the file can be missing, damaged or foreign (a link, a fifo:
+    only regular files are read) turned into one FileFault naming the file and what it
+    should have been."""
     try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise FileFault(f"{path}: not a regular file (a link, folder, fifo or device); expected {what}")
         return read(path)
     except FileNotFoundError:
         raise FileFault(f"{path}: no such file (expected {what})") from None
@@ -91,7 +117,13 @@ def save_json(path, obj):
 def save_npz(path, arrays):
     """numpy.savez, with every entry dated 1980-01-01 (zip's first date) instead of now: the
     bytes depend on the arrays only, so a run writes the same file whenever, and in whichever
-    process, it ran."""
+    process, it ran. ValueError for an entry that is not numbers or text (load_npz, which
+    refuses pickles, could not read it back)."""
+    for k, v in arrays.items():
+        if numpy.asarray(v).dtype.kind not in "biufcU":
+            raise ValueError(f"entry {k!r} of {path} must be an array of numbers or text, got "
+                             f"{numpy.asarray(v).dtype}")
+
     def write(f):
         packed = io.BytesIO()
         numpy.savez(packed, **arrays)
@@ -156,45 +188,95 @@ def versions(names):
     return out
 
 
+def _check_arrays(path, arrays, kinds, what):
+    """FileFault unless every array's dtype kind is in kinds ("f" float, "i" integer, ...)."""
+    for k, v in arrays.items():
+        if v.dtype.kind not in kinds:
+            raise FileFault(f"{path}: entry {k!r} has dtype {v.dtype}; {what}")
+
+
 def load_run(run_dir):
-    """The result of a run read back from its folder: config, params, metrics, dir."""
-    cfg = load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
-    metrics = {k: (float(v) if v.ndim == 0 else v)
-               for k, v in load_npz(os.path.join(run_dir, "metrics.npz"), "a run's metrics").items()}
-    params = unflatten(load_npz(os.path.join(run_dir, "params.npz"), "a run's parameters"))
-    return {"config": cfg, "params": params, "metrics": metrics, "dir": run_dir}
+    """The result of a run read back from its folder: config, params, metrics, dir; FileFault
+    naming the file if one is missing, damaged or holds the wrong kind of content."""
+    path = os.path.join(run_dir, "config.json")
+    cfg = load_json(path, "a run's config.json")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("experiment"), str):
+        raise FileFault(f"{path}: not a run's settings (a JSON object with an 'experiment' name), "
+                        f"got {type(cfg).__name__}")
+    path = os.path.join(run_dir, "metrics.npz")
+    metrics = load_npz(path, "a run's metrics")
+    _check_arrays(path, metrics, "biufc", "metrics are numbers")
+    metrics = {k: (float(v) if v.ndim == 0 and v.dtype.kind != "c" else v) for k, v in metrics.items()}
+    path = os.path.join(run_dir, "params.npz")
+    params = load_npz(path, "a run's parameters")
+    _check_arrays(path, params, "f", "parameters are real float arrays")
+    return {"config": cfg, "params": unflatten(params), "metrics": metrics, "dir": run_dir}
+
+
+def digest(settings):
+    """SHA-1 of a JSON-able dict (sorted keys): a checkpoint records the settings it belongs to."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, step, params, opt, rng, perm, pos, history):
+def save_checkpoint(path, step, params, opt, rng, perm, pos, history, settings):
     """Write a training state: host parameters and Adam state (opt, or None for GD), the
-    minibatch generator, the epoch's permutation and position in it, the loss history."""
+    minibatch generator, the epoch's permutation and position in it, the loss history, and
+    `settings`, the digest of the settings that produced it."""
     arrays = {f"params/{k}": v for k, v in flatten(params).items()}
     if opt is not None:
         arrays.update({f"opt/{k}": v for k, v in flatten({"m": opt["m"], "v": opt["v"]}).items()})
         arrays["opt_t"] = numpy.asarray(opt["t"])
     arrays.update(step=numpy.asarray(step), rng=numpy.asarray(json.dumps(rng.bit_generator.state)),
                   perm=numpy.asarray(perm, dtype=numpy.int64), pos=numpy.asarray(pos),
-                  **{f"history/{k}": numpy.asarray(v) for k, v in history.items()})
+                  settings=numpy.asarray(settings),
+                  **{f"history/{k}": numpy.asarray(v, dtype=numpy.int64 if k == "test_step" else numpy.float64)
+                     for k, v in history.items()})
     save_npz(path, arrays)
 
 
-def load_checkpoint(path, move):
-    """(step, params, opt, rng, perm, pos, history) of save_checkpoint, arrays passed through
-    move (e.g. an array module's asarray); FileFault naming path if incomplete."""
-    z = load_npz(path, "a checkpoint")
-    def group(name, move=move):
-        return unflatten({k[len(name) + 1:]: move(v) for k, v in z.items() if k.startswith(name + "/")})
+_SCALARS = {"step": "i", "pos": "i", "opt_t": "i", "rng": "U", "settings": "U"}
+_HISTORY = {"history/train_loss": "f", "history/test_step": "i", "history/test_loss": "f"}
 
+
+def load_checkpoint(path, move):
+    """(step, params, opt, rng, perm, pos, history, settings) of save_checkpoint, arrays passed
+    through move (e.g. an array module's asarray). FileFault naming path unless every entry
+    is present with its dtype and rank and the history is as long as `step` says (whether it
+    fits a run is train's question)."""
+    z = load_npz(path, "a checkpoint")
+
+    def bad(why):
+        return FileFault(f"{path}: an incomplete checkpoint, or one of other code ({why})")
+    for k, kind in {**_SCALARS, **_HISTORY, "perm": "i"}.items():
+        if k == "opt_t" and k not in z:
+            continue
+        if k not in z:
+            raise bad(f"no entry {k!r}")
+        if z[k].dtype.kind != kind or z[k].ndim != (0 if k in _SCALARS else 1):
+            raise bad(f"entry {k!r} has dtype {z[k].dtype} and shape {z[k].shape}")
+    groups = {g: {k[len(g) + 1:]: v for k, v in z.items() if k.startswith(g + "/")} for g in ("params", "opt")}
+    _check_arrays(path, {**groups["params"], **groups["opt"]}, "f", "parameters are real float arrays")
+    if not groups["params"]:
+        raise bad("no parameters")
+    names = sorted(groups["params"])
+    if ("opt_t" in z) != bool(groups["opt"]) or (groups["opt"] and sorted(groups["opt"]) != sorted(
+            [f"m/{k}" for k in names] + [f"v/{k}" for k in names])):
+        raise bad("its optimiser state does not name one moment of each kind per parameter")
+    step, history = int(z["step"]), {k[len("history/"):]: list(z[k]) for k in _HISTORY}
+    if len(history["train_loss"]) != step or len(history["test_step"]) != len(history["test_loss"]):
+        raise bad(f"its history holds {len(history['train_loss'])} training losses at step {step}")
     try:
-        opt = dict(group("opt"), t=int(z["opt_t"])) if "opt_t" in z else None
         rng = numpy.random.default_rng()
         rng.bit_generator.state = json.loads(str(z["rng"]))
-        history = {k: list(v) for k, v in group("history", move=numpy.asarray).items()}
-        return int(z["step"]), group("params"), opt, rng, z["perm"], int(z["pos"]), history
-    except (KeyError, ValueError, TypeError) as e:
-        raise FileFault(f"{path}: an incomplete checkpoint ({type(e).__name__}: {e})") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise bad(f"its generator state cannot be restored: {type(e).__name__}") from None
+    opt = (dict(unflatten({k: move(v) for k, v in groups["opt"].items()}), t=int(z["opt_t"]))
+           if "opt_t" in z else None)
+    params = unflatten({k: move(v) for k, v in groups["params"].items()})
+    return step, params, opt, rng, z["perm"], int(z["pos"]), history, str(z["settings"])
+
 
 # ----------------------------------------------------------------------------- run folders
 
@@ -205,14 +287,18 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*")
 def run_folder(runs_dir, name):
     """runs_dir/name, where name must be one plain folder name, so that a run writes (and
     replaces) files inside runs_dir only."""
+    if not isinstance(runs_dir, str) or not runs_dir:
+        raise ValueError(f"runs_dir must name a folder, got {runs_dir!r}")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ValueError(f"run name {name!r} must be one plain folder name: letters, digits and "
                          f"_ . , = + -, not starting with '.' or '-'")
     return os.path.join(runs_dir, name)
 
 
-def prepare_folder(run_dir):
-    """Create run_dir; ValueError if it cannot hold a run's files (a bad --runs_dir or name)."""
+def make_folder(run_dir):
+    """Create run_dir (and its parents); ValueError if it cannot hold a run's files."""
+    if not run_dir or not os.path.basename(os.path.normpath(run_dir)):
+        raise ValueError(f"the run folder {run_dir!r} needs a name; expected a writable folder")
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
@@ -220,21 +306,43 @@ def prepare_folder(run_dir):
                          f"expected a writable folder") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ValueError(f"the run folder {run_dir} is not writable; expected a writable folder")
+
+
+def prepare_folder(run_dir):
+    """Create run_dir; ValueError if it cannot hold a run's files (a bad --runs_dir or name, a
+    result path that is a folder or a link, an earlier start's files set aside)."""
+    make_folder(run_dir)
     for f in RUN_FILES:
-        if os.path.isdir(os.path.join(run_dir, f)):
-            raise ValueError(f"{os.path.join(run_dir, f)} is a folder; a run writes a file there")
-    if os.path.exists(os.path.join(run_dir, ".replaced")):
+        check_regular(os.path.join(run_dir, f), "a run's file")
+    if os.path.lexists(os.path.join(run_dir, ".replaced")):
         raise ValueError(f"{os.path.join(run_dir, '.replaced')} holds an earlier run's files, set "
                          f"aside by an interrupted start; move them back or delete the folder")
+
+
+def fresh_stage(run_dir):
+    """An empty run_dir/.fresh, made by this process, where a fresh run writes until its first
+    checkpoint (an earlier start's stage is removed; a link there is refused, never followed)."""
+    stage = os.path.join(run_dir, ".fresh")
+    if os.path.islink(stage) or (os.path.lexists(stage) and not os.path.isdir(stage)):
+        raise ValueError(f"{stage} is not a folder made by icar (a link or a file); remove it")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        os.mkdir(stage)
+    except OSError as e:
+        raise FileFault(f"cannot create {stage}: {e.strerror or e}") from None
+    return stage
+
+
 def replace_run(stage, run_dir):
     """Move a fresh run's files from stage into run_dir, in place of an earlier run's. The
-    earlier files are first renamed into run_dir/.replaced, then removed: an interruption in
-    between leaves every file on disk (prepare_folder then says where)."""
+    earlier files are first renamed into run_dir/.replaced (made here: never an existing
+    folder or link), then removed: an interruption in between leaves every file on disk
+    (prepare_folder then says where)."""
     aside = os.path.join(run_dir, ".replaced")
     try:
-        os.makedirs(aside)
+        os.mkdir(aside)
         for f in RUN_FILES:
-            if os.path.exists(os.path.join(run_dir, f)):
+            if os.path.lexists(os.path.join(run_dir, f)):
                 os.replace(os.path.join(run_dir, f), os.path.join(aside, f))
         for f in os.listdir(stage):
             os.replace(os.path.join(stage, f), os.path.join(run_dir, f))
@@ -242,6 +350,73 @@ def replace_run(stage, run_dir):
         shutil.rmtree(aside)
     except OSError as e:
         raise FileFault(f"cannot move the new run into {run_dir}: {e.strerror or e}") from None
+
+
+_HELD = {}  # real path of a locked folder -> [file descriptor, depth]: this process's locks
+
+
+def _holder(path):
+    """' (pid N)' of the process holding path's flock, from /proc/locks (Linux), else ''."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "FLOCK" in parts and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return f" (pid {parts[4]})"
+    except (OSError, IndexError):
+        pass
+    return ""
+
+
+@contextlib.contextmanager
+def locked(run_dir):
+    """Hold run_dir's lock while the block runs: one process per run folder. The lock is an
+    flock on run_dir/.lock, taken before anything in the folder is read or written and
+    released by the kernel when its holder dies (kill -9 leaves no stale lock); a process
+    may take it again inside the block. ValueError (exit status 2) naming the folder and the
+    holder's pid if another process holds it, and on a file system that does not enforce
+    flock (some NFS mounts), where two processes could not be kept apart."""
+    make_folder(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    path = os.path.join(run_dir, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise ValueError(f"cannot open the lock {path} ({e.strerror or e}); it must be a regular "
+                         f"file made by icar") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"the lock {path} is not a regular file; remove it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{run_dir} is in use by another process{_holder(path)}; wait for it "
+                             f"to end or use another --name") from None
+        probe = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:  # a second open file must be refused: else flock does nothing on this file system
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise ValueError(f"the file system of {run_dir} does not enforce file locks (flock), so "
+                             f"two processes could not be kept apart; use a local folder")
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(probe)
+        _HELD[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # releases the lock
+
 
 # ----------------------------------------------------------------------------- command lines
 
@@ -307,10 +482,12 @@ def one_line_errors(prefix, command):
     except (FileFault, OSError, MemoryError) as e:
         print(f"{prefix}: {fault_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; every file already written is intact (train.py --resume "
-              "and figures.py continue from the last checkpoint)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (run_command's handlers)
+        signum = getattr(e, "signum", signal.SIGINT)
+        why = e.args[0] if e.args else ("every file already written is intact (train.py --resume "
+                                        "and figures.py continue from the last checkpoint)")
+        print(f"{prefix}: interrupted by {signal.Signals(signum).name}; {why}", file=sys.stderr)
+        return 128 + signum
 
 
 def fault_line(e):
@@ -322,9 +499,24 @@ def fault_line(e):
     return str(e)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`signum`), handled as Ctrl-C is: one line, exit status 128 + signum."""
+
+    def __init__(self, signum, *args):
+        super().__init__(*args)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
 def run_command(main):
-    """sys.exit(main()), quietly when the reader of standard output goes away first
+    """sys.exit(main()), with SIGTERM and SIGHUP (a scheduler, a closed terminal) raising
+    Stopped like Ctrl-C, and quietly when the reader of standard output goes away first
     (`python train.py --help | head`)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
     try:
         status = main()
         sys.stdout.flush()

@@ -15,12 +15,13 @@ a cluster) and runs nothing; `--summary` rebuilds the summary from the points' f
 Every point is checked before the first starts. A point that fails does not stop the others;
 the sweep then exits 1 naming it.
 """
-import concurrent.futures
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import shlex
 import sys
+import threading
 import time
 
 import numpy
@@ -62,17 +63,26 @@ def _summarize(experiment, grid, base, results):
                      ["  ".join(f"{train.fmt(row[c]):>14}" for c in columns) for row in rows])
 
 
-def _run_point(experiment, preset, base, sub, resume, threads, overrides):
+def _watch_parent(parent):
+    """Exit this worker at once when its parent process is gone (killed with -9: nothing
+    else would stop it)."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
+
+
+def _run_point(conn, parent, experiment, preset, base, sub, resume, threads, overrides):
     """One sweep point in a worker process that shares the machine's cores with the others:
-    `threads` threads of its own (fused.THREADS), one BLAS thread. Returns None, or the
-    failure as one line (the other points go on)."""
+    `threads` threads of its own (fused.THREADS), one BLAS thread. Sends None, or the
+    failure as one line (the other points go on), through conn."""
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     fused.THREADS = threads
     runs.set_up_process()
     try:
         train.run(experiment, preset, base, sub, resume, True, **overrides)
+        conn.send(None)
     except (ValueError, runs.FileFault, OSError, MemoryError) as e:
-        return runs.fault_line(e)
-    return None
+        conn.send(runs.fault_line(e))
 
 
 def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
@@ -111,34 +121,44 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
 
 def _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrides):
     """Run the points of plan in `jobs` spawned processes, at most `jobs` at a time, with one
-    progress line per point started and finished; return {point: failure line}."""
+    progress line per point started and finished; return {point: failure line}. If this
+    process is interrupted (Ctrl-C, SIGTERM), its workers are stopped before it exits; if it
+    is killed, each worker notices within 0.2 s and exits (_watch_parent)."""
     workers = min(jobs, len(plan))
     threads = max(1, fused.cores() // workers)
     say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     failed, running, todo = {}, {}, list(plan)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        try:
-            while todo or running:
-                while todo and len(running) < workers:
-                    sub, point = todo.pop(0)
-                    say(f"-- {experiment} {sub}: started (threads={threads})")
-                    running[pool.submit(_run_point, experiment, preset, base, sub, resume,
-                                        threads, {**overrides, **point})] = (sub, time.perf_counter())
-                done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
-                for future in done:
-                    sub, t0 = running.pop(future)
-                    try:
-                        why = future.result()
-                    except Exception as e:  # a worker that died (killed, out of memory)
-                        why = f"its worker process stopped ({type(e).__name__}: {e})"
-                    if why is not None:
-                        failed[sub] = why
-                    say(f"-- {experiment} {sub}: {'failed' if why else 'finished'} "
-                        f"({time.perf_counter() - t0:.1f} s)")
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+    try:
+        while todo or running:
+            while todo and len(running) < workers:
+                sub, point = todo.pop(0)
+                say(f"-- {experiment} {sub}: started (threads={threads})")
+                receive, send = context.Pipe(duplex=False)
+                worker = context.Process(target=_run_point, args=(
+                    send, os.getpid(), experiment, preset, base, sub, resume, threads, {**overrides, **point}))
+                worker.start()
+                send.close()
+                running[worker.sentinel] = (worker, receive, sub, time.perf_counter())
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                worker, receive, sub, t0 = running.pop(sentinel)
+                worker.join()
+                try:
+                    why = receive.recv()
+                except EOFError:  # killed, out of memory: it sent nothing
+                    why = f"its worker process stopped (exit status {worker.exitcode})"
+                receive.close()
+                if why is not None:
+                    failed[sub] = why
+                say(f"-- {experiment} {sub}: {'failed' if why else 'finished'} "
+                    f"({time.perf_counter() - t0:.1f} s)")
+    finally:  # interrupted: no worker outlives this process
+        for worker, *_ in running.values():
+            worker.terminate()
+        for worker, *_ in running.values():
+            worker.join(5)
+            if worker.is_alive():
+                worker.kill()
     return failed
 
 

@@ -36,6 +36,7 @@ coordinates that icar.sample_sequences returns.
 """
 import autograd.numpy as np
 import numpy
+from autograd.tracer import getval
 
 import icar
 from icar import check_choice, check_data, check_int, check_params, check_real
@@ -51,6 +52,9 @@ def _check_square(name, M, low, finite):
     NaN or inf (a scan, left out where autograd trains through the loss, as icar's models do)."""
     k = "d" if name == "C" else "T"
     size = check_data(M, name, f"{k}, {k}", finite)[0]
+    if numpy.iscomplexobj(getval(M)):
+        raise ValueError(f"{name} must be real (the population losses are derived for real C and P), "
+                         f"got {getval(M).dtype}")
     if numpy.shape(M) != (size, size) or size < low:
         raise ValueError(f"{name} must be a square [{k}, {k}] matrix with {k} >= {low}, got shape {numpy.shape(M)}")
     return size

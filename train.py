@@ -21,6 +21,7 @@ position next to evaluate.baselines, evaluate.probe, and weight_blocks or mechan
 EXPERIMENTS asks). A resumed run ends bit-identical to an uninterrupted one.
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -72,6 +73,7 @@ CHOICES = {"family": icar.FAMILIES, "s1": ("random", "fixed"), "attention": ("li
            "dtype": ("float64", "float32"), "backend": ("numpy", "cupy")}
 AT_LEAST_ZERO = {"sigma", "batch", "target_loss", "n_probe", "seed"}  # others: > 0
 MAX_INT = 2 ** 31 - 1  # integer options beyond this are typing errors (and would not fit memory)
+MAX_GD_STEPS = 64  # the k-step GD baselines cost grows as gd_steps^2 (a golden-section search per k)
 NOT_RESULT = {"checkpoint_every", "log_every"}  # may change on --resume
 
 _DATA = dict(seed=0, sigma=0.0, n_test=512, n_probe=128, dtype="float64", backend="numpy",
@@ -141,6 +143,9 @@ def config(experiment, preset="quick", **overrides):
                                  f"{'>= 0' if key in AT_LEAST_ZERO else '> 0'}, got {value!r}")
             if OPTIONS[key][0] is int and value > MAX_INT:
                 raise ValueError(f"option {key} must be at most {MAX_INT}, got {value!r}")
+    if cfg.get("gd_steps", 0) > MAX_GD_STEPS:
+        raise ValueError(f"option gd_steps must be at most {MAX_GD_STEPS} (its baselines cost grows as "
+                         f"gd_steps^2), got {cfg['gd_steps']}")
     if "mu" in cfg and cfg["family"] != "angle":  # mu is the angle law's: never stored unused
         if "mu" in overrides:
             raise ValueError(f"option mu is only used by family 'angle', got family "
@@ -174,11 +179,18 @@ def _numbers_of(kind):
 # ----------------------------------------------------------------------------- optimisers
 
 def tree_map(f, *trees):
-    """Apply f leafwise to parameter trees (nested dicts and lists of arrays)."""
+    """Apply f leafwise to parameter trees (nested dicts and lists of arrays) of one structure
+    (ValueError if they differ)."""
     first = trees[0]
     if isinstance(first, dict):
-        return {k: tree_map(f, *(t[k] for t in trees)) for k in first}
+        try:
+            return {k: tree_map(f, *(t[k] for t in trees)) for k in first}
+        except (KeyError, TypeError):
+            raise ValueError(f"parameter trees differ: keys {sorted(first)} against "
+                             f"{[sorted(t) if isinstance(t, dict) else type(t).__name__ for t in trees[1:]]}") from None
     if isinstance(first, (list, tuple)):
+        if any(len(t) != len(first) for t in trees[1:]):
+            raise ValueError(f"parameter trees differ: lists of {[len(t) for t in trees]} entries")
         return [tree_map(f, *leaves) for leaves in zip(*trees)]
     return f(*trees)
 
@@ -192,9 +204,22 @@ def tree_leaves(tree):
     return [tree]
 
 
+def _same(p, g):
+    """g, a gradient or moment of the parameter p: ValueError unless it has p's shape."""
+    if p.shape != g.shape:
+        raise ValueError(f"a gradient of shape {g.shape} does not match its parameter's {p.shape}")
+    return g
+
+
+def _check_lr(lr):
+    if not 0 < lr < math.inf:  # also False for NaN
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+
+
 def gd_update(params, grads, lr):
     """One step of plain gradient descent."""
-    return tree_map(lambda p, g: p - lr * g, params, grads)
+    _check_lr(lr)
+    return tree_map(lambda p, g: p - lr * _same(p, g), params, grads)
 
 
 def adam_init(params):
@@ -205,8 +230,9 @@ def adam_init(params):
 
 def adam_update(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
     """One Adam step (Kingma & Ba); returns (params, state)."""
+    _check_lr(lr)
     t = state["t"] + 1
-    m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
+    m = tree_map(lambda m, g: b1 * m + (1 - b1) * _same(m, g), state["m"], grads)
     v = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
     c1, c2 = 1 - b1 ** t, 1 - b2 ** t  # bias corrections, Python floats
     params = tree_map(lambda p, m, v: p - lr * (m / c1) / ((v / c2) ** 0.5 + eps), params, m, v)
@@ -352,6 +378,8 @@ def check_run(experiment, cfg):
     array_module(cfg["backend"])  # without CuPy: ValueError
     s = _to_dtype(sample(cfg, rng, 2)[0], cfg["dtype"])
     params = tree_map(lambda p: p.astype(cfg["dtype"]), init_model(experiment, cfg, rng))
+    if not numpy.all(numpy.isfinite(s)):
+        raise ValueError(f"sampled data are not finite in {cfg['dtype']}: sigma {cfg['sigma']} is too large")
     with numpy.errstate(all="ignore"):
         loss = float(icar.mse(predictor(experiment, cfg)(params, s[:, :-1]), s[:, 1:]))
     if not math.isfinite(loss):
@@ -359,21 +387,27 @@ def check_run(experiment, cfg):
                          f"data in {cfg['dtype']}: init_scale {cfg.get('init_scale')} is too large")
 
 
-def _check_belongs(path, state, experiment, cfg):
-    """ValueError unless the restored checkpoint `state` can continue the run of cfg."""
-    step, params, opt, _, perm, pos, history = state
+def _check_belongs(path, state, experiment, cfg, settings):
+    """ValueError unless the restored checkpoint `state` can continue the run of cfg, whose
+    result settings have the digest `settings`."""
+    step, params, opt, _, perm, pos, _, made_by = state
     init = init_model(experiment, cfg, numpy.random.default_rng(0))
     want = {k: v.shape for k, v in runs.flatten(init).items()}
     have = {k: numpy.shape(v) for k, v in runs.flatten(tree_map(_host, params)).items()}
+    dtypes = {str(numpy.asarray(_host(v)).dtype) for v in tree_leaves(params)}
+    moments = [{k: numpy.shape(v) for k, v in runs.flatten(tree_map(_host, opt[m])).items()}
+               for m in ("m", "v")] if opt is not None else [want, want]
+    n = cfg["n_train"]
     bad = (f"its step {step} is past steps={cfg['steps']}" if not 0 <= step <= cfg["steps"] else
            f"its parameters {have} differ from the model's {want}" if have != want else
+           f"its parameters are {sorted(dtypes)}, not --dtype {cfg['dtype']}" if dtypes != {cfg["dtype"]} else
            "its optimiser state is not the one of --optimizer " + cfg["optimizer"]
            if (opt is None) != (cfg["optimizer"] == "gd") else
-           f"its minibatch order covers {len(perm)} sequences, not n_train={cfg['n_train']}"
-           if len(perm) != cfg["n_train"] or not 0 <= pos <= cfg["n_train"] else None)
-    if bad is None and opt is not None:
-        moments = {k: numpy.shape(v) for k, v in runs.flatten(tree_map(_host, opt["m"])).items()}
-        bad = "its optimiser state does not match the parameters" if moments != want else None
+           "its optimiser state does not match the parameters" if moments != [want, want] else
+           f"its minibatch order is not a permutation of n_train={n} sequences"
+           if len(perm) != n or not numpy.array_equal(numpy.sort(perm), numpy.arange(n)) or not 0 <= pos <= n else
+           "it was made with other settings (another seed, data or model of the same shapes)"
+           if made_by != settings else None)
     if bad:
         raise ValueError(f"--resume: {path} does not belong to this run: {bad}")
 
@@ -396,37 +430,53 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     cfg = config(experiment, preset, **overrides)
     run_dir = runs.run_folder(runs_dir, experiment if name is None else name)
     check_run(experiment, cfg)
+    if resume and not os.path.isdir(run_dir):
+        raise ValueError(f"--resume: no run folder {run_dir}; run without --resume first")
+    with runs.locked(run_dir):  # one process per run folder, before anything in it is read
+        return _run_locked(experiment, cfg, preset, run_dir, resume, quiet)
+
+
+def _run_locked(experiment, cfg, preset, run_dir, resume, quiet):
     ckpt = os.path.join(run_dir, "checkpoint.npz")
     if resume and not os.path.exists(ckpt):
         raise ValueError(f"--resume: no checkpoint in {run_dir}; run without --resume first")
     runs.prepare_folder(run_dir)
     saved = dict(cfg, experiment=experiment, preset=preset, versions=runs.versions(CODE))
+    settings = runs.digest({k: v for k, v in saved.items() if k not in NOT_RESULT | {"versions"}})
     if resume:
-        old = runs.load_json(os.path.join(run_dir, "config.json"), "the config.json of the run to resume")
+        path = os.path.join(run_dir, "config.json")
+        old = runs.load_json(path, "the config.json of the run to resume")
+        if not isinstance(old, dict) or not isinstance(old.get("experiment"), str):
+            raise runs.FileFault(f"{path}: not a run's settings (a JSON object with an 'experiment' "
+                                 f"name), got {json.dumps(old)[:40]}")
         changed = sorted(k for k in set(old) | set(saved) if k not in NOT_RESULT | {"versions"}
                          and old.get(k) != saved.get(k))
         if changed:
             raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in "
                              f"{run_dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
         state = runs.load_checkpoint(ckpt, array_module(cfg["backend"]).asarray)
-        _check_belongs(ckpt, state, experiment, cfg)
+        _check_belongs(ckpt, state, experiment, cfg, settings)
         folder, replace = run_dir, None
     else:  # a fresh run: staged apart until it has a checkpoint, then it replaces the old files
-        folder, state = os.path.join(run_dir, ".fresh"), None
-        shutil.rmtree(folder, ignore_errors=True)  # an earlier start that made no checkpoint
-        replace = lambda: runs.replace_run(folder, run_dir)  # noqa: E731
+        folder, state, took_over = runs.fresh_stage(run_dir), None, []
+        replace = lambda: runs.replace_run(folder, run_dir) or took_over.append(1)  # noqa: E731
     try:
         runs.save_json(os.path.join(folder, "config.json"), saved)
         if experiment == POPULATION:  # no checkpoints: every file staged, then moved
             metrics, params = _population(cfg)
             folder = folder if replace else run_dir
         else:
-            metrics, params = _train(experiment, cfg, ckpt, state, quiet, replace, folder)
+            metrics, params = _train(experiment, cfg, ckpt, state, quiet, settings, replace, folder)
             folder, replace = run_dir, None
         runs.save_npz(os.path.join(folder, "params.npz"), runs.flatten(params))
         runs.save_npz(os.path.join(folder, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
         if replace:
             replace()
+    except KeyboardInterrupt as e:  # say what is on disk now
+        e.args = (f"{run_dir} holds this run's last checkpoint (python train.py ... --resume "
+                  f"continues it)" if resume or took_over else
+                  f"stopped before its first checkpoint: {run_dir} is as it was",)
+        raise
     finally:  # a fresh start that stopped before its first checkpoint leaves nothing behind
         if not resume:
             shutil.rmtree(os.path.join(run_dir, ".fresh"), ignore_errors=True)
@@ -441,7 +491,7 @@ def _population(cfg):
             "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
 
 
-def _train(experiment, cfg, ckpt, state, quiet, replace=None, folder=None):
+def _train(experiment, cfg, ckpt, state, quiet, settings, replace=None, folder=None):
     """Training loop; state: a restored checkpoint (resume) or None. A fresh run checkpoints
     into folder until replace() has moved its files to ckpt's folder."""
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
@@ -466,7 +516,7 @@ def _train(experiment, cfg, ckpt, state, quiet, replace=None, folder=None):
         moments = ex.moments(s_train, first)
         step_fn = lambda params, s: moments(params)  # noqa: E731  (s is always s_train here)
     if state is not None:
-        step, params, opt, order_rng, perm, pos, history = state
+        step, params, opt, order_rng, perm, pos, history, _ = state
     else:
         params = tree_map(lambda p: xp.asarray(p.astype(cfg["dtype"])),
                           init_model(experiment, cfg, init_rng))
@@ -495,7 +545,8 @@ def _train(experiment, cfg, ckpt, state, quiet, replace=None, folder=None):
                 host_opt = None if opt is None else dict(opt, m=tree_map(_host, opt["m"]),
                                                          v=tree_map(_host, opt["v"]))
                 runs.save_checkpoint(ckpt if replace is None else os.path.join(folder, "checkpoint.npz"),
-                                     step, tree_map(_host, params), host_opt, order_rng, perm, pos, history)
+                                     step, tree_map(_host, params), host_opt, order_rng, perm, pos, history,
+                                     settings)
                 if replace is not None:  # the first checkpoint of a fresh run: it replaces the earlier run
                     replace()
                     replace = None

@@ -1,0 +1,359 @@
+"""Tests of figures.py: every figure drawn at a tiny size with labels, titles and colour bars
+(checked on the matplotlib objects), the summary files, the command line and its bad input,
+and the cache of runs and data. figures.py (and so matplotlib) is imported inside each test.
+The numbers each figure reports are tested with their claims in test_icar.py. Which test
+proves which claim: docs/claims.md."""
+
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+import icar
+import runs
+import theory
+from conftest import TINY, rng
+
+
+def png_ok(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
+
+
+# ---- every figure, tiny ------------------------------------------------------------------
+
+def fake_metrics(T, d, L=1, seed=0):
+    g = rng(seed)
+    m = {"test_loss_position": np.linspace(1, 0.3, T) + 0.01 * g.random(T)}
+    for k in ("oracle", "least_squares", "gd1", "gd2", "gd3", "gd4", "last_value", "zero"):
+        m["baseline_" + k] = np.linspace(1, 0.2, T) * g.uniform(0.5, 1.5)
+    for k in ("W", "ls", "gd1"):
+        m["probe_err_" + k] = g.random(T)
+        m["probe_cos_" + k] = g.random(T)
+    m["weights_KQ"] = g.standard_normal((L, 1, 3 * d, 3 * d))
+    m["weights_V"] = g.standard_normal((L, 1, d, 3 * d))
+    m["weights_share_KQ"] = g.random((L, 1))
+    m["weights_share_V"] = g.random((L, 1))
+    return m
+
+
+def check_figure_labels(fig, name):
+    """Every plot of fig has x and y labels (3-D: also z) and a title; the figure is named
+    ("Fig. N", "R1", "R2/R3") in its suptitle or, with one plot, in that plot's title; every
+    heat map has a colour bar."""
+    import matplotlib.collections
+    tag = {"r1": "R1", "r2r3": "R2/R3"}.get(name, "Fig. " + name[3:])
+    plots = [ax for ax in fig.axes if not hasattr(ax, "_colorbar")]
+    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    assert tag in suptitle or (len(plots) == 1 and tag in plots[0].get_title()), name
+    for ax in plots:
+        assert ax.get_title(), (name, "title")
+        assert ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
+        if ax.name == "3d":
+            assert ax.get_zlabel(), (name, ax.get_title())
+        maps = list(ax.images) + [c for c in ax.collections if isinstance(c, matplotlib.collections.QuadMesh)]
+        assert all(m.colorbar is not None for m in maps), (name, ax.get_title(), "colour bar")
+    return sum(len(ax.images) for ax in plots)
+
+
+def test_every_figure_function_writes_a_png_with_labels_titles_and_colour_bars(tmp_path, monkeypatch):
+    import figures
+    out = str(tmp_path)
+    made = {}
+
+    def save_png(fig, out_dir, name):  # figures.save_figure without the PDF, keeping the figure
+        made[name] = fig
+        path = os.path.join(out_dir, name + ".png")
+        fig.savefig(path, dpi=40)
+        return path
+
+    monkeypatch.setattr(figures, "save_figure", save_png)
+    s, W = figures.trajectories_3d(rng(9), 2, 6)
+    paths = [figures.plot_fig1(s, W, out)]
+    p, losses = theory.train_population(2, 2, 4, "unitary", 1e-2, 5, rng(10))
+    panel = dict(title="t", A=p["A"], B=p["B"], P=p["P"], losses=losses)
+    paths.append(figures.plot_fig3([panel, panel], out))
+    paths.append(figures.plot_fig4(rng(11).random(50) * (rng(12).random(50) > 0.8), rng(13).random(50), out, "x"))
+    paths.append(figures.plot_fig5(fake_metrics(6, 2), {1: fake_metrics(6, 2), 2: fake_metrics(6, 2, 2)}, out))
+    P = np.tril(rng(14).standard_normal((5, 5)))
+    closed = theory.pe_only_trajectory(5, mu=50.0, eta=0.1, steps=3)
+    paths.append(figures.plot_fig6([dict(mu=50.0, P=P, steps=3, closed_row=closed[-1], sample_row=P[-1],
+                                         n_train=10)] * 2, out))
+    cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
+    p = icar.init_params("transformer", rng(15), cfg=cfg)
+    att = icar.positional_attention(p["layers"][0], p["pos"][:6])
+    raw = {(L, H): dict(fake_metrics(6, 2, seed=L + H), mech_prev_share=rng(L).random(H),
+                        mech_readout_r2=np.r_[np.nan, rng(L).random(5)])
+           for L, H in ((1, 1), (1, 2), (2, 2), (3, 2))}
+    paths.append(figures.plot_fig7(raw, {1: fake_metrics(6, 2), 2: fake_metrics(6, 2)}, 2, att, out))
+    assert {r["quantity"] for r in figures.fig7_rows(raw, {2: fake_metrics(6, 2)}, 2)} >= {
+        "L=2, H=2: largest previous-token share of a first-layer head", "L=3, H=2: test MSE against 3-step GD"}
+    paths.append(figures.plot_r1([3, 4, 6], 2, np.array([0.3, 0.25, 0.17]), np.array([0.7, 0.6, 0.4]), out))
+    data = figures.compute_r2r3(2, 3, 2, (1e-2, 20), (1e-2, 20))
+    paths.append(figures.plot_r2r3(data["loss"], 2, 3, out))
+    heat_maps = {}
+    for name, path in zip(("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3"), paths):
+        assert path == os.path.join(out, name + ".png") and png_ok(path)
+        heat_maps[name] = check_figure_labels(made[name], name)
+        figures.plt.close(made[name])
+    assert heat_maps == {"fig1": 0, "fig3": 8, "fig4": 0, "fig5": 2, "fig6": 2, "fig7": 1, "r1": 0, "r2r3": 0}
+
+
+def test_figure_check_finds_a_missing_colour_bar_label_or_name():
+    """check_figure_labels can fail: each defect alone is caught."""
+    import figures
+    for defect in ("colour bar", "label", "name"):
+        fig, ax = figures.plt.subplots()
+        ax.imshow(np.eye(2))
+        if defect != "colour bar":
+            fig.colorbar(ax.images[0], ax=ax)
+        ax.set_xlabel("x")
+        ax.set_ylabel("" if defect == "label" else "y")
+        ax.set_title("Fig. 9: t" if defect != "name" else "t")
+        with pytest.raises(AssertionError):
+            check_figure_labels(fig, "fig9")
+        figures.plt.close(fig)
+
+
+# ---- command line, cache, summary --------------------------------------------------------
+
+def test_write_summary_merges_figures_and_escapes_cells(tmp_path):
+    import figures
+    out = str(tmp_path)
+    figures.write_summary(out, {"fig1": {"rows": [figures.row("fig1", "|x|", 1e-15, 0.0, "W")],
+                                         "seconds": 1.0, "note": "a"}}, "quick")
+    figures.write_summary(out, {"r1": {"rows": [figures.row("r1", "eta", np.float64(0.25), 0.2, "R1")],
+                                       "seconds": 2.0, "note": "b"}}, "quick")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| fig1 | \\|x\\| | 1.000e-15 | 0 | W |" in text
+    assert "| r1 | eta | 0.25 | 0.2 | R1 |" in text
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"fig1", "r1"}
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+
+def test_command_line_rejects_bad_input_with_one_line(capsys):
+    import figures
+    for argv in (["fig9"], ["--preset", "huge"], ["--nope"], ["fig4", "--embeddings", "missing.npy"]):
+        assert figures.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("figures.py: error:")
+
+
+def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, monkeypatch, capsys):
+    import figures
+    monkeypatch.setattr(figures, "fig4_missing", lambda embeddings=None: ["tokenizers"])
+    assert figures.main(["fig4", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "requirements-fig4.txt" in err and err.count("\n") == 1
+    monkeypatch.setattr(figures, "FIGURES", ("fig1", "fig4"))
+    assert figures.main(["--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["fig4"]["note"].startswith("skipped") and summary["fig1"]["rows"]
+    assert png_ok(str(tmp_path / "fig1.png")) and not (tmp_path / "fig4.png").exists()
+    assert (tmp_path / "fig1.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = os.path.join(first["dir"], "params.npz")
+    stamp = os.stat(path).st_mtime_ns
+    again = figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns == stamp
+    assert np.array_equal(again["params"]["P"], first["params"]["P"])
+    other = figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))  # settings changed
+    assert os.stat(path).st_mtime_ns != stamp and len(other["metrics"]["train_loss"]) == 5
+    ctx.retrain = True
+    stamp = os.stat(path).st_mtime_ns
+    figures.train_cached(ctx, "pe-only", "pe", **dict(small, steps=4))
+    assert os.stat(path).st_mtime_ns != stamp
+
+
+def test_train_cached_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    """figures.py --preset paper killed inside a training run continues from its checkpoint
+    and ends with the bits of an uninterrupted run."""
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
+    small = dict(TINY, family="haar", d=2)
+    whole = figures.train_cached(ctx, "block", "whole", **small)
+    real, calls = runs.save_checkpoint, []
+
+    def killed(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(runs, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        figures.train_cached(ctx, "block", "cut", **small)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
+    capsys.readouterr()
+    again = figures.train_cached(ctx, "block", "cut", **small)
+    assert "resuming block" in capsys.readouterr().err
+    assert np.array_equal(again["params"]["A"], whole["params"]["A"])
+    np.testing.assert_array_equal(again["metrics"]["train_loss"], whole["metrics"]["train_loss"])
+
+
+def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
+    """A run whose config.json holds another code fingerprint, or none, is stale."""
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = os.path.join(first["dir"], "params.npz")
+    stamp = os.stat(path).st_mtime_ns
+    monkeypatch.setattr(runs, "code_fingerprint", lambda names: "0" * 40)
+    figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns != stamp
+    stamp = os.stat(path).st_mtime_ns
+    figures.train_cached(ctx, "pe-only", "pe", **small)  # now the same code: reused
+    assert os.stat(path).st_mtime_ns == stamp
+    config_path = os.path.join(first["dir"], "config.json")
+    saved = json.loads(open(config_path).read())
+    del saved["versions"]["code"]
+    with open(config_path, "w") as f:
+        json.dump(saved, f)
+    figures.train_cached(ctx, "pe-only", "pe", **small)
+    assert os.stat(path).st_mtime_ns != stamp
+
+
+def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path, monkeypatch):
+    import figures
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(3.0) * len(calls)}
+
+    ctx = figures.argparse.Namespace(timings=[])
+    get = lambda settings: figures.cached(str(tmp_path), "t", compute, False, settings, ctx)  # noqa: E731
+    assert np.array_equal(get({"d": 2})["x"], [0, 1, 2]) and len(calls) == 1
+    assert set(get({"d": 2})) == {"x"} and len(calls) == 1  # reused, without the cache's own keys
+    assert [t["reused"] for t in ctx.timings] == [False, True]
+    assert ctx.timings[1]["seconds"] == ctx.timings[0]["seconds"] > 0
+    get({"d": 3})
+    assert len(calls) == 2  # other settings
+    monkeypatch.setattr(runs, "code_fingerprint", lambda names: "0" * 40)
+    get({"d": 3})
+    assert len(calls) == 3  # other code of icar, theory or train
+    monkeypatch.setattr(figures, "figures_fingerprint", lambda: "1" * 40)
+    get({"d": 3})
+    assert len(calls) == 4  # other code of figures.py
+    get({"d": 3})
+    assert len(calls) == 4
+
+
+def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
+    import figures
+    tiny = dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3))
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", tiny)
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, seed=0, out=str(tmp_path),
+                                     timings=[])
+    figures.run_r2r3(ctx)
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(tiny, seeds=2))
+    figures.run_r2r3(ctx)
+    assert [t["reused"] for t in ctx.timings] == [False, False]
+    figures.run_r2r3(ctx)
+    assert [t["reused"] for t in ctx.timings] == [False, False, True]
+
+
+def test_unusable_folders_and_fig4_files_exit_2_with_one_line(tmp_path, capsys):
+    import figures
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    bad_npy = tmp_path / "bad.npy"
+    bad_npy.write_text("not an array")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{")
+    ok_npy = tmp_path / "ok.npy"
+    np.save(ok_npy, np.ones((3, 2)))
+    cases = [(["fig1", "--out", str(plain / "x")], "--out", plain / "x"),
+             (["fig1", "--runs", str(plain / "x"), "--out", str(tmp_path)], "--runs", plain / "x")]
+    if not figures.fig4_missing(str(bad_npy)):
+        fig4 = ["fig4", "--text", figures.DEFAULT_TEXT, "--out", str(tmp_path), "--runs", str(tmp_path)]
+        cases += [(fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(ok_npy)], "--tokenizer", bad_json),
+                  (fig4 + ["--tokenizer", str(bad_json), "--embeddings", str(bad_npy)], "--embeddings", bad_npy)]
+    for argv, option, path in cases:
+        assert figures.main(argv + ["--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("figures.py: error: " + option) and str(path) in err
+
+
+def test_load_token_table_names_the_bad_file_and_what_it_expects(tmp_path):
+    import figures
+    cases = {"text.npy": lambda p: p.write_text("not an array"), "empty.npy": lambda p: p.write_bytes(b""),
+             "vector.npy": lambda p: np.save(p, np.ones(3)), "words.npy": lambda p: np.save(p, np.array([["a"]])),
+             "table.npz": lambda p: np.savez(p, E=np.ones((2, 2)))}
+    for name, make in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(ValueError, match="2-D real array") as e:
+            figures.load_token_table(str(path))
+        assert str(path) in str(e.value)
+    np.save(tmp_path / "ok.npy", np.ones((4, 3), dtype=np.float32))
+    assert figures.load_token_table(str(tmp_path / "ok.npy")).dtype == np.float64
+
+
+def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
+    """The summary shows the seconds the computation took, marked when reused from the
+    cache; figures.main sets the process up as train.main does."""
+    import figures
+    monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3)))
+    set_up = []
+    monkeypatch.setattr(runs, "set_up_process", lambda: set_up.append(1))
+    real = figures.compute_r2r3
+    monkeypatch.setattr(figures, "compute_r2r3", lambda **kw: (figures.time.sleep(0.5), real(**kw))[1])
+    argv = ["r2r3", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]
+    assert figures.main(argv) == 0 and set_up == [1]
+    first = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
+    assert first["cached"] == "none" and first["seconds"] >= 0.5
+    assert figures.main(argv) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())["r2r3"]
+    assert again["cached"] == "all" and again["seconds"] >= 0.5
+    assert f"| r2r3 | quick | (cached, computed in {again['seconds']:.1f} s) |" in (tmp_path / "summary.md").read_text()
+    assert figures.compute_seconds(1.0, [{"seconds": 5.0, "load": 0.2, "reused": True},
+                                         {"seconds": 0.5, "load": 0.0, "reused": False}]) == (5.8, "some")
+    assert figures.compute_seconds(1.0, [{"seconds": None, "load": 0.2, "reused": True}]) == (None, "all")
+    assert figures.runtime_cell(5.8, "some") == "5.8 (partly cached)" and figures.runtime_cell(2.0, "none") == "2.0"
+
+
+def test_figures_retrain_a_cached_run_with_a_truncated_metrics_file(tmp_path, capsys):
+    import figures
+    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
+    small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
+    first = figures.train_cached(ctx, "pe-only", "pe", **small)
+    path = tmp_path / "pe" / "metrics.npz"
+    path.write_bytes(path.read_bytes()[:60])
+    capsys.readouterr()
+    again = figures.train_cached(ctx, "pe-only", "pe", **small)
+    err = capsys.readouterr().err
+    assert re.search(r"retraining: .*metrics.npz: cannot be read as a run's metrics", err), err
+    np.testing.assert_array_equal(again["params"]["P"], first["params"]["P"])
+
+
+def test_figures_names_a_damaged_summary_in_one_line(tmp_path, capsys):
+    import figures
+    (tmp_path / "summary.json").write_text("{not json")
+    before = (tmp_path / "summary.json").read_bytes()
+    assert figures.main(["fig1", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"summary.json: not valid JSON", err[0]), err
+    assert (tmp_path / "summary.json").read_bytes() == before
+
+
+def test_figures_recompute_a_damaged_cache(tmp_path):
+    import figures
+    calls = []
+    compute = lambda: calls.append(1) or {"x": np.arange(3)}  # noqa: E731
+    figures.cached(str(tmp_path), "t", compute, False, {"a": 1})
+    path = tmp_path / "figures-t" / "data.npz"
+    path.write_bytes(path.read_bytes()[:50])  # truncated
+    np.testing.assert_array_equal(figures.cached(str(tmp_path), "t", compute, False, {"a": 1})["x"],
+                                  np.arange(3))
+    assert len(calls) == 2

@@ -1,0 +1,107 @@
+"""Tests of sweep.py, grids of runs: the summary, every point checked before any trains, the
+same files in process, in worker processes (--jobs) and from the listed commands (--list,
+then --summary), a failed point, and the bad options of sweep.py. Which test proves which
+claim: docs/claims.md."""
+
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+import runs
+import sweep
+from conftest import TINY, folder_bytes
+
+
+# ---- one process -------------------------------------------------------------------------
+
+def test_sweep_over_layers_writes_summary(tmp_path, capsys):
+    argv = ["augmented", "--T", "4", "--n_train", "32", "--n_test", "16", "--n_probe", "0",
+            "--steps", "2", "--batch", "0", "--quiet", "--runs_dir", str(tmp_path),
+            "--sweep", "layers=1,2", "--sweep", "sigma=0,0.1"]
+    assert sweep.main(argv) == 0
+    with open(tmp_path / "augmented" / "summary.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["layers"], r["sigma"]) for r in rows] == [(1, 0.0), (1, 0.1), (2, 0.0), (2, 0.1)]
+    second = runs.load_run(str(tmp_path / "augmented" / "layers=2,sigma=0.1"))
+    assert second["config"]["layers"] == 2 and second["config"]["sigma"] == 0.1
+    assert rows[3]["gd_k=L"] == pytest.approx(float(np.mean(second["metrics"]["baseline_gd2"])))
+    assert "gd_k=L" in capsys.readouterr().out
+
+
+def test_sweeps_check_every_point_first_and_show_the_swept_key(tmp_path, capsys):
+    with pytest.raises(ValueError, match="T must be an integer >= 2"):
+        sweep.sweep("block", {"T": [5, 1]}, runs_dir=str(tmp_path), quiet=True,
+                    **{k: v for k, v in TINY.items() if k != "T"})
+    assert not (tmp_path / "block").exists()  # the good point did not train
+    with pytest.raises(ValueError, match="distinct values"):
+        sweep.sweep("block", {"lr": [0.1, 1e-1]}, runs_dir=str(tmp_path), quiet=True, **TINY)
+    _, table = sweep.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path), quiet=True, **TINY)
+    assert table.split()[0] == "lr" and "0.02" in table
+
+
+# ---- sweeps beyond one process: --jobs, --list, --summary
+
+SWEEP_ARGV = ["block", "--T", "5", "--n_train", "64", "--n_test", "32", "--n_probe", "0", "--steps", "6",
+              "--checkpoint_every", "2", "--log_every", "2", "--sweep", "lr=0.01,0.02,0.05", "--sweep", "seed=3"]
+
+
+def test_sweep_in_process_in_workers_and_from_listed_commands_writes_identical_files(tmp_path, capsys):
+    """The same sweep run in this process, in 2 worker processes, and as the commands of --list
+    run one by one in fresh interpreters (then --summary): bit-identical params.npz and
+    metrics.npz of every point, and the same summary.json."""
+    folders = {way: tmp_path / way for way in ("in_process", "jobs", "listed")}
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["in_process"]), "--quiet"]) == 0
+    capsys.readouterr()
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["jobs"]), "--jobs", "2"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert sum("started" in line for line in err) == 3 and sum("finished" in line for line in err) == 3
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["listed"]), "--list", "--quiet"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 3 and not folders["listed"].exists()  # --list writes nothing
+    for command in commands:
+        out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    assert sweep.main(SWEEP_ARGV + ["--runs_dir", str(folders["listed"]), "--summary"]) == 0
+    assert "0.05" in capsys.readouterr().out
+    files = {way: {k: v for k, v in folder_bytes(folder).items()
+                   if k.endswith(("params.npz", "metrics.npz", "summary.json"))}
+             for way, folder in folders.items()}
+    assert len(files["in_process"]) == 3 * 2 + 1
+    assert files["in_process"] == files["jobs"] == files["listed"]
+
+
+def test_a_failed_sweep_point_keeps_the_others_and_exits_1(tmp_path, capsys):
+    argv = ["block", "--T", "5", "--n_train", "64", "--n_test", "32", "--n_probe", "0", "--steps", "50",
+            "--checkpoint_every", "1", "--optimizer", "gd", "--sweep", "lr=0.01,1e6", "--quiet"]
+    for jobs in ("1", "2"):
+        folders = tmp_path / jobs
+        assert sweep.main(argv + ["--runs_dir", str(folders), "--jobs", jobs]) == 1
+        out = capsys.readouterr()
+        assert len(out.err.strip().splitlines()) == 1 and "point lr=1000000.0 failed" in out.err
+        assert "0.01" in out.out
+        with open(folders / "block" / "summary.json") as f:
+            assert [row["lr"] for row in json.load(f)["rows"]] == [0.01]
+        assert (folders / "block" / "lr=0.01" / "metrics.npz").exists()
+
+
+def test_bad_sweep_process_options_give_one_line_and_touch_no_file(tmp_path, capsys):
+    folders, argv = tmp_path / "folders", SWEEP_ARGV[:-4] + ["--quiet"]
+    assert sweep.main(argv + ["--runs_dir", str(folders), "--sweep", "lr=0.01"]) == 0  # one point of two
+    before = folder_bytes(folders)
+    grid_args = ["--sweep", "lr=0.01,0.02"]
+    table = [(["--jobs", "0"] + grid_args, 2), (["--jobs", "x"] + grid_args, 2), (["--jobs", "-1"] + grid_args, 2),
+             (["--jobs"] + grid_args, 2), (["--jobs", "2"], 2), (["--list"], 2), (["--summary"], 2),
+             (["--list", "--jobs", "2"] + grid_args, 2), (["--list", "--summary"] + grid_args, 2),
+             (["--summary", "--jobs", "2"] + grid_args, 2), (["--summary", "--resume"] + grid_args, 2),
+             (["--jobs", "2", "--jobs", "2"] + grid_args, 2), (["--list", "--sweep", "T=5,1"], 2),
+             (["--summary", "--sweep", "T=5,1"], 2), (["--summary"] + grid_args, 1),
+             (["--summary", "--seed", "7", "--sweep", "lr=0.01"], 1)]
+    for extra, code in table:
+        assert sweep.main(argv + ["--runs_dir", str(folders)] + extra) == code, extra
+        out = capsys.readouterr()
+        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("sweep.py: "), extra
+        assert folder_bytes(folders) == before, extra
+    assert sweep.main(argv + ["--runs_dir", str(folders), "--summary", "--sweep", "lr=0.01"]) == 0

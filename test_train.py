@@ -1,0 +1,249 @@
+"""Tests of train.py, one run and its command line: the optimisers against a scalar
+reference, resume bit-identical (and refusing changed settings, damaged or foreign
+checkpoints), divergence, dtypes, every experiment end to end, and the bad command lines of
+train.py (one line on stderr, exit 2, no file touched). Which test proves which claim:
+docs/claims.md."""
+
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import icar
+import runs
+import sweep
+import train
+from conftest import HERE, TINY, finished_run, flat, folder_bytes
+
+
+# ---- optimisers --------------------------------------------------------------------------
+
+def test_adam_matches_scalar_reference_and_gd_is_one_line():
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal(3), "layers": [{"w": rng.standard_normal((2, 2))}]}
+    grads = [tree for tree in (train.tree_map(lambda p: rng.standard_normal(p.shape), params)
+                               for _ in range(3))]
+    state = train.adam_init(params)
+    p = params
+    for g in grads:
+        p, state = train.adam_update(p, g, state, 0.1)
+    # reference: the textbook recursion on each scalar
+    x, m, v = params["layers"][0]["w"][1, 0], 0.0, 0.0
+    for t, g in enumerate(grads, 1):
+        gi = g["layers"][0]["w"][1, 0]
+        m, v = 0.9 * m + 0.1 * gi, 0.999 * v + 0.001 * gi ** 2
+        x -= 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    assert p["layers"][0]["w"][1, 0] == pytest.approx(x, abs=1e-15)
+    assert state["t"] == 3
+    q = train.gd_update(params, grads[0], 0.5)
+    assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
+
+
+# ---- resume, divergence, dtypes ----------------------------------------------------------
+
+@pytest.mark.parametrize("experiment,extra", [
+    ("block", dict(d=2, batch=16)),                      # minibatches: the shuffle RNG matters
+    ("augmented", dict(d=2, layers=2, batch=16, steps=5)),  # list-of-dict parameters
+    ("pe-only", dict(target_loss=0.0)),                  # plain GD
+])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
+    kw = dict(TINY, **extra)
+    full = train.run(experiment, runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+
+    name = "gd_update" if full["config"]["optimizer"] == "gd" else "adam_update"
+    update, calls = getattr(train, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint at step 2, before step 4
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(experiment, runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(train, name, update)
+    assert not os.path.exists(tmp_path / "cut" / "params.npz")
+    resumed = train.run(experiment, runs_dir=str(tmp_path), name="cut", resume=True, quiet=True,
+                        **kw)
+    a, b = flat(full["params"]), flat(resumed["params"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    for k in ("train_loss", "test_loss", "test_step"):
+        assert np.array_equal(full["metrics"][k], resumed["metrics"][k]), k
+    loaded = runs.load_run(resumed["dir"])
+    assert all(np.array_equal(a[k], v) for k, v in flat(loaded["params"]).items())
+    assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
+    assert np.array_equal(loaded["metrics"]["test_loss_position"],
+                             resumed["metrics"]["test_loss_position"])
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        train.run("block", runs_dir=str(tmp_path), resume=True, quiet=True, lr=0.5, **dict(TINY, n_probe=0))
+
+
+@pytest.mark.parametrize("damage, code, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), 1, r"checkpoint.npz: cannot be read as a checkpoint"),
+    (lambda p: p.write_bytes(b""), 1, r"checkpoint.npz: cannot be read as a checkpoint"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 8), 1, r"checkpoint.npz: cannot be read as a checkpoint"),
+    (lambda p: np.savez(open(p, "wb"), step=np.asarray(1)), 1, r"checkpoint.npz: an incomplete checkpoint"),
+    (lambda p: (p.parent / "config.json").unlink(), 1, r"config.json: no such file"),
+    (lambda p: (p.parent / "config.json").write_text("{bad json"), 1, r"config.json: not valid JSON"),
+    (lambda p: runs.save_npz(str(p), dict(np.load(p), step=np.asarray(99))), 1,
+     r"checkpoint.npz: an incomplete checkpoint.*history holds 5 training losses at step 99"),
+    (lambda p: runs.save_npz(str(p), dict(np.load(p), step=np.asarray(99),
+                                          **{"history/train_loss": np.zeros(99)})), 2,
+     r"does not belong to this run: its step 99 is past steps=5"),
+    (lambda p: runs.save_npz(str(p), {k: (np.zeros((3, 3)) if k.endswith("/A") else v)
+                                      for k, v in np.load(p).items()}), 2,
+     r"does not belong to this run: its parameters"),
+    (lambda p: runs.save_npz(str(p), {k: (np.zeros((3, 3)) if k == "params/A" else v)
+                                      for k, v in np.load(p).items()}), 2,
+     r"does not belong to this run: its parameters"),
+])
+def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path, capsys, damage, code, message):
+    argv = ["block", "--steps", "5", "--n_train", "16", "--n_test", "8", "--n_probe", "4",
+            "--runs_dir", str(tmp_path), "--quiet"]
+    assert train.main(argv) == 0
+    capsys.readouterr()
+    damage(tmp_path / "block" / "checkpoint.npz")
+    before = folder_bytes(tmp_path)
+    assert train.main(argv + ["--resume"]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert folder_bytes(tmp_path) == before
+
+
+def test_divergence_stops_and_keeps_last_finite_checkpoint(tmp_path, capsys):
+    kw = dict(TINY, optimizer="gd", lr=1e6, steps=100, checkpoint_every=1, n_probe=0)
+    with pytest.raises(icar.Diverged, match=r"at step \d+.*learning rate 1000000.0 is likely too large") as e:
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **kw)
+    step = int(str(e.value).split("at step ")[1].split(":")[0])
+    z = runs.load_npz(str(tmp_path / "block" / "checkpoint.npz"))
+    assert int(z["step"]) == step - 1
+    assert all(np.all(np.isfinite(v)) for k, v in z.items() if k.startswith("params/"))
+    # the command line: one line on stderr, non-zero status
+    argv = ["block", "--runs_dir", str(tmp_path), "--quiet"] + [
+        a for k, v in kw.items() for a in (f"--{k}", str(v))]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "learning rate" in err[0] and f"step {step}" in err[0]
+
+
+def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError, match=r"non-finite loss \(nan\).*init_scale 1e\+200 is too large"):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert not (tmp_path / "block").exists()  # found before any file was written
+    # a loss finite on check_run's 2 sequences but not on the training data: Diverged at step 0
+    monkeypatch.setattr(train, "check_run", lambda experiment, cfg: None)
+    with pytest.raises(icar.Diverged, match=r"at step 0, before any update.*nothing was saved"):
+        train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
+    assert os.listdir(tmp_path / "block") == [".lock"]  # the folder's lock, nothing of the run
+    assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
+    assert "population loss became" in capsys.readouterr().err
+
+
+def test_pe_only_in_float32_trains_in_float32(tmp_path):
+    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, dtype="float32"))
+    assert result["params"]["P"].dtype == np.float32
+
+
+# ---- the command line --------------------------------------------------------------------
+
+def test_every_experiment_runs_end_to_end(tmp_path, capsys):
+    tiny = ["--T", "5", "--n_train", "32", "--n_test", "16", "--n_probe", "2", "--steps", "3",
+            "--quiet", "--runs_dir", str(tmp_path)]
+    for experiment in ("augmented", "nonaug", "block", "diagonal", "pe-only"):
+        extra = ["--batch", "16"] if experiment in ("augmented", "nonaug") else []
+        extra += ["--heads", "2"] if experiment == "nonaug" else []
+        assert train.main([experiment] + tiny + extra) == 0, experiment
+        result = runs.load_run(str(tmp_path / experiment))
+        m = result["metrics"]
+        assert len(m["train_loss"]) == 4 and m["test_loss_position"].shape == (5,)
+        assert np.isfinite(m["test_loss"]).all()
+    assert train.main(["population", "--steps", "3", "--d", "4", "--heads", "2", "--T", "5",
+                       "--runs_dir", str(tmp_path)]) == 0
+    assert len(runs.load_run(str(tmp_path / "population"))["metrics"]["train_loss"]) == 4
+    assert "model" in capsys.readouterr().out
+    assert train.main(["augmented", "--help"]) == 0
+    assert "--layers" in capsys.readouterr().out
+
+
+def test_ignored_settings_are_not_stored_and_help_lists_only_allowed_families(tmp_path, capsys):
+    result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, family="unitary"))
+    assert "mu" not in result["config"] and result["config"]["family"] == "unitary"
+    assert train.main(["population", "--help"]) == 0
+    family = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--family")]
+    assert family and "(unitary, orthogonal);" in family[0]
+
+
+# ---- bad command lines: one line on stderr, no file touched ------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["augmented", "--lr", "abc"], ["nosuch"], ["block", "--steps", "-1"],
+    ["block", "--heads", "2"], ["pe-only", "--dtype", "float16"], ["augmented", "--backend", "cupy"],
+    ["bench", "--bogus"], ["bench", "--json", "/nonexistent/bench.json"], ["block", "--n_probe", "600"],
+    ["diagonal", "--family", "angle"],
+])
+def test_bad_arguments_exit_2_with_one_line(argv):
+    out = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("train.py: ")
+
+
+def _bad_commands(runs, a_file):
+    """(argv, exit status) of command lines that must fail with one line and touch no file."""
+    r = ["--runs_dir", str(runs), "--quiet"]
+    two = [
+        (["block", "--T", "1"], 2), (["diagonal", "--family", "orthogonal", "--d", "3"], 2),
+        (["pe-only", "--d", "2"], 2), (["pe-only", "--family", "orthogonal"], 2),
+        (["block", "--init_scale", "1e200"], 2), (["block", "--name", "../x"], 2),
+        (["block", "--name", "/tmp/icar-abs"], 2), (["block", "--name", ".."], 2),
+        (["block", "--name", "."], 2), (["block", "--name", ""], 2), (["block", "--name", "a/b"], 2),
+        (["block", "--name", ".hidden"], 2), (["block", "--name", "-x"], 2),
+        (["block", "--steps", "5", "--steps", "7"], 2),
+        (["block", "--sweep", "lr=0.1", "--sweep", "lr=0.2"], 2),
+        (["block", "--sweep", "lr=0.1,1e-1"], 2), (["block", "--steps", "1e30"], 2),
+        (["block", "--steps", "10000000000000"], 2), (["pe-only", "--family", "unitary", "--mu", "7"], 2),
+        (["block", "--runs_dir", "/dev/null"], 2), (["block", "--runs_dir", "/proc/icar-runs"], 2),
+        (["block", "--runs_dir", a_file], 2), (["block", "--sweep", "T=5,1"], 2),
+        (["block", "--bogus", "1"], 2), (["block", "--steps"], 2), (["block", "steps"], 2),
+        (["nope"], 2), ([], 2), (["block", "--preset", "huge"], 2), (["block", "--family", "angle"], 2),
+        (["population", "--family", "haar"], 2), (["population", "--family", "orthogonal", "--d", "5"], 2),
+        (["block", "--batch", "100000"], 2), (["block", "--n_probe", "100000"], 2),
+        (["block", "--lr", "nan"], 2), (["block", "--lr", "-1"], 2), (["block", "--sigma", "inf"], 2),
+        (["block", "--dtype", "float16"], 2), (["block", "--backend", "cupy"], 2),
+        (["block", "--name", "other", "--resume"], 2), (["block", "--sweep", "lr"], 2),
+        (["block", "--sweep", "bogus=1,2"], 2), (["block", "--sweep", "steps=5", "--steps", "5"], 2),
+        (["block", "--name", "x", "--name", "y"], 2), (["block", "--resume", "--resume"], 2),
+        (["diagonal", "--heads", "0"], 2), (["block", "--form", "diag"], 2), (["block", "--seed", "-1"], 2),
+        (["block", "--resume", "--steps", "9"], 2), (["block", "--sweep", "form=block,full,diag"], 2),
+        (["block", "--jobs", "2"], 2),
+    ]
+    return [(argv if not argv or argv[0] == "nope" else
+             argv[:1] + (r[2:] if "--runs_dir" in argv else r) + argv[1:], code) for argv, code in two]
+
+
+def test_bad_command_lines_give_one_line_and_touch_no_file(tmp_path, capsys):
+    """More than 40 bad command lines after a finished run: each prints one line on stderr,
+    exits 2, and leaves every file under the runs folder byte-identical (and writes nothing)."""
+    runs, a_file = tmp_path / "runs", tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    before = finished_run(runs)
+    table = _bad_commands(runs, str(a_file))
+    assert len(table) >= 40
+    for argv, code in table:
+        main, prefix = (sweep.main, "sweep.py: ") if "--sweep" in argv else (train.main, "train.py: ")
+        assert main(argv) == code, argv
+        out = capsys.readouterr()
+        assert len(out.err.strip().splitlines()) == 1 and out.err.startswith(prefix), (argv, out.err)
+        assert out.out == "", argv
+        assert folder_bytes(runs) == before, argv
+    assert sorted(os.listdir(runs)) == ["block"] and not os.path.exists("/tmp/icar-abs")
