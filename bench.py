@@ -447,25 +447,22 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = runs.Parser(prog="python bench.py", allow_abbrev=False, description="time one "
                          "training step of each paper-size workload; --device cupy: the GPU check")
-    once = dict(action=train.Once)
+    once = dict(action=runs.Once)
     parser.add_argument("--repeats", type=int, help="timed steps per workload (median; default 5)", **once)
     parser.add_argument("--micro", type=int, help="micro-batch of the M4 workloads (default 0: the whole batch)", **once)
     parser.add_argument("--dtype", choices=("float32", "float64"),
                         help="precision of the M4 workloads (default float32)", **once)
     parser.add_argument("--workloads", help=f"comma-separated subset of {', '.join(WORKLOADS)} (default: all)", **once)
-    parser.add_argument("--no-tune-allocator", action="store_true",
+    parser.add_argument("--no-tune-allocator", action=runs.Once, flag=True,
                         help="leave glibc's malloc as it is (see runs.tune_allocator)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE", **once)
     parser.add_argument("--device", choices=("numpy", "cupy"),
                         help="numpy (default): the CPU benchmark; cupy: the GPU check", **once)
-    parser.add_argument("--dry", action="store_true", help="the GPU check on the CPU stand-in")
+    parser.add_argument("--dry", action=runs.Once, flag=True, help="the GPU check on the CPU stand-in")
     parser.add_argument("--out", help="folder of gpu_check.json (default: $OUT or the current folder)", **once)
 
     def command():
         args = parser.parse_args(argv)
-        for flag in ("--dry", "--no-tune-allocator"):
-            if argv.count(flag) > 1:
-                raise ValueError(f"option {flag} is given twice; give each option once")
         check = args.device == "cupy" or args.dry
         cpu_only = [k for k in ("repeats", "micro", "dtype", "workloads", "json") if getattr(args, k) is not None]
         if check and (cpu_only or args.no_tune_allocator):
@@ -481,7 +478,7 @@ def main(argv=None):
             if not os.path.isdir(out):
                 raise ValueError(f"--out {out!r}: no such folder")
             runs.check_regular(os.path.join(out, "gpu_check.json"), "--out's gpu_check.json")
-            return gpu_check(args.dry, out)
+            return gpu_check(bool(args.dry), out)
         repeats = 5 if args.repeats is None else args.repeats
         if not 1 <= repeats <= MAX_REPEATS:
             raise ValueError(f"--repeats must be 1 to {MAX_REPEATS}, got {repeats}")

@@ -22,6 +22,8 @@ loads those arrays):
     fig6   M3 (PE only) for narrow angles: P, and its last row over the exact GD path (R4)
     fig7   M4 without augmentation (Haar W): loss against heads, the positional
            attention, the in-context probe
+    starts Figs. 5 and 7 from the fixed start and from random ones, through evaluate.py's
+           causal tests: what each trained Transformer computes
     r1     trained one-step-GD step size and loss against T next to eta* and L* (R1)
     r2r3   best population loss of M2 against H next to (d - H)_+ and (d - 2H)_+ (R2, R3)
 """
@@ -39,13 +41,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+import evaluate  # noqa: E402
 import fused  # noqa: E402
 import icar  # noqa: E402
 import runs  # noqa: E402
 import theory  # noqa: E402
 import train  # noqa: E402
 
-FIGURES = ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "r1", "r2r3")
+FIGURES = ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "starts", "r1", "r2r3")
 PRESETS = ("quick", "paper")
 FIG4_INSTALL = ("fig4 needs the optional packages of requirements-fig4.txt: "
                 "python -m pip install -r requirements-fig4.txt && "
@@ -1038,6 +1041,241 @@ def run_fig7(ctx):
             f"{cfg['dtype']}; augmented models as in Fig. 5")
 
 
+# ----------------------------------------------------------------------------- both starts
+# paper.md section 6: the authors' data start every sequence at the same s_0, so a model can
+# predict from its first tokens (the Krylov sequence of W from a known vector) without
+# learning in context. Every M4 of Figs. 5 and 7 is also trained from random starts, and
+# each model is put through evaluate.py's causal tests: data from the other start, a switch
+# of W at t = 6, tokens 1-4 replaced by another sequence's, the influence map, one head
+# removed at a time, and the fresh-query probe. "late" positions are r >= T / 2.
+STARTS = {"quick": dict(raw=(1, 2, 3), aug=(1, 2)), "paper": dict(raw=(1, 2), aug=(1,))}
+CAUSAL = dict(n=256, n_map=32, n_probe=64, switch=6, replaced=(1, 2, 3, 4))
+OTHER = {"fixed": "random", "random": "fixed"}
+
+
+def starts_runs(ctx):
+    """{(kind, L, start): train_cached result}: raw-token M4 with Fig. 7's depth heads and
+    augmented M4 as in Fig. 5, from the fixed start (the runs of Figs. 5, 7) and from random ones."""
+    spec, out = STARTS[ctx.preset], {}
+    for start in ("fixed", "random"):
+        tag = "" if start == "fixed" else "-random"
+        H = FIG7[ctx.preset]["depth_heads"]
+        for L in spec["raw"]:
+            out["raw", L, start] = train_cached(ctx, "nonaug", f"fig7-L{L}-H{H}{tag}-{ctx.preset}", layers=L,
+                                                heads=H, s1=start, seed=ctx.seed, **FIG7[ctx.preset]["overrides"])
+        for L in spec["aug"]:
+            out["aug", L, start] = train_cached(ctx, "augmented", f"fig5-L{L}{tag}-{ctx.preset}", layers=L,
+                                                s1=start, seed=ctx.seed, **FIG5_OVERRIDES[ctx.preset])
+    return out
+
+
+def causal_tests(res, seed):
+    """Arrays of evaluate.py's causal tests of a trained M4 (res: train_cached's result), on
+    fresh sequences of its own law and of the other start: per-position losses (model, gd1,
+    least squares, zero) on clean, other-start, switched and replaced data; the influence
+    map; the loss with each head removed; the fresh-query probe; first-layer positional
+    attention; and, for raw tokens, the comparison with theory.raw_token_gd_construction."""
+    cfg, params = res["config"], res["params"]
+    experiment = cfg["experiment"]
+    mcfg = train.model_config(cfg, experiment)
+    predict = evaluate.model_predictor(params, mcfg)
+    rng = np.random.default_rng([seed, 16])
+    n, T = CAUSAL["n"], cfg["T"]
+    s, W = train.sample(cfg, rng, n)
+    s_other, _ = train.sample(dict(cfg, s1=OTHER[cfg["s1"]]), rng, n)
+    s_switch, _ = evaluate.switch_context(rng, s, W, CAUSAL["switch"])
+    s_replaced = evaluate.replace_tokens(s, np.roll(s, 1, axis=0), CAUSAL["replaced"])
+    out = {}
+    for name, data in (("clean", s), ("other", s_other), ("switch", s_switch), ("replaced", s_replaced)):
+        for k, v in evaluate.score(predict, data, gd_steps=1).items():
+            out[f"{name}_{k}"] = v                                                    # [T]
+    out["influence"] = evaluate.influence_map(predict, s[:CAUSAL["n_map"]])           # [T, T]
+    ablation = evaluate.head_ablation(params, mcfg, s)
+    out["ablated"], out["full"] = ablation["ablated"], ablation["full"]               # [L, H], scalar
+    found = evaluate.fresh_query_probe(predict, s[:CAUSAL["n_probe"]], rng, W[:CAUSAL["n_probe"]])
+    out["probe_cos_W"], out["probe_cos_gd1"] = found["cos_W"], found["cos_gd1"]       # [T]
+    if mcfg["positional"]:
+        layers = [icar.positional_attention(lay, params["pos"][:T]) for lay in params["layers"]]
+        out["attention1"] = np.asarray(layers[0])                                     # [H, T, T]
+        out.update(construction_similarity(params, mcfg, s, predict, np.asarray(layers[0]),
+                                           np.asarray(layers[-1]), out["ablated"][0]))
+    return out
+
+
+def construction_similarity(params, mcfg, s, predict, first, last, ablated_first):
+    """How a trained raw-token M4 compares with theory.raw_token_gd_construction: the cosine of
+    its most previous-token first-layer head's positional attention to the construction's
+    layer 1 (all weight on t = r - 1), its largest first-layer weight on t = r (a
+    current-token head: the construction keeps s_r in a residual stream, this model has
+    none), the last layer's positional attention against the construction's layer 2 (uniform
+    over 1 <= t <= r: 1 - total variation, mean over heads and rows r >= 1), the share of the
+    model's predictions explained by the construction's function family (one GD step with a
+    step fitted per position: f_r ~ a_r C_r s_r), and the loss with that head removed."""
+    T = first.shape[-1]
+    r = np.arange(1, T)
+    prev = np.zeros((T, T))
+    prev[r, r - 1] = 1.0
+    shares = first[:, r, r - 1].mean(axis=1)                                          # [H]
+    h = int(np.argmax(shares))
+    cos = np.sum(first[h] * prev) / (np.linalg.norm(first[h][1:]) * np.linalg.norm(prev))
+    uniform = np.tril(np.ones((T, T)), 0)
+    uniform[:, 0] = 0.0
+    uniform[0, 0] = 1.0
+    uniform /= uniform.sum(axis=1, keepdims=True)                                     # [T, T]
+    tv = 0.5 * np.abs(last - uniform[None]).sum(axis=-1)[:, 1:].mean()
+    x, f = s[:, :-1], np.asarray(predict(s[:, :-1]))                                  # [n, T, d]
+    C, _ = evaluate.context_sums(x)
+    g = (C @ x[..., None])[..., 0]                                                    # [n, T, d]: C_r s_r
+    a = np.sum(f * g, axis=(0, 2)) / np.maximum(np.sum(g * g, axis=(0, 2)), 1e-300)   # [T]
+    explained = 1 - np.sum((f - a[None, :, None] * g)[:, 1:] ** 2) / np.sum(f[:, 1:] ** 2)
+    return {"sim_prev_cos": cos, "sim_prev_head": h, "sim_current": float(first[:, r, r].mean(axis=1).max()),
+            "sim_last_tv": tv, "sim_gd_explained": explained, "sim_prev_ablated": ablated_first[h]}
+
+
+STARTS_LABEL = {"raw": "raw tokens", "aug": "augmented tokens"}
+
+
+def plot_starts(tests, metrics, out_dir, name="starts"):
+    """One column per model (raw-token M4 of depth L, H heads; augmented M4), both starts in
+    each panel: loss per position, the causal tests, the influence maps, the first-layer
+    positional attention, the fresh-query probe, head ablation."""
+    models = sorted({(k, L) for k, L, _ in tests}, key=lambda m: (m[0] != "raw", m[1]))
+    fig, axes = plt.subplots(8, len(models), figsize=(4.6 * len(models), 30), squeeze=False)
+    style = {"fixed": ("C3", "-"), "random": ("C0", "--")}
+    for j, (kind, L) in enumerate(models):
+        label = f"{STARTS_LABEL[kind]}, L = {L}"
+        ax = axes[0, j]
+        for start, (colour, ls) in style.items():
+            t = tests[kind, L, start]
+            ax.plot(t["clean_model"], ls, color=colour, marker="o", ms=3, label=f"model, {start} start")
+            ax.plot(t["clean_gd1"], ls, color="k", lw=0.8, alpha=0.6, label=f"gd1, {start} start")
+        ax.plot(tests[kind, L, "random"]["clean_least_squares"], ":", color="C2", label="least squares")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-3, 3)
+        ax.set_xlabel("position r")
+        ax.set_ylabel("test MSE")
+        ax.set_title(f"{label}: loss per position")
+        ax.legend(fontsize=6)
+        ax = axes[1, j]
+        conditions = ("clean", "other", "switch", "replaced")
+        for i, start in enumerate(style):
+            t = tests[kind, L, start]
+            late = slice(len(t["clean_model"]) // 2, None)
+            ax.bar(np.arange(4) + 0.4 * i - 0.2, [np.mean(t[f"{c}_model"][late]) for c in conditions], 0.38,
+                   color=style[start][0], label=f"model, {start} start")
+            ax.plot(np.arange(4) + 0.4 * i - 0.2, [np.mean(t[f"{c}_gd1"][late]) for c in conditions], "k_",
+                    ms=14, mew=2, label="gd1 on the same data" if i == 0 else None)
+        ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        ax.set_xticks(range(4), ["own data", "other start", "W switches\nat t = 6", "tokens 1-4\nreplaced"],
+                      fontsize=7)
+        ax.set_ylabel("test MSE, mean over r >= T/2")
+        ax.set_title(f"{label}: causal tests")
+        ax.legend(fontsize=6)
+        for i, start in enumerate(style):
+            t = tests[kind, L, start]
+            heatmap(axes[2 + i, j], lower(t["influence"]), f"{label}, {start} start:\n"
+                    "influence $||\\partial f_r / \\partial s_t||_F$", "input position t", "output position r",
+                    symmetric=False)
+            ax = axes[4 + i, j]
+            if "attention1" in t:
+                h = int(np.argmax(metrics[kind, L, start]["mech_prev_share"]))
+                heatmap(ax, lower(t["attention1"].mean(axis=0)), f"{label}, {start} start: first-layer\n"
+                        f"positional attention (mean over heads; head {h} most previous-token)",
+                        "key position t", "query position r", symmetric=False)
+            else:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "no positional attention\n(augmented tokens)", ha="center", va="center")
+        ax = axes[6, j]
+        for start, (colour, ls) in style.items():
+            t = tests[kind, L, start]
+            ax.plot(t["probe_cos_W"], ls, color=colour, marker="o", ms=3, label=f"cos to W, {start} start")
+            ax.plot(t["probe_cos_gd1"], ls, color="k", lw=0.8, alpha=0.6, label=f"cos to gd1, {start} start")
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_xlabel("position r")
+        ax.set_ylabel("cosine")
+        ax.set_title(f"{label}: fresh-query probe")
+        ax.legend(fontsize=6)
+        ax = axes[7, j]
+        for i, (start, (colour, _)) in enumerate(style.items()):
+            t = tests[kind, L, start]
+            ablated = np.ravel(t["ablated"])
+            ax.bar(np.arange(len(ablated)) + 0.4 * i - 0.2, ablated, 0.38, color=colour, label=f"{start} start")
+            ax.axhline(float(t["full"]), color=colour, lw=0.8)
+        ax.set_xlabel("head removed (layer-major)")
+        ax.set_ylabel("test MSE, mean over positions")
+        ax.set_title(f"{label}: one head removed (lines: none)")
+        ax.legend(fontsize=6)
+    fig.suptitle("Figs. 5 and 7 from the authors' fixed start and from random starts: what the trained "
+                 "Transformers compute (evaluate.py's causal tests)", fontsize=14)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+# what was expected before the runs, from paper.md sections 5-6 and one seed measured by hand
+# at the quick scale (raw tokens, L = 2, H = 8); None: not known before the run
+EXPECT = {
+    ("raw", "fixed"): dict(other="> 1: a lookup of the first tokens fails (by hand: 1.86)",
+                           switch="> 1: no recovery (by hand: 1.68)", replaced="> 1 (by hand: 1.62)",
+                           first="> 0.5: influence from the first tokens", prev="< 0.3 (by hand: 0.16)"),
+    ("raw", "random"): dict(other="within 10% of its own late loss (by hand: 0.298 against 0.294)",
+                            switch="< 1, recovering as gd1 does (by hand: 0.73)", replaced="< 1 (by hand: 0.52)",
+                            first="< 0.5: spread over the context", prev="> 0.5: a previous-token head (by hand: 0.76)"),
+    ("aug", "fixed"): dict(other=None, switch=None, replaced=None, first=None),
+    ("aug", "random"): dict(other="within 10% of its own late loss", switch="< 1, recovering as gd1 does",
+                            replaced="< 1", first="< 0.5: spread over the context"),
+}
+
+
+def starts_rows(tests, metrics):
+    rows = []
+    for (kind, L, start), t in sorted(tests.items(), key=lambda kv: (kv[0][0] != "raw", kv[0][1], kv[0][2])):
+        lab = f"{STARTS_LABEL[kind]} L={L}, {start} start"
+        expect = EXPECT[kind, start] if L >= 2 or kind == "aug" else {}
+        T = len(t["clean_model"])
+        late = slice(T // 2, None)
+        own = float(np.mean(t["clean_model"][late]))
+        rows.append(row("starts", f"{lab}: test MSE on its own law, mean over r >= {T // 2}", own,
+                        float(np.mean(t["clean_gd1"][late])), "one-step GD, optimal step (same data)"))
+        for c, what in (("other", f"on {OTHER[start]}-start data"), ("switch", "after W switches at t = 6"),
+                        ("replaced", "with tokens 1-4 replaced")):
+            rows.append(row("starts", f"{lab}: test MSE {what}, mean over r >= {T // 2}",
+                            float(np.mean(t[f"{c}_model"][late])), expect.get(c),
+                            f"written before the run; gd1 on the same data: {np.mean(t[f'{c}_gd1'][late]):.3g}"))
+        share = float(np.sum(t["influence"][late, :5]) / np.sum(t["influence"][late]))
+        rows.append(row("starts", f"{lab}: share of the influence of tokens 0-4 on outputs r >= {T // 2}", share,
+                        expect.get("first"), "written before the run" if expect.get("first") else ""))
+        rows.append(row("starts", f"{lab}: fresh-query probe, cosine to W at the last position",
+                        float(t["probe_cos_W"][-1]), None, f"cosine to gd1: {t['probe_cos_gd1'][-1]:.3g}"))
+        if kind == "raw":
+            rows.append(row("starts", f"{lab}: largest previous-token share of a first-layer head",
+                            float(np.max(metrics[kind, L, start]["mech_prev_share"])), expect.get("prev"),
+                            "written before the run" if expect.get("prev") else ""))
+        rows.append(row("starts", f"{lab}: largest loss with one head removed / loss with none",
+                        float(np.max(t["ablated"]) / t["full"]), None, ""))
+        if kind == "raw" and L >= 2:
+            for key, what, exp in (
+                    ("sim_prev_cos", "cosine of its previous-token head's attention to the construction's layer 1", 1.0),
+                    ("sim_current", "largest first-layer weight on t = r (a current-token head; the construction: 0)", 0.0),
+                    ("sim_last_tv", "last layer's attention: total variation to the construction's uniform layer 2", 0.0),
+                    ("sim_gd_explained", "share of its predictions explained by one GD step, step fitted per position", 1.0),
+                    ("sim_prev_ablated", "loss with its previous-token head removed", 1.0)):
+                rows.append(row("starts", f"{lab}: {what}", float(t[key]), exp,
+                                "theory.raw_token_gd_construction (loss: the zero predictor's)"))
+    return rows
+
+
+def run_starts(ctx):
+    results = starts_runs(ctx)
+    tests = {k: cached(ctx.runs, f"starts-{os.path.basename(r['dir'])}", lambda r=r: causal_tests(r, ctx.seed),
+                       ctx.retrain, settings=dict(run=runs.digest(r["config"]), causal=CAUSAL, seed=ctx.seed), ctx=ctx)
+             for k, r in results.items()}
+    metrics = {k: r["metrics"] for k, r in results.items()}
+    cfg = results[min(results)]["config"]
+    return (plot_starts(tests, metrics, ctx.out), starts_rows(tests, metrics),
+            f"causal tests on {CAUSAL['n']} fresh sequences per model; runs as in Figs. 5 and 7, "
+            f"T = {cfg['T']}, and the same from random starts")
+
+
 # ----------------------------------------------------------------------------- fig1, fig4 runners
 
 class MissingExtras(ValueError):
@@ -1064,7 +1302,7 @@ def run_fig4(ctx):
 # ----------------------------------------------------------------------------- command line
 
 RUNNERS = {"fig1": run_fig1, "fig3": run_fig3, "fig4": run_fig4, "fig5": run_fig5,
-           "fig6": run_fig6, "fig7": run_fig7, "r1": run_r1, "r2r3": run_r2r3}
+           "fig6": run_fig6, "fig7": run_fig7, "starts": run_starts, "r1": run_r1, "r2r3": run_r2r3}
 
 
 def parse_args(argv):

@@ -7,7 +7,7 @@ h = [x] * repeat), so q . conj(k) = z_r G_h conj(z_t) with G_h = [W_Q; b_Q]_h [W
 / sqrt(E), and a_h @ v_h = (a_h @ z) [W_V; b_V]_h. The products over the [n, T, H, T]
 attention weights then contract over dim z (d_in + 1 in the first layer) instead of the
 embedding E, and each is one matrix product per sequence for all heads. Linear attention
-is one autograd primitive with a hand-written VJP (_linear_attention): it forms those weights
+is one autograd primitive with a hand-written VJP (linear_attention): it forms those weights
 one cache-sized slice of the batch at a time (CHUNK_ENTRIES), in THREADS threads, skips a
 quarter of the masked pairs (causal_blocks), and recomputes the weights in the backward
 pass instead of storing them.
@@ -42,7 +42,7 @@ _POOLS = {}
 os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
 
 
-def _batch_chunks(n, entries_per_row, xp):
+def batch_chunks(n, entries_per_row, xp):
     """Slices of a batch of n rows, each holding about CHUNK_ENTRIES entries (at least one row)."""
     step = max(1, CHUNK_ENTRIES["cpu" if xp is numpy else "device"] // entries_per_row)
     return [slice(i, i + step) for i in range(0, n, step)]
@@ -79,7 +79,7 @@ def causal_blocks(T):
 
 
 @primitive
-def _linear_attention(zG, z, w):
+def linear_attention(zG, z, w):
     """Linear causal attention of every head, one batch slice at a time:
         y[:, (r, h)] = sum_{t<=r} w[r, h, t] (zG[:, (r, h)] . conj(z_t)) z_t,
     zG [n, T*H, D] (rows z_r G_h), z [n, T, D], w [T, H or 1, T] (entries t > r unused)
@@ -100,7 +100,7 @@ def _linear_attention(zG, z, w):
                 scores = zG[c, rows] @ zt[c, :, :r1]            # [m, b*H, D] @ [m, D, r1] -> [m, b*H, r1]
                 a = (scores.reshape(-1, r1 - r0, H, r1) * wb).reshape(scores.shape)  # [m, b*H, r1]
                 xp.matmul(a, z[c, :r1], out=y[c, rows])         # [m, b*H, r1] @ [m, r1, D] -> [m, b*H, D]
-    _over_slices(run, _batch_chunks(n, H * T * T, xp), xp is numpy)
+    _over_slices(run, batch_chunks(n, H * T * T, xp), xp is numpy)
     return y
 
 
@@ -150,7 +150,7 @@ def _linear_attention_vjp(argnums, y, args, kwargs):
                 if 1 in argnums:
                     parts[1].append(g_z)                        # [m, T, D]
             return parts, g_w
-        results = _over_slices(run, _batch_chunks(n, H * T * T, array_module(z)), xp is numpy)
+        results = _over_slices(run, batch_chunks(n, H * T * T, array_module(z)), xp is numpy)
         grads = {i: xp.concatenate([p for parts, _ in results for p in parts[i]], axis=0)
                  for i in (0, 1) if i in argnums}
         if 2 in argnums:  # blocks summed over the threads, padded with zeros for t >= r1
@@ -168,7 +168,7 @@ def _linear_attention_vjp(argnums, y, args, kwargs):
     return vjp
 
 
-defvjp_argnums(_linear_attention, _linear_attention_vjp)
+defvjp_argnums(linear_attention, _linear_attention_vjp)
 
 
 def _fold(W, b, r):
@@ -184,7 +184,7 @@ def transformer(params, x, cfg):
     Per layer, z = (x, 1) or (h, 1) [n, T, D] and, per head, G_h [D, D] (module docstring):
         scores[(r, h), t] = z_r G_h conj(z_t)                     the scores q . conj(k) / sqrt(E)
         y[(r, h)] = sum_t a[(r, h), t] z_t                         a @ v = y [W_V; b_V]_h
-    Linear attention runs through _linear_attention, softmax attention through plain products.
+    Linear attention runs through linear_attention, softmax attention through plain products.
     """
     n, T, d_in = icar.check_tokens(x, cfg)
     xp = array_module(x)
@@ -204,7 +204,7 @@ def transformer(params, x, cfg):
             pos = icar.positional_attention(layer, params["pos"][:T])  # [H, T, T], 0 for t > r
             pos = np.transpose(pos, (1, 0, 2))                  # [T, H, T] as the scores
         if cfg["attention"] == "linear":  # the positional weights already hold the mask
-            y = _linear_attention(zG, z, pos if cfg["positional"] else mask[:, None])  # [n, T*H, D]
+            y = linear_attention(zG, z, pos if cfg["positional"] else mask[:, None])  # [n, T*H, D]
         else:
             scores = np.reshape(zG @ swap(np.conj(z)), (n, T, H, T))  # [n, T, H, T]: query r, head h, key t
             a = softmax(np.real(scores), mask[:, None])        # [n, T, H, T]

@@ -452,6 +452,20 @@ class Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+class Once(argparse.Action):
+    """Store an option's value (a flag's: True), refusing a second occurrence (a typo, not an
+    override). Unset options stay None."""
+
+    def __init__(self, option_strings, dest, flag=False, **kwargs):
+        super().__init__(option_strings, dest, nargs=0 if flag else None, default=None, **kwargs)
+        self.flag = flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            raise ValueError(f"option {option_string} is given twice; give each option once")
+        setattr(namespace, self.dest, True if self.flag else values)
+
+
 class SweepIncomplete(Exception):
     """Points of a sweep that failed or have no finished run: `lines` (one per point) and
     `table`, the summary of the finished ones (None if none was summarised). Exit status 1."""

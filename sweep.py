@@ -262,19 +262,16 @@ def main(argv=None):
         p = train.parser(experiment, prog="python sweep.py")
         p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="one run per value; repeat for a product grid")
-        p.add_argument("--jobs", type=int, action=train.Once, help="run the points in N worker processes")
-        p.add_argument("--list", action="store_true", help="print one train.py command per point; run nothing")
-        p.add_argument("--summary", action="store_true", help="rebuild the summary from the points' folders")
+        p.add_argument("--jobs", type=int, action=runs.Once, help="run the points in N worker processes")
+        p.add_argument("--list", action=runs.Once, flag=True, help="print one train.py command per point; run nothing")
+        p.add_argument("--summary", action=runs.Once, flag=True, help="rebuild the summary from the points' folders")
         parsed = train.parse(args, p)
         if parsed is None:
             return 0
         flags, overrides, ns = parsed
         if not ns["sweep"]:
             raise ValueError("give --sweep KEY=V1,V2,... (one run: python train.py)")
-        for flag in ("list", "summary"):
-            if args.count(f"--{flag}") > 1:
-                raise ValueError(f"option --{flag} is given twice; give each option once")
-        jobs, listing, summarise = ns["jobs"], ns["list"], ns["summary"]
+        jobs, listing, summarise = ns["jobs"], bool(ns["list"]), bool(ns["summary"])
         if jobs is not None and not 1 <= jobs <= train.MAX_INT:
             raise ValueError(f"option --jobs needs a whole number of processes >= 1, got {jobs}")
         given = {"list": listing, "summary": summarise, "jobs": jobs is not None, "resume": flags["resume"]}

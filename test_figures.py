@@ -5,6 +5,7 @@ The numbers each figure reports are tested with their claims in test_icar.py. Wh
 proves which claim: docs/claims.md."""
 
 
+import argparse
 import json
 import os
 import re
@@ -159,7 +160,7 @@ def test_fig4_without_extras_exits_2_by_name_and_is_skipped_otherwise(tmp_path, 
 
 def test_train_cached_reuses_a_finished_run_and_retrains_on_request(tmp_path):
     import figures
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
     small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
     first = figures.train_cached(ctx, "pe-only", "pe", **small)
     path = os.path.join(first["dir"], "params.npz")
@@ -179,7 +180,7 @@ def test_train_cached_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     """figures.py --preset paper killed inside a training run continues from its checkpoint
     and ends with the bits of an uninterrupted run."""
     import figures
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
+    ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
     small = dict(TINY, family="haar", d=2)
     whole = figures.train_cached(ctx, "block", "whole", **small)
     real, calls = runs.save_checkpoint, []
@@ -203,7 +204,7 @@ def test_train_cached_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
 def test_train_cached_retrains_a_run_made_by_other_code(tmp_path, monkeypatch):
     """A run whose config.json holds another code fingerprint, or none, is stale."""
     import figures
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
     small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
     first = figures.train_cached(ctx, "pe-only", "pe", **small)
     path = os.path.join(first["dir"], "params.npz")
@@ -231,7 +232,7 @@ def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path
         calls.append(1)
         return {"x": np.arange(3.0) * len(calls)}
 
-    ctx = figures.argparse.Namespace(timings=[])
+    ctx = argparse.Namespace(timings=[])
     get = lambda settings: figures.cached(str(tmp_path), "t", compute, False, settings, ctx)  # noqa: E731
     assert np.array_equal(get({"d": 2})["x"], [0, 1, 2]) and len(calls) == 1
     assert set(get({"d": 2})) == {"x"} and len(calls) == 1  # reused, without the cache's own keys
@@ -253,7 +254,7 @@ def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
     import figures
     tiny = dict(d=2, T=3, seeds=1, unitary=(1e-2, 3), orthogonal=(1e-2, 3))
     monkeypatch.setitem(figures.R2R3_SIZES, "quick", tiny)
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, seed=0, out=str(tmp_path),
+    ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, seed=0, out=str(tmp_path),
                                      timings=[])
     figures.run_r2r3(ctx)
     monkeypatch.setitem(figures.R2R3_SIZES, "quick", dict(tiny, seeds=2))
@@ -325,7 +326,7 @@ def test_runtime_of_a_reused_figure_is_its_compute_time(tmp_path, monkeypatch):
 
 def test_figures_retrain_a_cached_run_with_a_truncated_metrics_file(tmp_path, capsys):
     import figures
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
+    ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=False)
     small = dict(T=4, mu=50.0, n_train=20, n_test=8, n_probe=0, steps=3, gd_steps=1)
     first = figures.train_cached(ctx, "pe-only", "pe", **small)
     path = tmp_path / "pe" / "metrics.npz"

@@ -13,6 +13,7 @@ test_figures.py; conftest.py holds the shared helpers.
 """
 
 
+import argparse
 import os
 import subprocess
 import sys
@@ -655,7 +656,7 @@ def test_minimiser_reaches_min_loss(family, d):
         for kappa in (0.4, -0.6, 3.0):
             star = theory.minimiser(d, d, family, c=0.8, kappa=kappa, T=T)
             C = star["B"].T @ star["A"]
-            assert np.allclose(C, 0.8 * (np.eye(d) + kappa * theory._pair_mask(d, family)))
+            assert np.allclose(C, 0.8 * (np.eye(d) + kappa * theory.pair_mask(d, family)))
             assert squared_errors(icar.diagonal_heads(star, s[:, :T]), s[:, 1:]).max(axis=0)[1:].max() < 1e-20
 
 
@@ -730,7 +731,7 @@ def test_orthogonal_half_heads_reach_rank_d_over_2_minimiser_or_spurious_minima(
         C = B.T @ A
         if kind == "bound":
             assert np.all(pair_signs(C) > 0)
-            c = np.mean(C[theory._pair_mask(d, "orthogonal") + np.eye(d) > 0])
+            c = np.mean(C[theory.pair_mask(d, "orthogonal") + np.eye(d) > 0])
             target = c * np.kron(np.eye(d // 2), np.ones((2, 2)))
             assert np.linalg.norm(C - target) < 1e-3 * np.linalg.norm(target)
             assert np.allclose(np.diag(P)[1:] * c, 1, atol=1e-3)
@@ -803,12 +804,12 @@ def test_heads_reading_differences_are_spurious_local_minima(d, H, T, alpha):
     unused = T * T - (T - 1) * (T + 2) // 2  # entries of P that never enter the loss
     assert null.sum() == unused + H * H + 1 + (T - 1)
     assert ev[~null].min() > 0.1
-    masks, E = theory._position_masks(T), theory._pair_mask(d, "orthogonal")
+    masks, E = theory.position_masks(T), theory.pair_mask(d, "orthogonal")
     gen = rng(11)
     for _ in range(3):
         A2, B2, P2 = (star[k] + 1e-2 * gen.standard_normal(star[k].shape) for k in "ABP")
         for _ in range(2000):
-            after, g = theory._loss_and_grad(A2, B2, P2, E, *masks)
+            after, g = theory.loss_and_grad_with_masks(A2, B2, P2, E, *masks)
             A2, B2, P2 = A2 - 1e-2 * g["A"], B2 - 1e-2 * g["B"], P2 - 1e-2 * g["P"]
         assert abs(after - loss) < 1e-6
 
@@ -1380,7 +1381,7 @@ def test_fig6_trained_p_is_the_exact_gd_path_of_its_sample_loss(tmp_path):
     """The closed form with the training set's moments gives the trained P up to rounding;
     the population path differs by sampling error only; a changed step moves the path."""
     import figures
-    ctx = figures.argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
+    ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True)
     res = figures.train_cached(ctx, "pe-only", "pe", T=6, mu=50.0, n_train=40, n_test=8, n_probe=0, steps=60,
                                target_loss=0.0, gd_steps=1)
     panel, rows = figures.fig6_panel(res, 50.0)
@@ -1616,7 +1617,7 @@ def test_fused_transformer_equals_icar_transformer(case, chunk, monkeypatch):
     x = icar.augment(s[:, :-1]) if augmented else s[:, :-1]
     cfg = icar.transformer_config(d_in=x.shape[-1], d_out=d, T=T + 2, **overrides)
     params = _perturbed(icar.init_params("transformer", rng, cfg=cfg), rng)
-    assert len(fused._batch_chunks(n, per_row, numpy)) == (1 if chunk is None else -(-n // chunk))
+    assert len(fused.batch_chunks(n, per_row, numpy)) == (1 if chunk is None else -(-n // chunk))
     np.testing.assert_allclose(fused.transformer(params, x, cfg), icar.transformer(params, x, cfg),
                                rtol=0, atol=1e-10)
 
@@ -1667,11 +1668,11 @@ def test_linear_attention_equals_plain_products(complex_data, heads_of_w, monkey
     zG, z = draw(n, T * H, D), draw(n, T, D)
     w = rng.standard_normal((T, heads_of_w, T)) * np.tril(np.ones((T, T)))[:, None]
     plain = ((zG @ np.conj(np.swapaxes(z, 1, 2))).reshape(n, T, H, T) * w).reshape(n, T * H, T) @ z
-    np.testing.assert_allclose(fused._linear_attention(zG, z, w), plain, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fused.linear_attention(zG, z, w), plain, rtol=0, atol=1e-12)
     # check_grads differentiates the first argument only: one check per argument
-    check_grads(lambda zG: fused._linear_attention(zG, z, w), modes=["rev"], order=2)(zG)
-    check_grads(lambda z: fused._linear_attention(zG, z, w), modes=["rev"], order=2)(z)
-    check_grads(lambda w: fused._linear_attention(zG, z, w), modes=["rev"], order=2)(w)
+    check_grads(lambda zG: fused.linear_attention(zG, z, w), modes=["rev"], order=2)(zG)
+    check_grads(lambda z: fused.linear_attention(zG, z, w), modes=["rev"], order=2)(z)
+    check_grads(lambda w: fused.linear_attention(zG, z, w), modes=["rev"], order=2)(w)
 
 
 def test_pe_only_matches_reference():

@@ -100,14 +100,14 @@ def gd_loss(T, d, eta=None, loss="last"):
 
 # ----------------------------------------------------------------------------- R2, R3
 
-def _pair_mask(d, family):
+def pair_mask(d, family):
     """E = I_{d/2} kron sigma_x for "orthogonal" (conjugate pairs (2k, 2k+1)), 0 for "unitary"."""
     if family == "unitary":
         return numpy.zeros((d, d))
     return numpy.kron(numpy.eye(d // 2), numpy.array([[0.0, 1.0], [1.0, 0.0]]))
 
 
-def _position_masks(T):
+def position_masks(T):
     """Masks over [T, T] for rows r >= 1: diagonal (t = r), subdiagonal (t = r - 1), and
     S = {t <= r, t != r - 1}; row 0 is zero in all three."""
     rows = (numpy.arange(T) >= 1)[:, None]                                 # [T, 1]
@@ -147,8 +147,8 @@ def population_loss_per_prefix(C, P, family):
     """
     d, T = _check_CP(C, P, family)
     xp = icar.array_module(P)  # masks on the device of P (GPU arrays refuse host ones)
-    diag, sub, S = (xp.asarray(m) for m in _position_masks(T))
-    tau1, tau2, tau3, tau4 = _taus(C, xp.asarray(_pair_mask(d, family)))
+    diag, sub, S = (xp.asarray(m) for m in position_masks(T))
+    tau1, tau2, tau3, tau4 = _taus(C, xp.asarray(pair_mask(d, family)))
     pT = np.sum(P * diag, axis=1)[1:]                                      # [T-1] P[r, r]
     pT1 = np.sum(P * sub, axis=1)[1:]                                      # [T-1] P[r, r-1]
     PS = (P * S)[1:]                                                       # [T-1, T]
@@ -251,12 +251,14 @@ def population_loss_and_grad(params, family):
         raise ValueError(f"A and B must have the same shape [H, d], got A {A.shape}, B {B.shape}")
     C = B.T @ A                                                            # [d, d]
     d, T = _check_CP(C, P, family, finite=True)
-    diag, sub, S = _position_masks(T)
-    E = _pair_mask(d, family)
-    return _loss_and_grad(A, B, P, E, diag, sub, S)
+    diag, sub, S = position_masks(T)
+    E = pair_mask(d, family)
+    return loss_and_grad_with_masks(A, B, P, E, diag, sub, S)
 
 
-def _loss_and_grad(A, B, P, E, diag, sub, S):
+def loss_and_grad_with_masks(A, B, P, E, diag, sub, S):
+    """population_loss_and_grad of (A, B, P) without its checks, given E = pair_mask(d, family)
+    and (diag, sub, S) = position_masks(T): the inner step of train_population."""
     C = B.T @ A                                                            # [H, d]^T @ [H, d] -> [d, d]
     d, T = C.shape[0], P.shape[0]
     r = C.sum(axis=1)                                                      # [d]
@@ -294,12 +296,12 @@ def train_population(H, d, T, family, lr, steps, rng):
     lr, steps = check_real("lr", lr, 0, strict=True), check_int("steps", steps, 0)
     params = icar.init_params("diagonal_heads", rng, d=d, T=T, H=H, scale=0.1)
     A, B, P = params["A"], params["B"], params["P"]
-    masks = _position_masks(T)
-    E = _pair_mask(d, family)
+    masks = position_masks(T)
+    E = pair_mask(d, family)
     losses = numpy.empty(steps + 1)
     with numpy.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         for i in range(steps + 1):
-            loss, g = _loss_and_grad(A, B, P, E, *masks)
+            loss, g = loss_and_grad_with_masks(A, B, P, E, *masks)
             losses[i] = loss
             if not numpy.isfinite(loss):
                 raise icar.Diverged(f"population loss became {loss} at step {i}: lr={lr} is too "

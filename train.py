@@ -3,14 +3,8 @@
     python train.py EXPERIMENT [--key value ...] [--preset quick|paper] [--resume] [--quiet]
     python train.py EXPERIMENT --help        every option with its quick and paper value
 
-Each experiment trains one model of paper.md; EXPERIMENTS says which, and how it is scored:
-    augmented   M4 on augmented tokens (0, s_t, s_{t-1}), linear attention, Haar W (Fig. 5)
-    nonaug      M4 on raw tokens, linear token scores times softmax positional scores (Fig. 7)
-    block       M1, one layer of augmented linear attention, block (A, B) or full (W_KQ, W_V)
-                form (--form), trained on the last position (R1)
-    diagonal    M2, diagonal heads with a positional matrix P, on sampled data (R2, R3)
-    pe-only     M3, only P is trained, narrow angles, plain GD (R4, Fig. 6)
-    population  M2's (A, B, P) by GD on theory.population_loss, no sampled data (Fig. 3)
+Each experiment trains one model of paper.md (augmented, nonaug: M4; block: M1; diagonal:
+M2; pe-only: M3; population: M2's population loss); EXPERIMENTS says how, and --help lists them.
 The `quick` preset (default) runs in seconds to a couple of minutes on 2 cores; `paper` uses
 the authors' sizes (paper.md, marked [code]). Every option overrides the preset. Many runs
 over a grid: sweep.py. Options, files and exit statuses: docs/training.md.
@@ -304,6 +298,7 @@ EXPERIMENTS = {
 POPULATION = "population"
 POPULATION_FAMILIES = theory.FAMILIES
 COMMANDS = (*EXPERIMENTS, POPULATION)
+MODELS = {**{k: v.model for k, v in EXPERIMENTS.items()}, POPULATION: "M2's population loss (theory.py)"}
 # the files whose code defines every result (in config.json; figures.py's cache key)
 CODE = ("icar.py", "fused.py", "theory.py", "evaluate.py", "train.py")
 
@@ -414,19 +409,12 @@ def _check_belongs(path, state, experiment, cfg, settings):
 
 def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
         **overrides):
-    """Train `experiment` with its preset and overrides; evaluate, probe, save in runs_dir/name.
-
-    Returns {"config", "params", "metrics", "dir"} as `runs.load_run` reads them back. Raises ValueError
-    for bad settings (all checked, and the model built once, before any file is touched),
-    Diverged (a ValueError) on a non-finite training loss, FileFault when a file cannot be
-    written or read. A fresh run is written into run_dir/.fresh and replaces an earlier run's
-    files only once it has written its first checkpoint. Metrics:
-        train_loss [steps + 1]; test_step, test_loss (every log_every steps); steps_done
-        test_loss_position [T]; baseline_<name> [T] (see `baselines`)
-        probe_Gamma [n_probe, T, d, d], probe_err_<ref>, probe_cos_<ref> [T] (see `probe`)
-        weights_KQ, weights_V, weights_share_KQ, weights_share_V (block, augmented)
-    population: train_loss [steps + 1], min_loss.
-    """
+    """Train `experiment` with its preset and overrides; evaluate, probe, save in runs_dir/name,
+    holding the folder's lock. Returns {"config", "params", "metrics", "dir"} as runs.load_run
+    reads them back. ValueError for bad settings (all checked, and the model built once, before
+    any file is touched), Diverged (a ValueError) on a non-finite training loss, FileFault when
+    a file cannot be written or read. A fresh run is written into run_dir/.fresh and replaces
+    an earlier run's files once it has written its first checkpoint. Metrics: docs/training.md."""
     cfg = config(experiment, preset, **overrides)
     run_dir = runs.run_folder(runs_dir, experiment if name is None else name)
     check_run(experiment, cfg)
@@ -625,15 +613,6 @@ def fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-class Once(argparse.Action):
-    """Store an option's value, refusing a second occurrence (a typo, not an override)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(namespace, self.dest) is not None:
-            raise ValueError(f"option --{self.dest} is given twice; give each option once")
-        setattr(namespace, self.dest, values)
-
-
 def _option_type(key):
     """A converter of --key's text whose error names the option."""
     kind = OPTIONS[key][0]
@@ -646,7 +625,7 @@ def _option_type(key):
     return convert
 
 
-def _spellings(key):
+def _spellings(key):  # --n_train and --n-train
     return list(dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"]))
 
 
@@ -655,22 +634,21 @@ def parser(experiment, prog="python train.py"):
     preset's value, shown in the help for both presets), --preset, --name, --runs_dir,
     --resume and --quiet. sweep.py adds its own flags to it."""
     quick, paper = config(experiment, "quick"), config(experiment, "paper")
-    model = EXPERIMENTS[experiment].model if experiment in EXPERIMENTS else "M2's population loss"
     p = runs.Parser(prog=f"{prog} {experiment}", allow_abbrev=False, add_help=False,
-                    description=f"{experiment}: {model}; each option's help ends with its quick "
-                                f"and paper values")
+                    description=f"{experiment}: {MODELS[experiment]}; each option's help ends with its "
+                                f"quick and paper values")
     for key in (k for k in OPTIONS if k in quick):
         kind, text = OPTIONS[key]
         choices = families_of(experiment) if key == "family" else CHOICES.get(key, ())
         allowed = f" ({', '.join(choices)})" if choices else f" [{kind.__name__}]"
-        p.add_argument(*_spellings(key), dest=key, action=Once,
+        p.add_argument(*_spellings(key), dest=key, action=runs.Once,
                        type=_option_type(key), metavar="V",
                        help=f"{text}{allowed}; quick {fmt(quick[key])}, paper {fmt(paper[key])}")
     for flag, text in (("preset", "quick (default) or paper"), ("name", "run folder name (default: the experiment)"),
                        ("runs_dir", "folder of the run folders (default: runs)")):
-        p.add_argument(*_spellings(flag), dest=flag, action=Once, help=text)
-    p.add_argument("--resume", action="store_true", help="continue from runs/NAME/checkpoint.npz")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+        p.add_argument(*_spellings(flag), dest=flag, action=runs.Once, help=text)
+    p.add_argument("--resume", action=runs.Once, flag=True, help="continue from runs/NAME/checkpoint.npz")
+    p.add_argument("--quiet", action=runs.Once, flag=True, help="no progress lines")
     return p
 
 
@@ -680,12 +658,9 @@ def parse(args, p):
     if "-h" in args or "--help" in args:
         print(p.format_help())
         return None
-    repeated = [a for a in ("--resume", "--quiet") if args.count(a) > 1]
-    if repeated:
-        raise ValueError(f"option {repeated[0]} is given twice; give each option once")
     ns = vars(p.parse_args(args))
-    flags = {"preset": ns.pop("preset") or "quick", "name": ns.pop("name"),
-             "runs_dir": ns.pop("runs_dir") or "runs", "resume": ns.pop("resume"), "quiet": ns.pop("quiet")}
+    flags = {"preset": ns.pop("preset") or "quick", "name": ns.pop("name"), "runs_dir": ns.pop("runs_dir") or "runs",
+             "resume": bool(ns.pop("resume")), "quiet": bool(ns.pop("quiet"))}
     icar.check_choice("preset", flags["preset"], ("quick", "paper"))
     return flags, {k: v for k, v in ns.items() if v is not None and k in OPTIONS}, ns
 
@@ -699,10 +674,9 @@ def main(argv=None):
         if not argv:
             raise ValueError(f"name an experiment ({', '.join(COMMANDS)}); --help for more")
         if argv[0] in ("-h", "--help"):
-            print("usage: python train.py EXPERIMENT [--key value ...]\nexperiments: "
-                  + "".join(f"\n  {k:<11} {v.model}" for k, v in EXPERIMENTS.items())
-                  + f"\n  {POPULATION:<11} M2's population loss (theory.py)\n"
-                  "python train.py EXPERIMENT --help lists its options; many runs: python sweep.py")
+            print("usage: python train.py EXPERIMENT [--key value ...]\nexperiments:\n"
+                  + "".join(f"  {k:<11} {v}\n" for k, v in MODELS.items())
+                  + "python train.py EXPERIMENT --help lists its options; many runs: python sweep.py")
             return 0
         experiment, args = argv[0], argv[1:]
         icar.check_choice("experiment", experiment, COMMANDS)
