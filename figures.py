@@ -455,7 +455,7 @@ def _train_cached(ctx, experiment, name, run_dir, overrides):
         t0 = time.perf_counter()
         res = None
         try:
-            same, fresh = _matches(runs.load_json(config_path, "a run's config.json"), want)
+            same, fresh = matches(runs.load_json(config_path, "a run's config.json"), want)
             res = runs.load_run(run_dir) if same and fresh else None
             if same and not fresh:
                 progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
@@ -494,7 +494,7 @@ def _train_cached(ctx, experiment, name, run_dir, overrides):
     return res
 
 
-def _matches(saved, want):
+def matches(saved, want):
     """(same settings, same code): a run's saved config.json against the settings `want` and
     the code that runs now (runs.code_fingerprint of train.CODE); FileFault if it is not a
     run's settings."""
@@ -513,7 +513,7 @@ def _resumable(run_dir, want):
         saved = runs.load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
     except runs.FileFault:
         return False
-    return all(_matches(saved, want))
+    return all(matches(saved, want))
 
 
 # ----------------------------------------------------------------------------- fig3
@@ -816,8 +816,10 @@ def plot_loss_per_position(ax, metrics, title):
 
 
 def plot_probe(ax, metrics, title):
-    """Relative distance of the probed in-context mapping d f_r / d s_r to W, to least
-    squares and to one-step GD, per position."""
+    """Relative distance of evaluate.probe's map (d f_r / d x_r along the query path, the
+    context held fixed) to W, to least squares and to one-step GD, per position. It reads one
+    GD step on M1 and on the raw-token construction; on a trained raw-token model it sees the
+    query path only (the starts figure uses evaluate.fresh_query_probe)."""
     r = np.arange(len(metrics["probe_err_W"]))
     for key, colour, label in (("probe_err_W", "k", "true W"), ("probe_err_ls", "C2", "least squares"),
                                ("probe_err_gd1", "C0", "one-step GD")):
@@ -866,7 +868,7 @@ def plot_fig5(main, by_layers, out_dir, name="fig5"):
                 ax.axhline(x, color="k", linewidth=0.6)
     plot_loss_against_depth(axes[1, 0], by_layers, "trained, L layers", "layers L (GD steps k)",
                             "k = L steps of GD (optimal step)")
-    plot_probe(axes[1, 1], main, "in-context mapping probe, L = 1")
+    plot_probe(axes[1, 1], main, "query-path probe (evaluate.probe), L = 1")
     ax = axes[1, 2]
     r = np.arange(len(main["probe_cos_W"]))
     for key, colour, label in (("probe_cos_W", "k", "true W"), ("probe_cos_ls", "C2", "least squares"),
@@ -987,9 +989,9 @@ def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7"):
     ax.set_ylabel("$R^2$ of $s_{r-1}$ read linearly from layer 1 at r")
     ax.set_title("previous token in the first layer's output (held out)")
     ax.legend(fontsize=8)
-    plot_probe(axes[1, 2], raw[best], f"in-context mapping probe, L = {best[0]}, H = {best[1]}")
+    plot_probe(axes[1, 2], raw[best], f"query-path probe (evaluate.probe), L = {best[0]}, H = {best[1]}")
     one = (1, max(H for L, H in raw if L == 1))
-    plot_probe(axes[1, 3], raw[one], f"in-context mapping probe, L = 1, H = {one[1]}")
+    plot_probe(axes[1, 3], raw[one], f"query-path probe (evaluate.probe), L = 1, H = {one[1]}")
     fig.suptitle("Fig. 7: Transformer M4 on raw tokens $s_t$ (positional softmax attention), Haar W: "
                  "one layer cannot learn in context, two can", fontsize=13)
     fig.tight_layout()
@@ -1179,9 +1181,9 @@ def plot_starts(tests, metrics, out_dir, name="starts"):
             ax = axes[4 + i, j]
             if "attention1" in t:
                 h = int(np.argmax(metrics[kind, L, start]["mech_prev_share"]))
-                heatmap(ax, lower(t["attention1"].mean(axis=0)), f"{label}, {start} start: first-layer\n"
-                        f"positional attention (mean over heads; head {h} most previous-token)",
-                        "key position t", "query position r", symmetric=False)
+                heatmap(ax, lower(t["attention1"][h]), f"{label}, {start} start:\nlayer-1 positional "
+                        f"attention, head {h}\n(its most previous-token head)", "key position t",
+                        "query position r", symmetric=False)
             else:
                 ax.axis("off")
                 ax.text(0.5, 0.5, "no positional attention\n(augmented tokens)", ha="center", va="center")
@@ -1207,7 +1209,7 @@ def plot_starts(tests, metrics, out_dir, name="starts"):
         ax.legend(fontsize=6)
     fig.suptitle("Figs. 5 and 7 from the authors' fixed start and from random starts: what the trained "
                  "Transformers compute (evaluate.py's causal tests)", fontsize=14)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     return save_figure(fig, out_dir, name)
 
 

@@ -336,3 +336,18 @@ _S, _W = icar.sample_sequences(np.random.default_rng(9), 4, 5, 2, "haar")
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_the_query_probe_of_figs_5_and_7_reads_one_gd_step_on_m1_and_the_construction(data):
+    """evaluate.probe (the derivative along the query path, Figs. 5 and 7's panels) reads
+    eta C_r on M1 and (eta / r) C_r on the construction, whose one GD step takes its query from
+    x_r alone; what it reads on a trained model is the query path only (see fresh_query_probe)."""
+    s, W = data[0][:16], data[1][:16]
+    C, _ = evaluate.context_sums(s[:, :-1])                                 # [n, T, d, d]
+    found = evaluate.probe(evaluate.query_predictor({"A": np.eye(D), "B": ETA * np.eye(D)}, s[:, :-1]), s, W)
+    np.testing.assert_allclose(found["Gamma"], ETA * C, atol=1e-12)
+    _, params, cfg = construction()
+    found = evaluate.probe(evaluate.query_predictor(params, s[:, :-1], cfg), s, W)
+    r = np.arange(1, T)
+    np.testing.assert_allclose(found["Gamma"][:, r], C[:, r] / r[None, :, None, None], atol=1e-9)
+    np.testing.assert_allclose(found["cos_gd1"][1:], 1.0, atol=1e-9)

@@ -16,7 +16,8 @@ import pytest
 import icar
 import runs
 import theory
-from conftest import TINY, rng
+import train
+from conftest import HERE, TINY, rng
 
 
 def png_ok(path):
@@ -358,3 +359,40 @@ def test_figures_recompute_a_damaged_cache(tmp_path):
     np.testing.assert_array_equal(figures.cached(str(tmp_path), "t", compute, False, {"a": 1})["x"],
                                   np.arange(3))
     assert len(calls) == 2
+
+
+def test_the_cache_key_covers_every_module_that_defines_a_result_and_every_setting(tmp_path):
+    """train.CODE (config.json's code fingerprint, figures' cache key) names every project module
+    that train imports, except runs (files) and gpu (the same numbers on another device), and
+    the fingerprint changes when any one of them changes by one byte; a cached run is reused
+    only with every setting equal."""
+    import ast
+    import shutil
+    import subprocess
+    import sys
+
+    import figures
+    tree = ast.parse(open(os.path.join(HERE, "train.py")).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    project = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
+    assert {m + ".py" for m in (imported & project) - {"runs", "gpu"}} | {"train.py"} == set(train.CODE)
+
+    def fingerprint(folder):
+        return subprocess.run([sys.executable, "-c", "import runs; print(runs.code_fingerprint("
+                               f"{train.CODE!r}))"], cwd=folder, capture_output=True, text=True).stdout
+    for name in ("runs.py",) + train.CODE:
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    base = fingerprint(tmp_path)
+    assert base.strip() == runs.code_fingerprint(train.CODE)
+    for name in train.CODE:
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(original + b"\n")
+        assert fingerprint(tmp_path) != base, name
+        (tmp_path / name).write_bytes(original)
+    want = train.config("block", **TINY)
+    saved = dict(want, versions={"code": runs.code_fingerprint(train.CODE)})
+    assert figures.matches(saved, want) == (True, True)
+    for key, value in want.items():
+        other = dict(saved, **{key: value * 2 if isinstance(value, (int, float)) else value + "x"})
+        assert figures.matches(other, want)[0] is (key in train.NOT_RESULT), key
+    assert figures.matches(dict(saved, versions={"code": "0" * 40}), want) == (True, False)

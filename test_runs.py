@@ -1,18 +1,28 @@
 """Tests of runs.py, the files and processes of every command: npz and text files written
 atomically and flushed, checkpoints and run folders (nothing saved is lost: an interrupted
 write, a crash while checkpointing, a fresh run replacing an old one, a full disk), the
-progress line, one-line errors and a closed pipe, the BLAS thread count; and the README's
-set-up and test lines, which CI runs. Which test proves which claim: docs/claims.md."""
-
-
+progress line, one-line errors and a closed pipe, the BLAS thread count; the README's set-up
+and test lines, which CI runs; and what two processes and hostile files do (one process per
+run folder, workers that die with their sweep, writes that never follow a link or replace a
+special file, every file read checked for what it holds). Which test proves which claim:
+docs/claims.md."""
+import argparse
+import fcntl
+import json
 import os
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import bench
 import runs
+import sweep
 import train
 from conftest import HERE, TINY, finished_run, flat, folder_bytes
 
@@ -198,3 +208,406 @@ def test_ci_runs_the_readme_set_up_and_test_lines():
           if line and not line.startswith(("#", "set ", "cd ", "rm "))]
     assert len(block) == 2 and ci == [block[0].split(" && .venv/bin/python figures.py")[0], block[1]]
     assert block[0].startswith("python3 -m venv .venv && ")
+
+
+# ==== two processes and hostile files =======================================================
+
+SMALL = dict(T=5, n_train=64, n_test=32, n_probe=0, checkpoint_every=100, log_every=100)  # ~1 ms a step
+
+
+def argv_of(settings):
+    return [a for k, v in settings.items() for a in (f"--{k}", str(v))]
+
+
+def lock_held(run_dir):
+    """Whether another process holds run_dir's lock."""
+    try:
+        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def wait_for(condition, seconds=60):
+    end = time.time() + seconds
+    while not condition():
+        assert time.time() < end, "timed out"
+        time.sleep(0.01)
+
+
+def run_files(folder):
+    return {k: v for k, v in folder_bytes(folder).items() if k in ("params.npz", "metrics.npz")}
+
+
+# ---- one process per run folder ------------------------------------------------------------
+
+def test_two_processes_on_one_run_folder(tmp_path):
+    """Rounds of two runs on one folder, with kill -9 in between: the second exits 2 with one
+    line naming the folder and the holder's pid and changes nothing; the survivor's files
+    equal an uninterrupted run of its own seed; the folder always loads."""
+    steps = 2500  # the holder trains for 2 s: longer than the other's start-up
+    ref = {s: run_files(train.run("block", runs_dir=str(tmp_path / f"ref{s}"), quiet=True, seed=s,
+                                  steps=steps, **SMALL)["dir"]) for s in (1, 2)}
+    runs_dir, run_dir = tmp_path / "runs", tmp_path / "runs" / "block"
+
+    def start(seed, *extra):
+        return subprocess.Popen([sys.executable, "train.py", "block", "--runs_dir", str(runs_dir), "--seed",
+                                 str(seed), "--steps", str(steps), "--quiet", *argv_of(SMALL), *extra],
+                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for round_, (first, second, kill) in enumerate([(1, 2, False), (2, 1, True), (1, 2, True)]):
+        holder = start(first)
+        wait_for(lambda: lock_held(run_dir))
+        before = folder_bytes(run_dir)
+        other = start(second)
+        out, err = other.communicate(timeout=60)
+        assert other.returncode == 2 and out == "", err
+        assert err.splitlines() == [f"train.py: {run_dir} is in use by another process (pid {holder.pid}); "
+                                    "wait for it to end or use another --name"]
+        if kill:
+            time.sleep(0.2 * round_)
+            holder.kill()
+            holder.wait()
+            cfg = json.loads((run_dir / "config.json").read_text())
+            if (run_dir / "checkpoint.npz").exists() and cfg["seed"] == first and not (run_dir / "params.npz").exists():
+                resumed = start(first, "--resume")  # the killed run's checkpoint belongs to it
+                assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+        else:
+            assert holder.wait(timeout=120) == 0, holder.stderr.read()
+            assert folder_bytes(run_dir) != before
+        loaded = runs.load_run(str(run_dir))  # the folder always loads, and holds one seed's run
+        assert run_files(run_dir) == ref[loaded["config"]["seed"]]
+
+
+def test_a_locked_folder_refuses_resume_sweep_points_and_figures(tmp_path):
+    """The lock is taken by run and resume, by each sweep point and by figures' training and
+    data caches, before anything is read: here this process holds it and another one asks."""
+    import figures  # matplotlib: only where a figure is made
+    finished_run(tmp_path)
+    before = folder_bytes(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import runs, sys, time\nwith runs.locked(sys.argv[1]), "
+                               "runs.locked(sys.argv[2]):\n    print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "block"), str(tmp_path / "sweep" / "seed=0")],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=rf"block is in use by another process \(pid {holder.pid}\)"):
+            train.run("block", runs_dir=str(tmp_path), quiet=True, resume=True, **TINY)
+        with pytest.raises(runs.SweepIncomplete, match="in use by another process"):
+            sweep.sweep("block", {"seed": [0]}, runs_dir=str(tmp_path), name="sweep", quiet=True, **TINY)
+        ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True, timings=[])
+        with pytest.raises(ValueError, match="in use by another process"):
+            figures.train_cached(ctx, "block", "block", **TINY)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {k: v for k, v in folder_bytes(tmp_path).items() if not k.startswith("sweep")} == before
+
+
+def test_the_lock_is_taken_again_inside_one_process(tmp_path):
+    folder = str(tmp_path / "a")
+    with runs.locked(folder):
+        with runs.locked(folder):  # figures' training takes it, then train.run inside
+            assert lock_held(folder)
+        assert lock_held(folder)  # the inner block did not release it
+    assert not lock_held(folder)
+
+
+# ---- signals and workers -------------------------------------------------------------------
+
+def children(pid):
+    """Pids of the live (not zombie) processes whose parent is pid."""
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(p))
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+SWEEP = ["block", "--sweep", "seed=1,2", "--steps", "4000", "--quiet", "--jobs", "2", *argv_of(SMALL)]
+
+
+def sweep_files(folder):
+    return {k: v for k, v in folder_bytes(folder).items() if k.endswith(("params.npz", "metrics.npz", "summary.json"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sweep(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    assert sweep.main(SWEEP + ["--runs_dir", str(folder)]) == 0
+    return sweep_files(folder)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_a_sweep_parent_leaves_no_worker_and_a_rerun_completes(tmp_path, signum, uninterrupted_sweep):
+    err_file = open(tmp_path / "stderr", "w")  # not a pipe: a worker must not die of its closing
+    parent = subprocess.Popen([sys.executable, "sweep.py", *SWEEP, "--runs_dir", str(tmp_path / "a")],
+                              cwd=HERE, stdout=subprocess.DEVNULL, stderr=err_file)
+    points = [tmp_path / "a" / "block" / f"seed={s}" for s in (1, 2)]
+    wait_for(lambda: all(lock_held(p) for p in points))  # both workers are training
+    workers = children(parent.pid)
+    parent.send_signal(signum)
+    sent = time.time()
+    parent.wait(timeout=30)
+    err = (tmp_path / "stderr").read_text()
+    if signum == signal.SIGTERM:  # it stops its workers and exits at once, in one line
+        assert parent.returncode == 128 + signal.SIGTERM and time.time() - sent < 2
+        assert err.splitlines()[-1].startswith("sweep.py: interrupted by SIGTERM; ")
+    # each worker had seconds of training left: gone within 1 s of its parent
+    wait_for(lambda: not any(alive(w) for w in workers), seconds=1)
+    assert sweep.main(SWEEP + ["--runs_dir", str(tmp_path / "a")]) == 0
+    assert len(uninterrupted_sweep) == 5 and sweep_files(tmp_path / "a") == uninterrupted_sweep
+
+
+def test_sigterm_ends_a_run_in_one_line_and_resume_finishes_it(tmp_path):
+    argv = [sys.executable, "train.py", "block", "--runs_dir", str(tmp_path), "--steps", "30000", "--quiet",
+            *argv_of(SMALL)]
+    p = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / "block" / "checkpoint.npz").exists())
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 143 and err.splitlines() == [
+        f"train.py: interrupted by SIGTERM; {tmp_path / 'block'} holds this run's last checkpoint "
+        "(python train.py ... --resume continues it)"]
+
+
+def test_an_interruption_before_the_first_checkpoint_says_the_earlier_run_is_intact(tmp_path, monkeypatch, capsys):
+    before = finished_run(tmp_path)
+
+    def stop(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "save_checkpoint", stop)
+    assert train.main(["block", "--runs_dir", str(tmp_path), "--quiet", "--seed", "3", *argv_of(TINY)]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: interrupted by SIGINT; stopped before its first checkpoint: {tmp_path / 'block'} is as it was"]
+    assert folder_bytes(tmp_path) == before
+
+
+# ---- writes that never leave their folder ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["config.json", "checkpoint.npz", "params.npz", "metrics.npz", ".lock",
+                                  "checkpoint.npz.tmp", "config.json.tmp", ".fresh", ".replaced",
+                                  ".fresh/config.json"])
+def test_planted_links_are_never_followed(tmp_path, capsys, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"precious")
+    (outside / "config.json").write_bytes(b"precious too")
+    runs_dir = tmp_path / "runs"
+    finished_run(runs_dir)
+    link = runs_dir / "block" / name
+    if name.startswith(".fresh/"):
+        link.parent.mkdir()  # a stale stage holding a link
+    if link.exists():
+        link.unlink()
+    os.symlink(outside if name in (".fresh", ".replaced") else outside / "victim", link)
+    before = folder_bytes(outside)
+    for extra in ([], ["--resume"]):
+        code = train.main(["block", "--runs_dir", str(runs_dir), "--quiet", *argv_of(TINY), *extra])
+        err = capsys.readouterr().err
+        assert code == 0 or len(err.strip().splitlines()) == 1, (extra, err)
+        assert folder_bytes(outside) == before and not (outside / "victim").is_symlink(), extra
+    assert sorted(os.listdir(outside)) == ["config.json", "victim"]
+
+
+def special_nodes(folder):
+    """(name, make) of a fifo and, where this user may make one, a character device."""
+    nodes = [("fifo", lambda p: os.mkfifo(p))]
+    try:
+        os.mknod(folder / "probe-device", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        os.unlink(folder / "probe-device")
+        nodes.append(("device", lambda p: os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 3))))
+    except (PermissionError, OSError):
+        pass
+    return nodes
+
+
+def node_state(path):
+    st = os.lstat(path)
+    return stat.S_IFMT(st.st_mode), st.st_rdev
+
+
+def test_result_paths_at_a_fifo_or_a_device_are_refused_and_left_as_they_are(tmp_path, capsys):
+    import figures  # matplotlib: only where a figure is made
+    for kind, make in special_nodes(tmp_path):
+        where = tmp_path / kind
+        finished_run(where / "runs")
+        cases = [
+            (where / "bench.json", lambda p: bench.main(["--json", str(p), "--workloads", "population"])),
+            (where / "gpu" / "gpu_check.json", lambda p: bench.main(["--dry", "--out", str(p.parent)])),
+            (where / "out" / "summary.md",
+             lambda p: figures.main(["fig1", "--out", str(p.parent), "--runs", str(where / "r"), "--quiet"])),
+            (where / "out2" / "fig1.png",
+             lambda p: figures.main(["fig1", "--out", str(p.parent), "--runs", str(where / "r"), "--quiet"])),
+            (where / "runs" / "block" / "params.npz",
+             lambda p: train.main(["block", "--runs_dir", str(where / "runs"), "--quiet", *argv_of(TINY)])),
+        ]
+        for path, command in cases:
+            path.parent.mkdir(exist_ok=True)
+            if path.exists():
+                path.unlink()
+            make(path)
+            state = node_state(path)
+            assert command(path) == 2, (kind, path)
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and str(path) in err, (kind, err)
+            assert node_state(path) == state, (kind, path)
+            with pytest.raises(ValueError, match="is a fifo, device node or socket"):
+                runs.save_json(str(path), {})  # the library's own writes refuse it too
+            assert node_state(path) == state, (kind, path)
+
+
+# ---- files of the right format with the wrong content --------------------------------------
+
+def npz_edit(change):
+    def edit(path):
+        z = dict(np.load(path))
+        change(z)
+        np.savez(open(path, "wb"), **z)
+    return edit
+
+
+def json_write(obj):
+    return lambda path: path.write_text(json.dumps(obj))
+
+
+CKPT, CONFIG, PARAMS, METRICS = "checkpoint.npz", "config.json", "params.npz", "metrics.npz"
+MALFORMED = [
+    (CONFIG, json_write([])), (CONFIG, json_write(None)), (CONFIG, json_write("x")), (CONFIG, json_write(3)),
+    (CONFIG, json_write({})), (CONFIG, json_write({"experiment": 3})),
+    (CKPT, npz_edit(lambda z: z.pop("history/train_loss"))),
+    (CKPT, npz_edit(lambda z: z.update({"params/A": z["params/A"].astype(int)}))),
+    (CKPT, npz_edit(lambda z: z.update({"params/A": z["params/A"].astype(str)}))),
+    (CKPT, npz_edit(lambda z: z.update({"params/A": z["params/A"] + 1j}))),
+    (CKPT, npz_edit(lambda z: z.update(step=np.asarray(5.5)))),
+    (CKPT, npz_edit(lambda z: z.update(step=np.asarray([1, 2])))),
+    (CKPT, npz_edit(lambda z: z.update(step=np.asarray(z["step"] - 1)))),  # history longer than step
+    (CKPT, npz_edit(lambda z: z.update({"history/test_loss": z["history/test_loss"][:-1]}))),
+    (CKPT, npz_edit(lambda z: z.pop("opt/m/A"))),
+    (CKPT, npz_edit(lambda z: z.pop("opt_t"))),
+    (CKPT, npz_edit(lambda z: z.update(perm=z["perm"].astype(float)))),
+    (CKPT, npz_edit(lambda z: z.update(rng=np.asarray("not a generator")))),
+    (CKPT, npz_edit(lambda z: z.pop("settings"))),
+    (CKPT, npz_edit(lambda z: z.update(pos=np.asarray("0")))),
+    (PARAMS, npz_edit(lambda z: z.update(A=z["A"].astype(int)))),
+    (PARAMS, npz_edit(lambda z: z.update(A=z["A"].astype(str)))),
+    (PARAMS, npz_edit(lambda z: z.update(A=z["A"] + 1j))),
+    (METRICS, npz_edit(lambda z: z.update(test_loss=z["test_loss"].astype(str)))),
+]
+FIGURE_FILES = [
+    ("summary.json", json_write([])), ("summary.json", json_write({"fig1": 3})),
+    ("summary.json", json_write({"fig1": {"preset": "quick", "rows": "x"}})),
+    ("summary.json", json_write({"fig1": {"preset": "quick", "rows": [{"quantity": 1}]}})),
+    ("seconds.json", json_write("abc")), ("seconds.json", json_write([])),
+    ("seconds.json", json_write({"seconds": "abc", "config_sha1": "x"})),
+]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A finished one-point sweep (runs/block/seed=0), a cached figures run (runs/cached) with
+    its seconds.json, and a figures summary (out/summary.json)."""
+    import figures  # matplotlib: only where a figure is made
+    root = tmp_path_factory.mktemp("template")
+    sweep.sweep("block", {"seed": [0]}, runs_dir=str(root / "runs"), quiet=True, **TINY)
+    ctx = argparse.Namespace(runs=str(root / "runs"), preset="quick", retrain=False, quiet=True, timings=[])
+    figures.train_cached(ctx, "block", "cached", **TINY)
+    assert figures.main(["fig1", "--out", str(root / "out"), "--runs", str(root / "runs"), "--quiet"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("name, damage", MALFORMED + FIGURE_FILES)
+def test_a_malformed_file_is_one_line_and_exit_1_and_changes_nothing(tmp_path, template, capsys, name, damage):
+    import figures  # matplotlib: only where a figure is made
+    root = tmp_path / "t"
+    shutil.copytree(template, root)
+    point = root / "runs" / "block" / "seed=0"
+    path = {"summary.json": root / "out" / name, "seconds.json": root / "runs" / "cached" / name}.get(name, point / name)
+    damage(path)
+    before = folder_bytes(root)
+    if name in (CONFIG, CKPT):
+        code = train.main(["block", "--runs_dir", str(point.parent), "--name", "seed=0", "--seed", "0",
+                           "--resume", "--quiet", *argv_of(TINY)])
+    elif name in (PARAMS, METRICS):
+        code = sweep.main(["block", "--sweep", "seed=0", "--runs_dir", str(root / "runs"), "--summary",
+                           *argv_of(TINY)])
+    elif name == "summary.json":
+        code = figures.main(["fig1", "--out", str(root / "out"), "--runs", str(root / "runs"), "--quiet"])
+    else:
+        ctx = argparse.Namespace(runs=str(root / "runs"), preset="quick", retrain=False, quiet=True, timings=[])
+        code = runs.one_line_errors("figures.py", lambda: figures.train_cached(ctx, "block", "cached", **TINY))
+    out = capsys.readouterr()
+    assert code == 1, out.err
+    assert len(out.err.strip().splitlines()) == 1 and str(path) in out.err, out.err
+    assert folder_bytes(root) == before
+
+
+# ---- a checkpoint from other settings --------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [("seed", 1), ("n_train", 32), ("T", 6), ("family", "haar"),
+                                        ("lr", 0.02), ("init_scale", 0.2), ("sigma", 0.1), ("s1", "fixed"),
+                                        ("loss", "all"), ("batch", 16), ("n_test", 16), ("gd_steps", 2)])
+def test_resume_refuses_a_checkpoint_of_other_settings_even_under_the_right_config(tmp_path, capsys, key, value):
+    """Another process's checkpoint under this run's config.json (the race of two processes):
+    refused (exit 2) for every result setting, even where the shapes agree."""
+    base = ["block", "--runs_dir", str(tmp_path), "--quiet", *argv_of(TINY)]
+    assert train.main(base + ["--name", "mine"]) == 0
+    assert train.main(["block", "--runs_dir", str(tmp_path), "--quiet", "--name", "theirs",
+                       *argv_of(dict(TINY, **{key: value}))]) == 0
+    shutil.copy(tmp_path / "theirs" / "checkpoint.npz", tmp_path / "mine" / "checkpoint.npz")
+    capsys.readouterr()
+    before = folder_bytes(tmp_path)
+    assert train.main(base + ["--name", "mine", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "does not belong to this run" in err, err
+    assert folder_bytes(tmp_path) == before
+
+
+def test_every_test_named_in_the_claim_index_exists():
+    """docs/claims.md is the one claim -> test index: every `file::test` it names is defined there."""
+    import re
+    text = open(os.path.join(HERE, "docs", "claims.md")).read()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) > 100
+    missing = [f"{f}::{t}" for f, t in named
+               if not re.search(rf"^def {t}\(", open(os.path.join(HERE, f)).read(), re.M)]
+    assert missing == []
+
+
+def test_a_stale_stage_is_replaced_and_a_stale_set_aside_is_refused(tmp_path, capsys):
+    """An earlier start's .fresh (stopped before its first checkpoint) is removed by the next
+    start; an earlier replacement's .replaced (files set aside) stops every start with one line."""
+    before = finished_run(tmp_path)
+    (tmp_path / "block" / ".fresh").mkdir()
+    (tmp_path / "block" / ".fresh" / "config.json").write_text("{}")
+    argv = ["block", "--runs_dir", str(tmp_path), "--quiet", "--seed", "3",
+            *[a for k, v in TINY.items() for a in (f"--{k}", str(v))]]
+    assert train.main(argv) == 0 and not (tmp_path / "block" / ".fresh").exists()
+    assert runs.load_run(str(tmp_path / "block"))["config"]["seed"] == 3
+    (tmp_path / "block" / ".replaced").mkdir()
+    (tmp_path / "block" / ".replaced" / "params.npz").write_bytes(before["block/params.npz"])
+    capsys.readouterr()
+    after = folder_bytes(tmp_path)
+    for extra in ([], ["--resume"]):
+        assert train.main(argv + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ".replaced holds an earlier run's files" in err[0]
+        assert folder_bytes(tmp_path) == after

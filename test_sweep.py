@@ -12,6 +12,7 @@ import pytest
 
 import runs
 import sweep
+import train
 from conftest import TINY, folder_bytes
 
 
@@ -105,3 +106,46 @@ def test_bad_sweep_process_options_give_one_line_and_touch_no_file(tmp_path, cap
         assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("sweep.py: "), extra
         assert folder_bytes(folders) == before, extra
     assert sweep.main(argv + ["--runs_dir", str(folders), "--summary", "--sweep", "lr=0.01"]) == 0
+
+
+RESULT_SETTINGS = [("seed", 1), ("n_train", 32), ("T", 6), ("family", "haar"), ("lr", 0.02), ("steps", 7),
+                   ("init_scale", 0.2), ("sigma", 0.1), ("s1", "fixed"), ("loss", "all"), ("batch", 16),
+                   ("n_test", 16), ("n_probe", 2), ("gd_steps", 2), ("form", "full"), ("optimizer", "gd"),
+                   ("d", 2), ("dtype", "float32"), ("target_loss", 0.5), ("backend", "cupy")]
+
+
+@pytest.fixture(scope="module")
+def one_point(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one_point")
+    sweep.sweep("block", {"lr": [0.01]}, runs_dir=str(folder), quiet=True, **TINY)
+    return folder
+
+
+@pytest.mark.parametrize("key, value", RESULT_SETTINGS)
+def test_the_summary_refuses_a_point_trained_with_any_other_result_setting(one_point, tmp_path, capsys, key, value):
+    """--summary reads the points' folders: a point whose config.json differs from the sweep's
+    settings in any result setting is refused (exit 1), and no file is written."""
+    import shutil
+    folder = tmp_path / "r"
+    shutil.copytree(one_point, folder)
+    path = folder / "block" / "lr=0.01" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **{key: value})))
+    before = folder_bytes(folder)
+    argv = ["block", "--sweep", "lr=0.01", "--runs_dir", str(folder), "--summary"]
+    argv += [a for k, v in TINY.items() for a in (f"--{k}", str(v))]
+    assert sweep.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"sweep.py: point lr=0.01: {folder}/block/lr=0.01 holds a run of other "
+                                        f"settings {[key]}"]
+    assert folder_bytes(folder) == before
+    assert set(k for k, _ in RESULT_SETTINGS) | {"checkpoint_every", "log_every"} >= set(
+        k for k in train.config("block") if k not in ("checkpoint_every", "log_every"))
+
+
+def test_listed_commands_carry_resume_and_every_setting(tmp_path, capsys):
+    argv = ["block", "--sweep", "lr=0.01,0.02", "--runs_dir", str(tmp_path), "--list", "--resume", "--steps", "9"]
+    assert sweep.main(argv) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2 and all(c.split().count("--resume") == 1 for c in commands)
+    assert all("--steps 9" in c and "--lr 0.0" in c for c in commands)
+    assert not tmp_path.joinpath("block").exists()

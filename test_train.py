@@ -247,3 +247,23 @@ def test_bad_command_lines_give_one_line_and_touch_no_file(tmp_path, capsys):
         assert out.out == "", argv
         assert folder_bytes(runs) == before, argv
     assert sorted(os.listdir(runs)) == ["block"] and not os.path.exists("/tmp/icar-abs")
+
+
+@pytest.mark.parametrize("key, ok, bad", [
+    ("steps", [1, train.MAX_INT], [0, train.MAX_INT + 1]), ("T", [2], [1]), ("d", [1], [0]),
+    ("n_train", [1], [0]), ("gd_steps", [1, train.MAX_GD_STEPS], [0, train.MAX_GD_STEPS + 1]),
+    ("seed", [0, train.MAX_INT], [-1, train.MAX_INT + 1]), ("sigma", [0.0], [-1e-9, float("inf")]),
+    ("lr", [1e-300], [0.0, float("nan")]), ("batch", [0, 4096], [-1, 4097]), ("n_probe", [0, 512], [-1, 513]),
+    ("checkpoint_every", [1], [0]), ("log_every", [1], [0]), ("init_scale", [1e-300], [0.0]),
+    ("target_loss", [0.0], [-1.0]),
+])
+def test_every_option_at_its_boundaries(key, ok, bad):
+    """Each numeric option of block at the edge of what is allowed, and one past it: refused by
+    config or by check_run (which builds the run on two sequences), before any file."""
+    for value in ok:
+        cfg = train.config("block", **{key: value})
+        train.check_run("block", cfg)
+        assert cfg[key] == value
+    for value in bad:
+        with pytest.raises(ValueError, match=key):
+            train.check_run("block", train.config("block", **{key: value}))
