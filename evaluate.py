@@ -328,14 +328,13 @@ def readout_r2(params, cfg, s_fit, s_eval):
     icar.check_params("params", params, ("layers", "W_out", "b_out") + (("pos",) if cfg["positional"] else ()))
     if icar.check_tokens(s_eval, cfg)[1] != s_fit.shape[1]:
         raise ValueError(f"s_fit and s_eval must have the same T, got {s_fit.shape[1]} and {s_eval.shape[1]}")
-    real = lambda z: numpy.concatenate([z.real, z.imag], -1) if numpy.iscomplexobj(z) else z  # noqa: E731
 
     def features_targets(x):
         h = numpy.concatenate([x] * cfg["repeat"], axis=-1)                  # [n, T, E]
         h1 = icar.transformer_layer(params["layers"][0], h, cfg, params.get("pos"))  # [n, T, E]
-        Z = real(numpy.transpose(numpy.asarray(h1)[:, 1:], (1, 0, 2)))      # [T-1, n, E or 2E]
+        Z = _real_parts(numpy.transpose(numpy.asarray(h1)[:, 1:], (1, 0, 2)))      # [T-1, n, E or 2E]
         Z = numpy.concatenate([Z, numpy.ones(Z.shape[:2] + (1,))], -1)      # with the bias
-        return Z, real(numpy.transpose(x[:, :-1], (1, 0, 2)))                # [T-1, n, d or 2d]
+        return Z, _real_parts(numpy.transpose(x[:, :-1], (1, 0, 2)))                # [T-1, n, d or 2d]
 
     Z, Y = features_targets(_float64(s_fit))
     coef = numpy.linalg.pinv(Z) @ Y                                          # [T-1, E+1, d]: per position

@@ -225,7 +225,8 @@ def _bad_commands(runs, a_file):
         (["block", "--name", "x", "--name", "y"], 2), (["block", "--resume", "--resume"], 2),
         (["diagonal", "--heads", "0"], 2), (["block", "--form", "diag"], 2), (["block", "--seed", "-1"], 2),
         (["block", "--resume", "--steps", "9"], 2), (["block", "--sweep", "form=block,full,diag"], 2),
-        (["block", "--jobs", "2"], 2),
+        (["block", "--jobs", "2"], 2), (["block", "--runs_dir", ""], 2), (["block", "--preset", ""], 2),
+        (["block", "--sigma", "1e200"], 2),
     ]
     return [(argv if not argv or argv[0] == "nope" else
              argv[:1] + (r[2:] if "--runs_dir" in argv else r) + argv[1:], code) for argv, code in two]
@@ -267,3 +268,10 @@ def test_every_option_at_its_boundaries(key, ok, bad):
     for value in bad:
         with pytest.raises(ValueError, match=key):
             train.check_run("block", train.config("block", **{key: value}))
+
+
+def test_too_large_a_noise_is_blamed_on_sigma_and_too_large_an_init_on_init_scale():
+    with pytest.raises(ValueError, match=r"the sampled data overflow in float64: sigma 1e\+200 is too large"):
+        train.check_run("block", train.config("block", sigma=1e200))
+    with pytest.raises(ValueError, match=r"init_scale 1e\+200 is too large"):
+        train.check_run("block", train.config("block", init_scale=1e200))

@@ -275,21 +275,22 @@ def _m4(model, transformer, tokens, **scoring):
 
 _MATRICES = ("unitary", "orthogonal", "haar")  # the families of d x d context matrices
 EXPERIMENTS = {
-    "augmented": _m4("M4 on augmented tokens", _augmented_m4, icar.augment, blocks=True, depth_vs_gd=True),
-    "nonaug": _m4("M4 on raw tokens", _raw_m4, lambda s: s, mechanism=True),
+    "augmented": _m4("M4: augmented tokens (0, s_t, s_{t-1}), linear attention", _augmented_m4,
+                     icar.augment, blocks=True, depth_vs_gd=True),
+    "nonaug": _m4("M4: raw tokens s_t, with positional attention", _raw_m4, lambda s: s, mechanism=True),
     "block": Experiment(
-        "M1, augmented linear attention",
+        "M1: augmented linear attention, block (A, B) or full (W_KQ, W_V) form (--form)",
         lambda cfg, rng: icar.init_params("augmented_linear", rng, d=cfg["d"], form=cfg["form"],
                                           scale=cfg["init_scale"]),
         lambda cfg: lambda params, s: icar.augmented_linear(params, icar.augment(s)),
         _MATRICES, blocks=True),
     "diagonal": Experiment(
-        "M2, diagonal heads",
+        "M2: diagonal multi-head attention with positions P, on sampled data",
         lambda cfg, rng: icar.init_params("diagonal_heads", rng, d=cfg["d"], T=cfg["T"],
                                           H=cfg["heads"], scale=cfg["init_scale"]),
         lambda cfg: icar.diagonal_heads, _MATRICES, first=1),
     "pe-only": Experiment(
-        "M3, positional encoding only",
+        "M3: only the positional matrix P is trained",
         lambda cfg, rng: icar.init_params("pe_only", rng, T=cfg["T"]),
         lambda cfg: icar.pe_only, icar.FAMILIES, first=1, moments=fused.pe_only_objective),
 }
@@ -373,8 +374,9 @@ def check_run(experiment, cfg):
     array_module(cfg["backend"])  # without CuPy: ValueError
     s = _to_dtype(sample(cfg, rng, 2)[0], cfg["dtype"])
     params = tree_map(lambda p: p.astype(cfg["dtype"]), init_model(experiment, cfg, rng))
-    if not numpy.all(numpy.isfinite(s)):
-        raise ValueError(f"sampled data are not finite in {cfg['dtype']}: sigma {cfg['sigma']} is too large")
+    with numpy.errstate(all="ignore"):
+        if not math.isfinite(float(icar.mse(numpy.zeros_like(s[:, 1:]), s[:, 1:]))):
+            raise ValueError(f"the sampled data overflow in {cfg['dtype']}: sigma {cfg['sigma']} is too large")
     with numpy.errstate(all="ignore"):
         loss = float(icar.mse(predictor(experiment, cfg)(params, s[:, :-1]), s[:, 1:]))
     if not math.isfinite(loss):
@@ -659,8 +661,8 @@ def parse(args, p):
         print(p.format_help())
         return None
     ns = vars(p.parse_args(args))
-    flags = {"preset": ns.pop("preset") or "quick", "name": ns.pop("name"), "runs_dir": ns.pop("runs_dir") or "runs",
-             "resume": bool(ns.pop("resume")), "quiet": bool(ns.pop("quiet"))}
+    flags = {k: default if ns[k] is None else ns[k] for k, default in (("preset", "quick"), ("runs_dir", "runs"))}
+    flags.update(name=ns["name"], resume=bool(ns["resume"]), quiet=bool(ns["quiet"]))
     icar.check_choice("preset", flags["preset"], ("quick", "paper"))
     return flags, {k: v for k, v in ns.items() if v is not None and k in OPTIONS}, ns
 
