@@ -179,24 +179,33 @@ def runtime_cell(seconds, cached):
     return f"{seconds:.1f}" + (" (partly cached)" if cached == "some" else "")
 
 
-def write_summary(out_dir, results, preset):
-    """Merge results {figure: {"rows", "seconds", "note"}} into OUT/summary.json and
-    rewrite OUT/summary.md from all figures recorded there (both atomically)."""
+def recorded_summary(out_dir):
+    """The figures recorded in OUT/summary.json ({} if none), checked for what it holds (FileFault)."""
     path = os.path.join(out_dir, "summary.json")
     recorded = {}
     if os.path.exists(path):
         recorded = runs.load_json(path, "the summary of earlier figures")
+        number = (int, float, type(None))
         if not (isinstance(recorded, dict) and all(
                 isinstance(r, dict) and isinstance(r.get("rows"), list) and isinstance(r.get("preset"), str)
+                and isinstance(r.get("note"), str) and isinstance(r.get("cached", ""), str)
+                and isinstance(r.get("seconds"), number) and not isinstance(r.get("seconds"), bool)
                 and all(isinstance(row, dict) and {"quantity", "value", "expected", "source"} <= set(row)
                         for row in r["rows"]) for r in recorded.values())):
             raise runs.FileFault(f"{path}: not a summary of figures (an object of figures, each with "
                                  f"a preset and rows); delete it or give another --out")
+    return recorded
+
+
+def write_summary(out_dir, results, preset):
+    """Merge results {figure: {"rows", "seconds", "note"}} into OUT/summary.json and
+    rewrite OUT/summary.md from all figures recorded there (both atomically)."""
+    recorded = recorded_summary(out_dir)
     for name, res in results.items():
         recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "cached": res.get("cached", "none"),
                           "note": res.get("note", ""),
                           "rows": [{k: _plain(v) for k, v in r.items()} for r in res.get("rows", [])]}
-    runs.save_text(path, json.dumps(recorded, indent=1))  # in the order recorded
+    runs.save_text(os.path.join(out_dir, "summary.json"), json.dumps(recorded, indent=1))  # in the order recorded
     lines = ["# Reproduced quantities", "",
              "Each value below is computed by `figures.py`; the expected column is a closed form "
              "of paper.md (section 4), or a value published by the authors where the source says so.",
@@ -475,6 +484,7 @@ def _train_cached(ctx, experiment, name, run_dir, overrides):
                         seconds = float(timing["seconds"])
             _record(ctx, seconds, time.perf_counter() - t0, True)
             return res
+    runs.check_regular(seconds_path, "a run's seconds.json")  # before the training it records
     t0 = time.perf_counter()
     res = None
     if not done and not ctx.retrain and _resumable(run_dir, want):  # an interrupted run of this code
@@ -1029,15 +1039,15 @@ def run_fig7(ctx):
     spec = FIG7[ctx.preset]
     H0 = spec["depth_heads"]
     points = sorted({(L, H) for L, Hs in spec["heads"].items() for H in Hs} | {(L, H0) for L in spec["depths"]})
-    runs = {(L, H): train_cached(ctx, "nonaug", f"fig7-L{L}-H{H}-{ctx.preset}", layers=L, heads=H,
-                                 seed=ctx.seed, **spec["overrides"]) for L, H in points}
+    trained = {(L, H): train_cached(ctx, "nonaug", f"fig7-L{L}-H{H}-{ctx.preset}", layers=L, heads=H,
+                                    seed=ctx.seed, **spec["overrides"]) for L, H in points}
     aug = {L: train_cached(ctx, "augmented", f"fig5-L{L}-{ctx.preset}", layers=L, seed=ctx.seed,
                            **FIG5_OVERRIDES[ctx.preset])["metrics"] for L in spec["depths"]}
-    raw = {k: r["metrics"] for k, r in runs.items()}
+    raw = {k: r["metrics"] for k, r in trained.items()}
     T = len(raw[2, H0]["test_loss_position"])
-    params = runs[2, H0]["params"]
+    params = trained[2, H0]["params"]
     attention = icar.positional_attention(params["layers"][0], params["pos"][:T])  # [H, T, T]
-    cfg = runs[2, H0]["config"]
+    cfg = trained[2, H0]["config"]
     return (plot_fig7(raw, aug, H0, attention, ctx.out), fig7_rows(raw, aug, H0),
             f"train.py nonaug, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences, "
             f"{cfg['dtype']}; augmented models as in Fig. 5")
@@ -1099,12 +1109,12 @@ def causal_tests(res, seed):
     if mcfg["positional"]:
         layers = [icar.positional_attention(lay, params["pos"][:T]) for lay in params["layers"]]
         out["attention1"] = np.asarray(layers[0])                                     # [H, T, T]
-        out.update(construction_similarity(params, mcfg, s, predict, np.asarray(layers[0]),
-                                           np.asarray(layers[-1]), out["ablated"][0]))
+        out.update(construction_similarity(s, predict, np.asarray(layers[0]), np.asarray(layers[-1]),
+                                           out["ablated"][0]))
     return out
 
 
-def construction_similarity(params, mcfg, s, predict, first, last, ablated_first):
+def construction_similarity(s, predict, first, last, ablated_first):
     """How a trained raw-token M4 compares with theory.raw_token_gd_construction: the cosine of
     its most previous-token first-layer head's positional attention to the construction's
     layer 1 (all weight on t = r - 1), its largest first-layer weight on t = r (a
@@ -1242,7 +1252,8 @@ def starts_rows(tests, metrics):
                         ("replaced", "with tokens 1-4 replaced")):
             rows.append(row("starts", f"{lab}: test MSE {what}, mean over r >= {T // 2}",
                             float(np.mean(t[f"{c}_model"][late])), expect.get(c),
-                            f"written before the run; gd1 on the same data: {np.mean(t[f'{c}_gd1'][late]):.3g}"))
+                            ("written before the run; " if expect.get(c) else "")
+                            + f"gd1 on the same data: {np.mean(t[f'{c}_gd1'][late]):.3g}"))
         share = float(np.sum(t["influence"][late, :5]) / np.sum(t["influence"][late]))
         rows.append(row("starts", f"{lab}: share of the influence of tokens 0-4 on outputs r >= {T // 2}", share,
                         expect.get("first"), "written before the run" if expect.get("first") else ""))
@@ -1309,19 +1320,23 @@ RUNNERS = {"fig1": run_fig1, "fig3": run_fig3, "fig4": run_fig4, "fig5": run_fig
 
 def parse_args(argv):
     p = runs.Parser(prog="figures.py", description="Reproduce the paper's figures and the summary table.")
+    once = dict(action=runs.Once)  # each option once; unset ones are filled in below
     p.add_argument("figures", nargs="*", metavar="FIGURE",
                    help=f"figures to make (default: all): {', '.join(FIGURES)}")
-    p.add_argument("--preset", default="quick", help="quick (default, minutes) or paper (the authors' sizes)")
-    p.add_argument("--retrain", action="store_true", help="recompute instead of reusing runs/")
+    p.add_argument("--preset", help="quick (default, minutes) or paper (the authors' sizes)", **once)
+    p.add_argument("--retrain", flag=True, help="recompute instead of reusing runs/", **once)
     p.add_argument("--out", help="folder of the PNG, PDF and summary files (default: figures, "
-                   "figures/paper with --preset paper)")
-    p.add_argument("--runs", default="runs", help="folder of the cached trained models and data")
-    p.add_argument("--seed", type=int, default=0, help="seed of every generator")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--embeddings", help="fig4: token-embedding table [V, D] as .npy (needs --tokenizer)")
-    p.add_argument("--tokenizer", help="fig4: tokenizer.json of that table")
-    p.add_argument("--text", default=DEFAULT_TEXT, help="fig4: plain-text book (default: data/alice29.txt)")
+                   "figures/paper with --preset paper)", **once)
+    p.add_argument("--runs", help="folder of the cached trained models and data (default: runs)", **once)
+    p.add_argument("--seed", type=int, help="seed of every generator (default: 0)", **once)
+    p.add_argument("--quiet", flag=True, help="no progress lines", **once)
+    p.add_argument("--embeddings", help="fig4: token-embedding table [V, D] as .npy (needs --tokenizer)", **once)
+    p.add_argument("--tokenizer", help="fig4: tokenizer.json of that table", **once)
+    p.add_argument("--text", help="fig4: plain-text book (default: data/alice29.txt)", **once)
     args = p.parse_args(argv)
+    for key, default in (("preset", "quick"), ("runs", "runs"), ("seed", 0), ("text", DEFAULT_TEXT)):
+        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
+    args.retrain, args.quiet = bool(args.retrain), bool(args.quiet)
     bad = [f for f in args.figures if f not in FIGURES]
     if bad:
         raise ValueError(f"unknown figure {bad[0]!r}; allowed: {', '.join(FIGURES)}")
@@ -1371,6 +1386,7 @@ def make_figures(args):
         writable_folder(getattr(args, option), option)
     for name in [f"{n}.{ext}" for n in names for ext in ("png", "pdf")] + ["summary.json", "summary.md"]:
         runs.check_regular(os.path.join(args.out, name), "every file figures.py writes")  # before drawing
+    recorded_summary(args.out)  # a damaged summary is found before the first figure
     runs.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     for name in names:

@@ -336,7 +336,8 @@ def positional_attention(layer, p):
 def transformer_layer(layer, h, cfg, pos=None, g=None):
     """One layer of M4, the stream h [n, T, E] -> the next one [n, T, E]; pos: params["pos"]
     (if cfg["positional"]). g [n, T, E], default h: the stream of queries and residual; keys and
-    values come from h, so output position r depends on g only through g_r (train.py's probe)."""
+    values come from h, so output position r depends on g only through g_r (evaluate.probe, through
+    transformer_two_streams)."""
     check_params("layer", layer, LAYER_KEYS)
     g = h if g is None else g
     T, E = h.shape[1:]

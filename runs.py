@@ -9,8 +9,8 @@ errors), one_line_errors (the error -> exit status mapping of every command line
 run_command, Progress, and the process set-up of training (set_up_process).
 
 Exit statuses: 0 done; 1 a fault of the machine or of a file (FileFault, OSError, out of
-memory), a diverged run or failed sweep points; 2 a bad argument (ValueError); 130 an
-interruption.
+memory), a diverged run or failed sweep points; 2 a bad argument (ValueError); 128 + the
+signal's number for an interruption (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 """
 import argparse
 import contextlib
@@ -41,6 +41,10 @@ class FileFault(Exception):
     empty, foreign): a fault of the machine or of the file, not of the settings (exit status 1)."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once (umask can only be read by setting it)
+
+
 def check_regular(path, what="a result file"):
     """ValueError unless path is absent or a regular file: icar never writes through, or
     replaces, a link, a fifo, a device node, a socket or a folder."""
@@ -69,6 +73,7 @@ def atomic_write(path, write):
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: results get the mode open() would give
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -137,8 +142,14 @@ def save_npz(path, arrays):
 
 def load_npz(path, what="a .npz file of arrays"):
     def read(p):
-        with numpy.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        z = numpy.load(p, allow_pickle=False)
+        if not isinstance(z, numpy.lib.npyio.NpzFile):  # a .npy file under an .npz name
+            raise ValueError("not an .npz archive")
+        with z:
+            arrays = {k: z[k] for k in z.files}
+        if not all(isinstance(v, numpy.ndarray) for v in arrays.values()):
+            raise ValueError("an entry that is not an array")
+        return arrays
     return read_file(path, what, read)
 
 
@@ -352,7 +363,7 @@ def replace_run(stage, run_dir):
         raise FileFault(f"cannot move the new run into {run_dir}: {e.strerror or e}") from None
 
 
-_HELD = {}  # real path of a locked folder -> [file descriptor, depth]: this process's locks
+_HELD = set()  # real paths of the folders this process holds locked
 
 
 def _holder(path):
@@ -379,12 +390,8 @@ def locked(run_dir):
     flock (some NFS mounts), where two processes could not be kept apart."""
     make_folder(run_dir)
     key = os.path.realpath(run_dir)
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
+    if key in _HELD:  # taken again inside the block that holds it
+        yield
         return
     path = os.path.join(run_dir, ".lock")
     try:
@@ -400,6 +407,8 @@ def locked(run_dir):
         except BlockingIOError:
             raise ValueError(f"{run_dir} is in use by another process{_holder(path)}; wait for it "
                              f"to end or use another --name") from None
+        except OSError as e:  # no locks at all on this file system (ENOLCK on some NFS mounts)
+            raise ValueError(f"cannot lock {run_dir} ({e.strerror or e}); use a local folder") from None
         probe = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:  # a second open file must be refused: else flock does nothing on this file system
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -409,11 +418,11 @@ def locked(run_dir):
             pass
         finally:
             os.close(probe)
-        _HELD[key] = [fd, 1]
+        _HELD.add(key)
         try:
             yield
         finally:
-            del _HELD[key]
+            _HELD.discard(key)
     finally:
         os.close(fd)  # releases the lock
 
@@ -479,7 +488,8 @@ def one_line_errors(prefix, command):
     """command() -> exit status, with every error one line on stderr after prefix: 2 for a bad
     argument (ValueError), 1 for a ValueError whose class says `exit_status = 1` (a diverged
     run: the settings were valid), failed sweep points or a fault of the machine or of a
-    file, 130 for an interruption. The command lines of train, sweep, bench and figures."""
+    file, 128 + the signal's number for an interruption (130 for Ctrl-C). The command lines of
+    train, sweep, bench and figures."""
     try:
         return command()
     except BrokenPipeError:  # the reader of stdout went away: run_command ends quietly

@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -51,6 +52,7 @@ def _plan(experiment, grid, preset, runs_dir, name, overrides):
     for sub, point in plan:
         runs.run_folder(base, sub)
         train.check_run(experiment, train.config(experiment, preset, **overrides, **point))
+    runs.check_regular(os.path.join(base, "summary.json"), "a sweep's summary.json")  # before hours of training
     return base, plan
 
 
@@ -58,9 +60,9 @@ def _summarize(experiment, grid, base, results):
     """Write base/summary.json of the finished points' results; return the printable table."""
     rows = [_summary_row(experiment, r, list(grid)) for r in results]
     runs.save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for row in rows for c in row))  # gd_k=L only where L <= gd_steps
     return "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
-                     ["  ".join(f"{train.fmt(row[c]):>14}" for c in columns) for row in rows])
+                     ["  ".join(f"{train.fmt(row.get(c, '')):>14}" for c in columns) for row in rows])
 
 
 def _watch_parent(parent):
@@ -75,6 +77,7 @@ def _run_point(conn, parent, experiment, preset, base, sub, resume, threads, ove
     """One sweep point in a worker process that shares the machine's cores with the others:
     `threads` threads of its own (fused.THREADS), one BLAS thread. Sends None, or the
     failure as one line (the other points go on), through conn."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     fused.THREADS = threads
     runs.set_up_process()
@@ -101,17 +104,19 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
     base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
     for sub, _ in plan:
         runs.prepare_folder(runs.run_folder(base, sub))
+    # --resume continues the points with a checkpoint; the others (never started) start afresh
+    resumes = {sub: resume and os.path.exists(os.path.join(base, sub, "checkpoint.npz")) for sub, _ in plan}
     failed = {}
     if jobs == 1:
         for sub, point in plan:
             if not quiet:
                 print(f"-- {experiment} {sub}", file=sys.stderr)
             try:
-                train.run(experiment, preset, base, sub, resume, quiet, **overrides, **point)
+                train.run(experiment, preset, base, sub, resumes[sub], quiet, **overrides, **point)
             except (ValueError, runs.FileFault, OSError, MemoryError) as e:
                 failed[sub] = runs.fault_line(e)
     else:
-        failed = _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrides)
+        failed = _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overrides)
     results = [runs.load_run(runs.run_folder(base, sub)) for sub, _ in plan if sub not in failed]
     table = _summarize(experiment, grid, base, results) if results else None
     if failed:
@@ -119,7 +124,7 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
     return results, table
 
 
-def _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrides):
+def _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overrides):
     """Run the points of plan in `jobs` spawned processes, at most `jobs` at a time, with one
     progress line per point started and finished; return {point: failure line}. If this
     process is interrupted (Ctrl-C, SIGTERM), its workers are stopped before it exits; if it
@@ -136,7 +141,7 @@ def _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrid
                 say(f"-- {experiment} {sub}: started (threads={threads})")
                 receive, send = context.Pipe(duplex=False)
                 worker = context.Process(target=_run_point, args=(
-                    send, os.getpid(), experiment, preset, base, sub, resume, threads, {**overrides, **point}))
+                    send, os.getpid(), experiment, preset, base, sub, resumes[sub], threads, {**overrides, **point}))
                 worker.start()
                 send.close()
                 running[worker.sentinel] = (worker, receive, sub, time.perf_counter())
@@ -155,10 +160,11 @@ def _run_in_workers(experiment, preset, base, plan, resume, quiet, jobs, overrid
     finally:  # interrupted: no worker outlives this process
         for worker, *_ in running.values():
             worker.terminate()
-        for worker, *_ in running.values():
+        for worker, receive, *_ in running.values():
             worker.join(5)
             if worker.is_alive():
                 worker.kill()
+            receive.close()
     return failed
 
 
@@ -272,16 +278,11 @@ def main(argv=None):
         if not ns["sweep"]:
             raise ValueError("give --sweep KEY=V1,V2,... (one run: python train.py)")
         jobs, listing, summarise = ns["jobs"], bool(ns["list"]), bool(ns["summary"])
-        if jobs is not None and not 1 <= jobs <= train.MAX_INT:
-            raise ValueError(f"option --jobs needs a whole number of processes >= 1, got {jobs}")
         given = {"list": listing, "summary": summarise, "jobs": jobs is not None, "resume": flags["resume"]}
         for a, b in (("list", "jobs"), ("list", "summary"), ("summary", "jobs"), ("summary", "resume")):
             if given[a] and given[b]:
                 raise ValueError(f"--{a} runs no training, so --{b} has no use with it; give one of them")
         grid = _grid(experiment, flags["preset"], ns["sweep"])
-        clash = set(grid) & set(overrides)
-        if clash:
-            raise ValueError(f"option(s) {sorted(clash)} are both swept and fixed; give each once")
         if listing:
             print("\n".join(sweep_commands(experiment, grid, **flags, **overrides)))
         elif summarise:
@@ -289,7 +290,7 @@ def main(argv=None):
             print(summary(experiment, grid, **flags, **overrides)[1])
         else:
             runs.set_up_process()
-            print(sweep(experiment, grid, jobs=jobs or 1, **flags, **overrides)[1])
+            print(sweep(experiment, grid, jobs=1 if jobs is None else jobs, **flags, **overrides)[1])
         return 0
     return runs.one_line_errors("sweep.py", command)
 

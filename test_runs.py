@@ -507,6 +507,8 @@ MALFORMED = [
     (CKPT, npz_edit(lambda z: z.update(rng=np.asarray("not a generator")))),
     (CKPT, npz_edit(lambda z: z.pop("settings"))),
     (CKPT, npz_edit(lambda z: z.update(pos=np.asarray("0")))),
+    (CKPT, lambda path: np.save(open(path, "wb"), np.ones(3))),  # a .npy file under the name
+    (CKPT, lambda path: __import__("zipfile").ZipFile(path, "w").writestr("step.txt", "1")),
     (PARAMS, npz_edit(lambda z: z.update(A=z["A"].astype(int)))),
     (PARAMS, npz_edit(lambda z: z.update(A=z["A"].astype(str)))),
     (PARAMS, npz_edit(lambda z: z.update(A=z["A"] + 1j))),
@@ -611,3 +613,14 @@ def test_a_stale_stage_is_replaced_and_a_stale_set_aside_is_refused(tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and ".replaced holds an earlier run's files" in err[0]
         assert folder_bytes(tmp_path) == after
+
+
+
+def test_results_get_the_mode_open_would_give(tmp_path):
+    """Temporary files are made 0600; the renamed result gets 0666 less the umask, as before."""
+    old = os.umask(0o022)
+    try:
+        runs.save_json(str(tmp_path / "a.json"), {})
+        assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
+    finally:
+        os.umask(old)

@@ -149,3 +149,15 @@ def test_listed_commands_carry_resume_and_every_setting(tmp_path, capsys):
     assert len(commands) == 2 and all(c.split().count("--resume") == 1 for c in commands)
     assert all("--steps 9" in c and "--lr 0.0" in c for c in commands)
     assert not tmp_path.joinpath("block").exists()
+
+
+def test_resume_continues_points_with_a_checkpoint_and_starts_the_others(tmp_path):
+    """An interrupted sweep leaves some points finished or checkpointed and others never
+    started: --resume continues the first and starts the second afresh, and the files equal an
+    uninterrupted sweep's."""
+    sweep.sweep("block", {"lr": [0.01]}, runs_dir=str(tmp_path / "a"), quiet=True, **TINY)
+    sweep.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path / "a"), quiet=True, resume=True, **TINY)
+    sweep.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path / "b"), quiet=True, **TINY)
+    files = [{k: v for k, v in folder_bytes(tmp_path / w).items() if k.endswith(("params.npz", "metrics.npz"))}
+             for w in "ab"]
+    assert len(files[0]) == 4 and files[0] == files[1]

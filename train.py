@@ -649,7 +649,7 @@ def parser(experiment, prog="python train.py"):
     for flag, text in (("preset", "quick (default) or paper"), ("name", "run folder name (default: the experiment)"),
                        ("runs_dir", "folder of the run folders (default: runs)")):
         p.add_argument(*_spellings(flag), dest=flag, action=runs.Once, help=text)
-    p.add_argument("--resume", action=runs.Once, flag=True, help="continue from runs/NAME/checkpoint.npz")
+    p.add_argument("--resume", action=runs.Once, flag=True, help="continue from RUNS_DIR/NAME/checkpoint.npz")
     p.add_argument("--quiet", action=runs.Once, flag=True, help="no progress lines")
     return p
 
