@@ -268,7 +268,8 @@ def load_checkpoint(path, move):
         if z[k].dtype.kind != kind or z[k].ndim != (0 if k in _SCALARS else 1):
             raise bad(f"entry {k!r} has dtype {z[k].dtype} and shape {z[k].shape}")
     groups = {g: {k[len(g) + 1:]: v for k, v in z.items() if k.startswith(g + "/")} for g in ("params", "opt")}
-    _check_arrays(path, {**groups["params"], **groups["opt"]}, "f", "parameters are real float arrays")
+    _check_arrays(path, {k: v for k, v in z.items() if k.startswith(("params/", "opt/"))}, "f",
+                  "parameters are real float arrays")
     if not groups["params"]:
         raise bad("no parameters")
     names = sorted(groups["params"])
