@@ -1002,8 +1002,9 @@ def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7"):
     plot_probe(axes[1, 2], raw[best], f"query-path probe (evaluate.probe), L = {best[0]}, H = {best[1]}")
     one = (1, max(H for L, H in raw if L == 1))
     plot_probe(axes[1, 3], raw[one], f"query-path probe (evaluate.probe), L = 1, H = {one[1]}")
-    fig.suptitle("Fig. 7: Transformer M4 on raw tokens $s_t$ (positional softmax attention), Haar W: "
-                 "one layer cannot learn in context, two can", fontsize=13)
+    fig.suptitle("Fig. 7: Transformer M4 on raw tokens $s_t$ (positional softmax attention), Haar W, "
+                 "the authors' fixed start: one layer does not fit; two do, by looking up the first "
+                 "tokens (figure starts)", fontsize=13)
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
