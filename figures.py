@@ -457,7 +457,7 @@ def train_cached(ctx, experiment, name, **overrides):
 
 
 def _train_cached(ctx, experiment, name, run_dir, overrides):
-    want = train.config(experiment, ctx.preset, **overrides)
+    want = dict(train.config(experiment, ctx.preset, **overrides), experiment=experiment, preset=ctx.preset)
     config_path, seconds_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "seconds.json")
     done = all(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "params.npz", "metrics.npz"))
     if done and not ctx.retrain:
@@ -510,7 +510,7 @@ def matches(saved, want):
     run's settings."""
     if not isinstance(saved, dict) or not isinstance(saved.get("versions", {}), dict):
         raise runs.FileFault(f"a run's config.json is not a JSON object of settings, got {type(saved).__name__}")
-    return (all(saved.get(k) == v for k, v in want.items() if k not in train.NOT_RESULT),
+    return (not train.changed_settings(saved, want),
             saved.get("versions", {}).get("code") == runs.code_fingerprint(train.CODE))
 
 

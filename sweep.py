@@ -184,8 +184,7 @@ def summary(experiment, grid, preset="quick", runs_dir="runs", name=None, **over
         want = dict(train.config(experiment, preset, **overrides, **point), experiment=experiment,
                     preset=preset)
         have = result["config"]
-        other = sorted(k for k in (set(want) | set(have)) - train.NOT_RESULT - {"versions"}
-                       if want.get(k) != have.get(k))
+        other = train.changed_settings(have, want)
         if other:
             missing.append(f"point {sub}: {folder} holds a run of other settings {other}")
             continue

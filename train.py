@@ -14,7 +14,6 @@ fingerprint), checkpoint.npz, params.npz and metrics.npz (loss curves, test loss
 position next to evaluate.baselines, evaluate.probe, and weight_blocks or mechanism where
 EXPERIMENTS asks). A resumed run ends bit-identical to an uninterrupted one.
 """
-import argparse
 import json
 import math
 import os
@@ -304,6 +303,11 @@ MODELS = {**{k: v.model for k, v in EXPERIMENTS.items()}, POPULATION: "M2's popu
 CODE = ("icar.py", "fused.py", "theory.py", "evaluate.py", "train.py")
 
 
+def changed_settings(saved, want):
+    """The sorted result settings (not NOT_RESULT, not versions) on which two runs' settings differ."""
+    return sorted(k for k in (set(saved) | set(want)) - NOT_RESULT - {"versions"} if saved.get(k) != want.get(k))
+
+
 def model_config(cfg, experiment):
     """icar.transformer_config of the M4 experiments."""
     return EXPERIMENTS[experiment].transformer(cfg)
@@ -348,8 +352,7 @@ def array_module(backend):
 
 
 def _generators(seed):
-    """One generator per purpose: training data, test data, initialisation, minibatch order
-    (the test set stays the same when n_train changes)."""
+    """Generators for training data, test data, initialisation, minibatch order (own streams)."""
     return [numpy.random.default_rng(s) for s in numpy.random.SeedSequence(seed).spawn(4)]
 
 
@@ -364,9 +367,8 @@ def datasets(cfg):
 # ----------------------------------------------------------------------------- one run
 
 def check_run(experiment, cfg):
-    """Build what a run of cfg needs on 2 sequences, so that a setting that passes `config` but
-    fails later (T or d wrong for the family, an init scale whose loss overflows, no CuPy)
-    raises ValueError before any file is touched."""
+    """Build a run of cfg on 2 sequences: a setting that passes `config` but fails later (T or d
+    wrong for the family, an overflowing loss, no CuPy) is a ValueError before any file."""
     rng = numpy.random.default_rng(0)
     if experiment == POPULATION:
         theory.train_population(cfg["heads"], cfg["d"], cfg["T"], cfg["family"], cfg["lr"], 0, rng)
@@ -439,8 +441,7 @@ def _run_locked(experiment, cfg, preset, run_dir, resume, quiet):
         if not isinstance(old, dict) or not isinstance(old.get("experiment"), str):
             raise runs.FileFault(f"{path}: not a run's settings (a JSON object with an 'experiment' "
                                  f"name), got {json.dumps(old)[:40]}")
-        changed = sorted(k for k in set(old) | set(saved) if k not in NOT_RESULT | {"versions"}
-                         and old.get(k) != saved.get(k))
+        changed = changed_settings(old, saved)
         if changed:
             raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in "
                              f"{run_dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
@@ -615,18 +616,6 @@ def fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _option_type(key):
-    """A converter of --key's text whose error names the option."""
-    kind = OPTIONS[key][0]
-
-    def convert(text):
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"needs {kind.__name__}, got {text!r}") from None
-    return convert
-
-
 def _spellings(key):  # --n_train and --n-train
     return list(dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"]))
 
@@ -644,7 +633,7 @@ def parser(experiment, prog="python train.py"):
         choices = families_of(experiment) if key == "family" else CHOICES.get(key, ())
         allowed = f" ({', '.join(choices)})" if choices else f" [{kind.__name__}]"
         p.add_argument(*_spellings(key), dest=key, action=runs.Once,
-                       type=_option_type(key), metavar="V",
+                       type=kind, metavar="V",
                        help=f"{text}{allowed}; quick {fmt(quick[key])}, paper {fmt(paper[key])}")
     for flag, text in (("preset", "quick (default) or paper"), ("name", "run folder name (default: the experiment)"),
                        ("runs_dir", "folder of the run folders (default: runs)")):
