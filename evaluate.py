@@ -178,23 +178,10 @@ def query_predictor(params, s, cfg=None):
     M2, M3 (query s_{r-1}): x_r replaces the value of the newest token t = r for query r.
     predict(s) is the model's ordinary prediction; predict is linear in x for M1, M2, M3.
     """
-    if not isinstance(params, dict):
-        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
-    if "layers" in params:
-        if cfg is None or not isinstance(cfg, dict):
-            raise ValueError("cfg must be the icar.transformer_config of an M4 (params has 'layers')")
-        if cfg["d_in"] == 3 * cfg["d_out"]:
-            return _query_augmented_m4(params, s, cfg)
-        if cfg["d_in"] == cfg["d_out"]:
-            return _query_raw_m4(params, s, cfg)
-        raise ValueError(f"cfg must have d_in = 3 d_out (augmented tokens) or d_in = d_out (raw "
-                         f"tokens), got d_in={cfg['d_in']}, d_out={cfg['d_out']}")
-    if "P" in params:
-        return (_query_m2 if "A" in params else _query_m3)(params, s)
-    if "A" in params or "W_KQ" in params:
-        return _query_m1(params, s)
-    raise ValueError(f"params must be those of M1 (A, B or W_KQ, W_V), M2 (A, B, P), M3 (P) or "
-                     f"M4 (layers, W_out, b_out), got keys {sorted(params)}")
+    kind = model_kind(params, cfg)
+    if kind.startswith("M4"):
+        return (_query_augmented_m4 if kind == "M4 augmented" else _query_raw_m4)(params, s, cfg)
+    return {"M1": _query_m1, "M2": _query_m2, "M3": _query_m3}[kind](params, s)
 
 
 def probe(predict, s, W=None, eta=None):
