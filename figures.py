@@ -67,8 +67,7 @@ PUBLISHED = {
 
 def figures_fingerprint():
     """SHA-1 of this file: data computed by figures.py itself depends on its code."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
+    return runs.code_fingerprint(("figures.py",))
 
 
 def _record(ctx, seconds, load_seconds, reused):
@@ -464,7 +463,7 @@ def _train_cached(ctx, experiment, name, run_dir, overrides):
         t0 = time.perf_counter()
         res = None
         try:
-            same, fresh = matches(runs.load_json(config_path, "a run's config.json"), want)
+            same, fresh = matches(runs.load_config(run_dir), want)
             res = runs.load_run(run_dir) if same and fresh else None
             if same and not fresh:
                 progress(name, f"stale: {run_dir} was made by other code", ctx.quiet)
@@ -520,7 +519,7 @@ def _resumable(run_dir, want):
     if not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
         return False
     try:
-        saved = runs.load_json(os.path.join(run_dir, "config.json"), "a run's config.json")
+        saved = runs.load_config(run_dir)
     except runs.FileFault:
         return False
     return all(matches(saved, want))

@@ -206,14 +206,21 @@ def _check_arrays(path, arrays, kinds, what):
             raise FileFault(f"{path}: entry {k!r} has dtype {v.dtype}; {what}")
 
 
-def load_run(run_dir):
-    """The result of a run read back from its folder: config, params, metrics, dir; FileFault
-    naming the file if one is missing, damaged or holds the wrong kind of content."""
+def load_config(run_dir):
+    """run_dir/config.json, a run's settings: FileFault naming it unless it is a JSON object
+    with an 'experiment' name."""
     path = os.path.join(run_dir, "config.json")
     cfg = load_json(path, "a run's config.json")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("experiment"), str):
         raise FileFault(f"{path}: not a run's settings (a JSON object with an 'experiment' name), "
-                        f"got {type(cfg).__name__}")
+                        f"got {json.dumps(cfg)[:40]}")
+    return cfg
+
+
+def load_run(run_dir):
+    """The result of a run read back from its folder: config, params, metrics, dir; FileFault
+    naming the file if one is missing, damaged or holds the wrong kind of content."""
+    cfg = load_config(run_dir)
     path = os.path.join(run_dir, "metrics.npz")
     metrics = load_npz(path, "a run's metrics")
     _check_arrays(path, metrics, "biufc", "metrics are numbers")

@@ -14,7 +14,6 @@ fingerprint), checkpoint.npz, params.npz and metrics.npz (loss curves, test loss
 position next to evaluate.baselines, evaluate.probe, and weight_blocks or mechanism where
 EXPERIMENTS asks). A resumed run ends bit-identical to an uninterrupted one.
 """
-import json
 import math
 import os
 import shutil
@@ -436,12 +435,7 @@ def _run_locked(experiment, cfg, preset, run_dir, resume, quiet):
     saved = dict(cfg, experiment=experiment, preset=preset, versions=runs.versions(CODE))
     settings = runs.digest({k: v for k, v in saved.items() if k not in NOT_RESULT | {"versions"}})
     if resume:
-        path = os.path.join(run_dir, "config.json")
-        old = runs.load_json(path, "the config.json of the run to resume")
-        if not isinstance(old, dict) or not isinstance(old.get("experiment"), str):
-            raise runs.FileFault(f"{path}: not a run's settings (a JSON object with an 'experiment' "
-                                 f"name), got {json.dumps(old)[:40]}")
-        changed = changed_settings(old, saved)
+        changed = changed_settings(runs.load_config(run_dir), saved)
         if changed:
             raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in "
                              f"{run_dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
@@ -454,8 +448,7 @@ def _run_locked(experiment, cfg, preset, run_dir, resume, quiet):
     try:
         runs.save_json(os.path.join(folder, "config.json"), saved)
         if experiment == POPULATION:  # no checkpoints: every file staged, then moved
-            metrics, params = _population(cfg)
-            folder = folder if replace else run_dir
+            metrics, params = _population(cfg)  # fresh only: it keeps no checkpoint to resume
         else:
             metrics, params = _train(experiment, cfg, ckpt, state, quiet, settings, replace, folder)
             folder, replace = run_dir, None
@@ -482,7 +475,7 @@ def _population(cfg):
             "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
 
 
-def _train(experiment, cfg, ckpt, state, quiet, settings, replace=None, folder=None):
+def _train(experiment, cfg, ckpt, state, quiet, settings, replace, folder):
     """Training loop; state: a restored checkpoint (resume) or None. A fresh run checkpoints
     into folder until replace() has moved its files to ckpt's folder."""
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
