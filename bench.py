@@ -69,7 +69,14 @@ import runs
 import theory
 import train
 
-WORKLOADS = ("nonaug", "augmented", "population", "pe-only", "pe-only-moments")
+PAPER_WORKLOADS = ("nonaug", "augmented", "population", "pe-only", "pe-only-moments")
+# the quick scale (train.py's quick preset: T 20, d 5, batch 64, float64): nonaug L 2, H 8 and
+# augmented L 1, as training steps them (a stack of 1, or of 8 members: ms per member), and
+# through autograd on fused.transformer, the lone step before stacks (-autograd)
+QUICK = {"quick-nonaug": ("nonaug", dict(layers=2, heads=8)), "quick-augmented": ("augmented", dict(layers=1))}
+QUICK_WORKLOADS = tuple(f"{k}{v}" for k in QUICK for v in ("", "-x8", "-autograd"))
+WORKLOADS = PAPER_WORKLOADS + QUICK_WORKLOADS
+QUICK_STEPS = 20  # steps per timed call of a quick workload
 TARGET_MS = {"nonaug": 1200.0, "augmented": 50.0, "population": 0.3, "pe-only": 0.5,
              "pe-only-moments": 0.5}
 
@@ -233,6 +240,55 @@ def _transformer_workload(name, dtype, micro, rng):
     return step, flops, notes
 
 
+class _QuickStack:
+    """S quick-scale runs of train.py's stacked loop, advanced one step per call: each
+    member's minibatch of its own data, the stack's loss and gradient (fused.stack_loss_and_grad,
+    or autograd on fused.transformer for one member: the lone step before stacks), Adam."""
+
+    def __init__(self, name, S, use_autograd, overrides):
+        cfg = train.config(name, "quick", **overrides)
+        self.cfg, self.mcfg, self.ex = cfg, train.model_config(cfg, name), train.EXPERIMENTS[name]
+        members = [train.config(name, "quick", **overrides, seed=k) for k in range(S)]
+        self.data = [train.datasets(m)[0] for m in members]                      # [n, T+1, d] each
+        inits = [train.init_model(name, m, train._generators(m["seed"])[2]) for m in members]
+        self.params = inits[0] if use_autograd else train._stack(inits, numpy)
+        self.opt, self.i, self.batch = train.adam_init(self.params), 0, cfg["batch"]
+        predict = train.predictor(name, cfg)
+        self.lone = value_and_grad(lambda p, s: icar.mse(predict(p, s[:, :-1]), s[:, 1:])) if use_autograd else None
+
+    def __call__(self):
+        lo = (self.i * self.batch) % self.cfg["n_train"]
+        self.i += 1
+        batches = [s[lo:lo + self.batch] for s in self.data]
+        if self.lone is not None:
+            loss, grads = self.lone(self.params, batches[0])
+        else:
+            sb = numpy.stack(batches)                                          # [S, b, T+1, d]
+            S, b, T1, d = sb.shape
+            x = numpy.reshape(self.ex.tokens(numpy.reshape(sb[:, :, :-1], (S * b, T1 - 1, d))), (S, b, T1 - 1, -1))
+            loss, grads = fused.stack_loss_and_grad(self.params, x, sb[:, :, 1:], self.mcfg)
+        self.params, self.opt = train.adam_update(self.params, grads, self.opt, self.cfg["lr"])
+        return loss
+
+
+def _quick_workload(workload):
+    """(step, members, FLOPs per step, notes) of a quick-scale workload (QUICK_WORKLOADS)."""
+    base = next(k for k in QUICK if workload.startswith(k))
+    name, overrides = QUICK[base]
+    S, use_autograd = (8 if workload.endswith("-x8") else 1), workload.endswith("-autograd")
+    stack = _QuickStack(name, S, use_autograd, overrides)
+    cfg = stack.cfg
+
+    def step():  # QUICK_STEPS steps a call: one step is too short to time alone
+        for _ in range(QUICK_STEPS):
+            stack()
+    flops = S * transformer_flops(stack.mcfg, cfg["batch"], cfg["T"])
+    notes = (f"{name} L {cfg['layers']}, H {cfg['heads']}, batch {cfg['batch']}, T {cfg['T']}, d {cfg['d']}, "
+             f"float64, Adam, " + ("autograd on fused.transformer" if use_autograd else
+                                   f"a stack of {S} (fused.stack_loss_and_grad)"))
+    return step, S, flops, notes
+
+
 def _population_workload(steps):
     cfg = train.config("population", "paper")                   # Fig. 3 right
     d, H, T = cfg["d"], cfg["heads"], cfg["T"]
@@ -287,7 +343,11 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
           f"{'1 BLAS thread' if blas_threads else 'BLAS threads as they are'}", file=out)
     rng = numpy.random.default_rng(0)
     for name in workloads:
-        if name in ("nonaug", "augmented"):
+        members = 1
+        if name in QUICK_WORKLOADS:
+            fn, members, flops, notes = _quick_workload(name)
+            per_call, prec = QUICK_STEPS, "float64"
+        elif name in ("nonaug", "augmented"):
             fn, flops, notes = _transformer_workload(name, dtype, micro, rng)
             per_call, prec = 1, dtype
         elif name == "population":
@@ -302,12 +362,15 @@ def run_benchmark(workloads=WORKLOADS, repeats=5, micro=0, dtype="float32", popu
         gflops = flops / med / 1e9
         best = max(rates[prec], one_thread[prec]) if one_thread else rates[prec]
         row = {"ms_per_step": 1e3 * med, "ms_min": 1e3 * float(times.min()),
-               "target_ms": TARGET_MS[name], "meets_target": 1e3 * med <= TARGET_MS[name],
+               "target_ms": TARGET_MS.get(name), "meets_target": (1e3 * med <= TARGET_MS[name]) if name in TARGET_MS else None,
                "peak_MB": peak / 1e6, "gflop_per_step": flops / 1e9, "gflops": gflops,
-               "fraction_of_matmul": gflops / best, "precision": prec, "notes": notes}
+               "fraction_of_matmul": gflops / best, "precision": prec, "notes": notes,
+               "members": members, "ms_per_member": 1e3 * med / members}
         result["workloads"][name] = row
-        print(f"{name:<15} {row['ms_per_step']:9.3f} ms/step (min {row['ms_min']:.3f}, target "
-              f"{row['target_ms']:g})  peak {row['peak_MB']:8.1f} MB  {row['gflop_per_step']:9.4f} "
+        target = TARGET_MS.get(name)
+        print(f"{name:<24} {row['ms_per_step']:9.3f} ms/step (min {row['ms_min']:.3f}, "
+              + (f"target {target:g})" if target else f"{row['ms_per_member']:.3f} per member)")
+              + f"  peak {row['peak_MB']:8.1f} MB  {row['gflop_per_step']:9.4f} "
               f"GFLOP/step  {gflops:7.2f} GFLOP/s = {100 * row['fraction_of_matmul']:5.1f}% of "
               f"{prec} matmul  [{notes}]", file=out, flush=True)
     if blas_threads is not None:

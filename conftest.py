@@ -21,6 +21,11 @@ def rng(seed=0):
 TINY = dict(T=5, n_train=64, n_test=32, n_probe=4, steps=6, checkpoint_every=2, log_every=2)
 
 
+def argv_of(settings):
+    """Command-line options of a settings dict: ["--key", "value", ...]."""
+    return [a for k, v in settings.items() for a in (f"--{k}", str(v))]
+
+
 def flat(tree):
     return runs.flatten(tree)
 

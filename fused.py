@@ -17,6 +17,7 @@ pass instead of storing them.
                        from moments of the data (pe_only_moments) computed once
 """
 import concurrent.futures
+import functools
 import os
 
 import autograd.numpy as np
@@ -263,3 +264,217 @@ def pe_only_objective(s, first=1):
         loss = xp.sum(P * (MP - 2 * b)) + c
         return loss, {"P": 2 * (MP - b) * mask}
     return loss_and_grad
+
+
+# ----------------------------------------------------------------------------- M4, stacked, by hand
+
+# a member's attention weights [n, T*H, T] up to this many entries take the stacked path
+STACK_ENTRIES = 2 ** 20
+STACK_CHUNK = 2 ** 18  # attention weights of all members in one slice of the batch (cache-sized)
+
+
+def _t(x):
+    return numpy.swapaxes(x, -1, -2)
+
+
+def stackable(cfg, n, dtype):
+    """Whether stack_loss_and_grad serves M4 of cfg on batches of n sequences of dtype: real
+    data, and attention weights small enough to form whole (the quick scale; larger batches
+    take fused.transformer's sliced, threaded products through autograd)."""
+    return numpy.dtype(dtype).kind == "f" and n * cfg["heads"] * cfg["T"] ** 2 <= STACK_ENTRIES
+
+
+def _softmax(z, keep):
+    """Softmax over the last axis where keep (icar.softmax: shifted by the kept maximum)."""
+    w = numpy.exp(numpy.where(keep, z - numpy.max(numpy.where(keep, z, -numpy.inf), axis=-1, keepdims=True),
+                              -numpy.inf))
+    return w / numpy.sum(w, axis=-1, keepdims=True)
+
+
+def _softmax_vjp(a, g):
+    """The gradient of a softmax's input from that of its output a (masked entries: a = 0)."""
+    return a * (g - numpy.sum(g * a, axis=-1, keepdims=True))
+
+
+def _sum_rows(x):
+    """x [S, ..., k] summed over every axis but the first and last -> [S, k] (one product)."""
+    rows = numpy.reshape(x, (x.shape[0], -1, x.shape[-1]))
+    return numpy.ones(rows.shape[1], dtype=x.dtype) @ rows
+
+
+def _last_mean(x, avg):
+    """The mean of x [..., E] over its last axis, [..., 1]: one matrix-vector product."""
+    return numpy.reshape(numpy.reshape(x, (-1, x.shape[-1])) @ avg, x.shape[:-1] + (1,))
+
+
+def _tokens(x, M):
+    """x [S, n, T, k] @ M [S, k, m] -> [S, n, T, m]: one product per member over its n T rows."""
+    S, n, T, k = x.shape
+    return numpy.reshape(numpy.reshape(x, (S, n * T, k)) @ M, (S, n, T, M.shape[-1]))
+
+
+def _layer_shared(layer, p, cfg, D, r, T, keep):
+    """What a layer of M4 shares across sequences, for every member: the folded projections
+    Wq, Wk, Wv [S, H, D, E], Gc [S, D, H*D] (the G_h side by side), U [S, H*D, E] (W_V then
+    W_O per head), and the positional weights pos [S, H, T, T] with their pq, pk (or None)."""
+    S, H, E = layer["b_Q"].shape
+    c = E ** 0.5
+    Wq, Wk, Wv = (numpy.concatenate([numpy.sum(numpy.reshape(layer["W_" + k], (S, H, r, E // r, E)), axis=2),
+                                     layer["b_" + k][:, :, None]], axis=2) for k in "QKV")  # [S, H, D, E]
+    G = (Wq @ _t(Wk)) / c                                           # [S, H, D, D]
+    Gc = numpy.reshape(numpy.transpose(G, (0, 2, 1, 3)), (S, D, H * D))
+    U = numpy.reshape(Wv @ layer["W_O"][:, None], (S, H * D, E))   # [S, H*D, E]
+    pos = pq = pk = None
+    if cfg["positional"]:
+        pq = p[:, None] @ layer["W_Q"] + layer["b_Q"][:, :, None]   # [S, H, T, E]
+        pk = p[:, None] @ layer["W_K"] + layer["b_K"][:, :, None]   # [S, H, T, E]
+        pos = _softmax((pq @ _t(pk)) / c, keep)                     # [S, H, T, T]
+    # the weights of the token scores, contiguous so that products with them run in long loops
+    w = numpy.transpose(pos, (0, 2, 1, 3)) if pos is not None else numpy.broadcast_to(keep[:, None], (1, T, H, T))
+    return Wq, Wk, Wv, Gc, U, pos, pq, pk, numpy.ascontiguousarray(w, dtype=Wq.dtype)[:, None]  # [S or 1, 1, T, H, T]
+
+
+def _chunk(params, shared, x, y, cfg, positions, count):
+    """Forward and backward pass of M4 on one slice of the sequences of every member, x [S, m,
+    T, d_in], y [S, m, T, d_out]: (the summed squared error [S], the parts of the gradient
+    this slice adds: per layer gradients in Gc, U, the positional weights and LayerNorm)."""
+    S, m, T, d_in = x.shape
+    E, H, rep = cfg["repeat"] * d_in, cfg["heads"], cfg["repeat"]
+    keep = numpy.tril(numpy.ones((T, T), dtype=bool))              # [T, T]
+    ones = numpy.ones((S, m, T, 1), dtype=x.dtype)
+    avg = numpy.full((E, 1), 1.0 / E, dtype=x.dtype)               # LayerNorm's means (icar.layernorm)
+    h = numpy.concatenate([x] * rep, axis=-1)                      # [S, m, T, E]
+    weights = [sh[8] for sh in shared]
+    tapes = []
+    for i, layer in enumerate(params["layers"]):
+        _, _, _, Gc, U, pos, _, _, _ = shared[i]
+        z = numpy.concatenate([x if i == 0 else h, ones], axis=-1)  # [S, m, T, D]
+        D = z.shape[-1]
+        zG = numpy.reshape(numpy.reshape(z, (S, m * T, D)) @ Gc, (S, m, T * H, D))  # row (r, h) = z_r G_h
+        zt = numpy.ascontiguousarray(_t(z))                         # [S, m, D, T]: faster products
+        scores = zG @ zt                                            # [S, m, T*H, T]
+        w = weights[i]                                              # [S or 1, 1, T, H, T]
+        s5 = numpy.reshape(scores, (S, m, T, H, T))
+        A = s5 if cfg["attention"] == "linear" else _softmax(s5, keep[:, None])  # [S, m, T, H, T]
+        a = numpy.reshape(A * w, (S, m, T * H, T))
+        Y = numpy.reshape(a @ z, (S, m * T, H * D))                 # [S, m*T, H*D]
+        out = numpy.reshape(Y @ U, (S, m, T, E)) + layer["b_O"][:, None, None]  # [S, m, T, E]
+        xhat = rstd = None
+        if cfg["layernorm"]:
+            xc = out - _last_mean(out, avg)
+            rstd = (_last_mean(xc * xc, avg) + 1e-5) ** -0.5        # [S, m, T, 1]
+            xhat = xc * rstd
+            out = xhat * layer["ln_g"][:, None, None] + layer["ln_b"][:, None, None]
+        tapes.append((z, zt, zG, A, w, a, Y, xhat, rstd))
+        h = h + out if cfg["residual"] else out
+    f = _tokens(h, params["W_out"]) + params["b_out"][:, None, None]  # [S, m, T, d_out]
+
+    err = (f - y)[:, :, positions]                                 # [S, m, P, d_out]
+    sq = numpy.sum(numpy.reshape(err * err, (S, -1)), axis=1)     # [S]
+    df = numpy.zeros_like(f)
+    df[:, :, positions] = err * (2.0 / count)                       # [S, m, T, d_out]
+    parts = {"W_out": _t(numpy.reshape(h, (S, m * T, E))) @ numpy.reshape(df, (S, m * T, -1)),
+             "b_out": _sum_rows(df), "layers": [None] * len(tapes)}
+    dh = _tokens(df, _t(params["W_out"]))                          # [S, m, T, E]
+    for i in reversed(range(len(tapes))):
+        layer, (_, _, _, Gc, U, pos, _, _, _) = params["layers"][i], shared[i]
+        z, zt, zG, A, w, a, Y, xhat, rstd = tapes[i]
+        D = z.shape[-1]
+        g = {}
+        d_out = dh
+        if cfg["layernorm"]:
+            g["ln_g"], g["ln_b"] = _sum_rows(dh * xhat), _sum_rows(dh)
+            dx = dh * layer["ln_g"][:, None, None]
+            d_out = rstd * (dx - _last_mean(dx, avg) - xhat * _last_mean(dx * xhat, avg))
+        g["b_O"] = _sum_rows(d_out)
+        d2 = numpy.reshape(d_out, (S, m * T, E))
+        g["U"] = _t(Y) @ d2                                         # [S, H*D, E]
+        dy = numpy.reshape(d2 @ _t(U), (S, m, T * H, D))            # [S, m, T*H, D]
+        g_a = dy @ zt                                               # [S, m, T*H, T]
+        g_a5 = numpy.reshape(g_a, (S, m, T, H, T))
+        g_A = g_a5 * w
+        if pos is not None:                                         # [S, T, H, T]
+            g["w"] = numpy.reshape(_sum_rows(numpy.reshape(g_a5 * A, (S, m, -1))), (S, T, H, T))
+        g_s = g_A if cfg["attention"] == "linear" else _softmax_vjp(A, g_A)
+        g_s = numpy.reshape(g_s, (S, m, T * H, T))
+        g_z = _t(a) @ dy + _t(g_s) @ zG                              # [S, m, T, D]: z as values and keys
+        g_zG2 = numpy.reshape(g_s @ z, (S, m * T, D * H))          # [S, m*T, H*D]
+        g["Gc"] = _t(numpy.reshape(z, (S, m * T, D))) @ g_zG2        # [S, D, H*D]
+        parts["layers"][i] = g
+        if i:
+            g_z = g_z + numpy.reshape(g_zG2 @ _t(Gc), (S, m, T, D))
+            dh = (dh if cfg["residual"] else 0.0) + g_z[..., :-1]
+    return sq, parts
+
+
+def _add(a, b):
+    """The sum of two trees of gradient parts (dicts and lists of arrays)."""
+    if isinstance(a, dict):
+        return {k: _add(a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)):
+        return type(a)(_add(u, v) for u, v in zip(a, b))
+    return a + b
+
+
+def stack_loss_and_grad(params, x, y, cfg, positions=slice(None)):
+    """The losses and gradients of S models M4 at once, by hand (no autograd tracing).
+
+    params: an icar.transformer parameter tree whose every array has a leading member axis S;
+    x [S, n, T, d_in] tokens and y [S, n, T, d_out] targets of each member, real. Returns
+    (loss [S], grads): loss[s] = icar.mse(f_s[:, positions], y[s][:, positions]) with f_s =
+    icar.transformer(params_s, x[s], cfg), and grads its gradient in params_s, stacked like
+    params. The products are fused.transformer's (z = (h, 1), G_h, one product per layer for
+    every head), batched over the members; the backward pass is the chain rule written out
+    layer by layer (tested against autograd on icar.transformer). Everything but the
+    parameters is per sequence, so the batch runs in slices of about STACK_CHUNK attention
+    weights (in cache), in fused.THREADS threads, each slice's forward and backward pass at
+    once; the slices' parts are summed in a fixed order (the same bits with any THREADS).
+    The parameters' own chain rule (folds, G, U, positions) runs once per step."""
+    S, n, T, d_in = x.shape
+    E, H, rep = cfg["repeat"] * d_in, cfg["heads"], cfg["repeat"]
+    keep = numpy.tril(numpy.ones((T, T), dtype=bool))
+    p = params["pos"][:, :T] if cfg["positional"] else None          # [S, T, E]
+    shared = [_layer_shared(layer, p, cfg, (d_in if i == 0 else E) + 1, rep if i == 0 else 1, T, keep)
+              for i, layer in enumerate(params["layers"])]
+    count = n * len(range(T)[positions])
+    step = max(1, STACK_CHUNK // (S * H * T * T))
+    if S * n * H * T * T >= STACK_CHUNK // 2:  # enough work for two threads: two slices at least
+        step = min(step, -(-n // 2))
+    slices = [slice(i, i + step) for i in range(0, n, step)]
+
+    def run(group):
+        total = None
+        for c in group:
+            part = _chunk(params, shared, x[:, c], y[:, c], cfg, positions, count)
+            total = part if total is None else _add(total, part)
+        return total
+    parts = _over_slices(run, slices, True)
+    sq, parts = functools.reduce(_add, parts)
+    grads = {"W_out": parts["W_out"], "b_out": parts["b_out"], "layers": []}
+    c = E ** 0.5
+    g_p = 0.0
+    for i, (layer, part) in enumerate(zip(params["layers"], parts["layers"])):
+        Wq, Wk, Wv, _, _, pos, pq, pk, _ = shared[i]
+        D, r = Wq.shape[2], rep if i == 0 else 1
+        g = {k: part[k] for k in ("b_O",)}
+        g["ln_g"], g["ln_b"] = ((part["ln_g"], part["ln_b"]) if cfg["layernorm"] else
+                                (numpy.zeros_like(layer["ln_g"]), numpy.zeros_like(layer["ln_b"])))
+        gU = numpy.reshape(part["U"], (S, H, D, E))
+        g["W_O"] = numpy.sum(_t(Wv) @ gU, axis=1)                  # [S, E, E]
+        g_G = numpy.transpose(numpy.reshape(part["Gc"], (S, D, H, D)), (0, 2, 1, 3)) / c  # [S, H, D, D]
+        for k, gf in (("Q", g_G @ Wk), ("K", _t(g_G) @ Wq), ("V", gU @ _t(layer["W_O"])[:, None])):
+            g["W_" + k] = numpy.concatenate([gf[:, :, :-1]] * r, axis=2)  # unfold [S, H, D, E]
+            g["b_" + k] = gf[:, :, -1]
+        if pos is not None:
+            g_S = _softmax_vjp(pos, numpy.transpose(part["w"], (0, 2, 1, 3))) / c  # [S, H, T, T]
+            g_pq, g_pk = g_S @ pk, _t(g_S) @ pq                     # [S, H, T, E] each
+            g["W_Q"] = g["W_Q"] + _t(p)[:, None] @ g_pq
+            g["W_K"] = g["W_K"] + _t(p)[:, None] @ g_pk
+            g["b_Q"], g["b_K"] = g["b_Q"] + numpy.sum(g_pq, axis=2), g["b_K"] + numpy.sum(g_pk, axis=2)
+            g_p = g_p + numpy.sum(g_pq @ _t(layer["W_Q"]) + g_pk @ _t(layer["W_K"]), axis=1)  # [S, T, E]
+        grads["layers"].append(g)
+    if cfg["positional"]:
+        g_pos = numpy.zeros_like(params["pos"])
+        g_pos[:, :T] = g_p
+        grads["pos"] = g_pos
+    return sq / count, grads

@@ -1,7 +1,7 @@
 """sweep: one training run per point of a grid of settings, and the summary table.
 
     python sweep.py EXPERIMENT --sweep KEY=V1,V2,... [--sweep ...] [train.py's options]
-                    [--jobs N] [--list] [--summary]
+                    [--jobs N | --cluster slurm|local [--slurm KEY=VALUE ...]] [--list] [--summary]
 
 One run of train.py per point of the product grid, in runs/NAME/KEY=V,.../ (NAME: the
 experiment unless --name), then a summary table printed and saved as runs/NAME/summary.json.
@@ -11,7 +11,10 @@ The sweeps of paper.md:
     python sweep.py pe-only --sweep mu=50,100,200,300                        (Fig. 6)
 The augmented summary puts each depth L next to k = L steps of GD with the optimal step.
 `--jobs N` runs the points in N processes; `--list` prints one train.py command per point (for
-a cluster) and runs nothing; `--summary` rebuilds the summary from the points' folders.
+a cluster) and runs nothing; `--summary` rebuilds the summary from the points' folders;
+`--cluster slurm` submits each point as a SLURM job through submitit (requirements-cluster.txt;
+`--slurm time=MINUTES`, repeatable: its sbatch settings) and waits for them, `--cluster local`
+runs the same jobs on this machine.
 Every point is checked before the first starts. A point that fails does not stop the others;
 the sweep then exits 1 naming it.
 """
@@ -20,6 +23,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -28,9 +32,15 @@ import time
 import numpy
 
 import fused
+import icar
 import runs
 import train
 from runs import SweepIncomplete
+
+CLUSTERS = ("slurm", "local")
+# submitit's SLURM settings that --slurm may not set: lists, or more than one task per point
+SLURM_OWN = {"setup", "teardown", "srun_args", "additional_parameters", "nodes", "ntasks_per_node"}
+
 
 def _plan(experiment, grid, preset, runs_dir, name, overrides):
     """Check every point of the product grid {option: [values]} (settings, and the model built
@@ -73,25 +83,32 @@ def _watch_parent(parent):
     os._exit(1)
 
 
-def _run_point(conn, parent, experiment, preset, base, sub, resume, threads, overrides):
-    """One sweep point in a worker process that shares the machine's cores with the others:
-    `threads` threads of its own (fused.THREADS), one BLAS thread. Sends None, or the
-    failure as one line (the other points go on), through conn."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    fused.THREADS = threads
+def _point(experiment, preset, base, sub, resume, overrides):
+    """One sweep point in a process of its own (a worker, a cluster job), with one BLAS
+    thread: None, or the failure as one line (the other points go on)."""
     runs.set_up_process()
     try:
         train.run(experiment, preset, base, sub, resume, True, **overrides)
-        conn.send(None)
+        return None
     except (ValueError, runs.FileFault, OSError, MemoryError) as e:
-        conn.send(runs.fault_line(e))
+        return runs.fault_line(e)
+
+
+def _run_point(conn, parent, experiment, preset, base, sub, resume, threads, overrides):
+    """One sweep point in a worker process that shares the machine's cores with the others:
+    `threads` threads of its own (fused.THREADS). Sends _point's answer through conn."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    fused.THREADS = threads
+    conn.send(_point(experiment, preset, base, sub, resume, overrides))
 
 
 def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False, quiet=False,
-          jobs=1, **overrides):
+          jobs=1, cluster=None, slurm=None, **overrides):
     """One run per point of the product of grid {option: [values]}, in runs_dir/name/K=V,.../,
-    in this process (jobs=1) or in `jobs` worker processes, each with cores // jobs threads.
+    in this process (jobs=1), in `jobs` worker processes, each with cores // jobs threads, or
+    as one submitit job per point (cluster "slurm", with the sbatch settings `slurm` {key:
+    value}, or "local": the same jobs on this machine).
 
     Returns (results, table): the list of run results, read back from disk whichever way they
     ran, and the summary text (also saved as summary.json next to the runs). Every point is
@@ -101,13 +118,17 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= train.MAX_INT:
         raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    if cluster is not None:
+        _check_cluster(cluster, slurm or {}, jobs)
     base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
     for sub, _ in plan:
         runs.prepare_folder(runs.run_folder(base, sub))
     # --resume continues the points with a checkpoint; the others (never started) start afresh
     resumes = {sub: resume and os.path.exists(os.path.join(base, sub, "checkpoint.npz")) for sub, _ in plan}
     failed = {}
-    if jobs == 1:
+    if cluster is not None:
+        failed = _run_on_cluster(experiment, preset, base, plan, resumes, quiet, cluster, slurm or {}, overrides)
+    elif jobs == 1:
         for sub, point in plan:
             if not quiet:
                 print(f"-- {experiment} {sub}", file=sys.stderr)
@@ -165,6 +186,62 @@ def _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overri
             if worker.is_alive():
                 worker.kill()
             receive.close()
+    return failed
+
+
+def _check_cluster(cluster, slurm, jobs):
+    """ValueError unless submitit can submit to `cluster` with the sbatch settings {key: value}."""
+    icar.check_choice("cluster", cluster, CLUSTERS)
+    if jobs != 1:
+        raise ValueError("--cluster runs one job per point, so --jobs has no use with it; give one of them")
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError(f"--cluster {cluster} needs submitit: pip install -r requirements-cluster.txt") from None
+    if cluster != "slurm":
+        return
+    allowed = sorted(submitit.SlurmExecutor._valid_parameters() - SLURM_OWN)
+    for key in slurm:
+        icar.check_choice("--slurm setting", key, allowed)
+    if "time" not in slurm:
+        raise ValueError("--cluster slurm needs --slurm time=MINUTES (submitit's default stops a job after 5)")
+    if shutil.which("srun") is None:
+        raise ValueError("--cluster slurm needs SLURM (no srun on PATH here); run it where sbatch works, "
+                         "or use --cluster local")
+
+
+def _run_on_cluster(experiment, preset, base, plan, resumes, quiet, cluster, slurm, overrides):
+    """Run the points of plan as submitit jobs (one job array on SLURM), each _point in a
+    process of its own, its logs in base/.submitit; wait for them all and return {point:
+    failure line}. An interrupted parent leaves its jobs running."""
+    import submitit
+    here, folder = os.path.dirname(os.path.abspath(__file__)), os.path.join(base, ".submitit")
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    executor = submitit.AutoExecutor(folder, cluster=cluster)
+    setup = [f"export PYTHONPATH={shlex.quote(here)}${{PYTHONPATH:+:$PYTHONPATH}}"]  # a job imports train
+    own = {f"slurm_{k}": v for k, v in slurm.items()} if cluster == "slurm" else {
+        "timeout_min": 7 * 24 * 60}  # submitit stops a local job after 2 minutes by default
+    executor.update_parameters(name=os.path.basename(base), **{f"{cluster}_setup": setup}, **own)
+    with executor.batch():
+        jobs = [(sub, executor.submit(_point, experiment, preset, os.path.abspath(base), sub, resumes[sub],
+                                      {**overrides, **point})) for sub, point in plan]
+    t0, subs, failed = time.perf_counter(), {job.job_id: sub for sub, job in jobs}, {}
+    for sub, job in jobs:
+        say(f"-- {experiment} {sub}: submitted (job {job.job_id})")
+    try:
+        for job in submitit.helpers.as_completed([job for _, job in jobs], poll_frequency=1):
+            sub = subs[job.job_id]
+            try:
+                why = job.result()
+            except submitit.core.utils.UncompletedJobError:  # killed, timed out: it returned nothing
+                why = f"its job {job.job_id} ended without a result ({job.state}); log: {job.paths.stderr}"
+            if why is not None:
+                failed[sub] = why
+            say(f"-- {experiment} {sub}: {'failed' if why else 'finished'} ({time.perf_counter() - t0:.1f} s)")
+    except KeyboardInterrupt as e:
+        e.args = (f"the submitted jobs go on (logs in {folder}); once they end, --summary collects the "
+                  f"sweep, or --resume reruns its unfinished points",)
+        raise
     return failed
 
 
@@ -253,6 +330,19 @@ def _grid(experiment, preset, specs):
     return grid
 
 
+def _slurm(specs):
+    """{key: value} of the --slurm KEY=VALUE specs; a value of digits is a number (time=120)."""
+    slurm = {}
+    for spec in specs:
+        key, _, value = spec.partition("=")
+        if not key.isidentifier() or not value:
+            raise ValueError(f"--slurm needs KEY=VALUE (time=120, partition=gpu), got {spec!r}")
+        if key in slurm:
+            raise ValueError(f"--slurm {key} is given twice; give each setting once")
+        slurm[key] = int(value) if value.isdigit() else value
+    return slurm
+
+
 def main(argv=None):
     """Command line of a sweep; returns the exit status (2: bad arguments; 1: failed points)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -268,17 +358,28 @@ def main(argv=None):
         p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="one run per value; repeat for a product grid")
         p.add_argument("--jobs", type=int, action=runs.Once, help="run the points in N worker processes")
+        p.add_argument("--cluster", action=runs.Once, metavar="slurm|local", help="submit each point as a job: slurm, or local (this machine)")
+        p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                       help="an sbatch setting of --cluster slurm's jobs (time=MINUTES, partition=P, cpus_per_task=N)")
         p.add_argument("--list", action=runs.Once, flag=True, help="print one train.py command per point; run nothing")
         p.add_argument("--summary", action=runs.Once, flag=True, help="rebuild the summary from the points' folders")
         parsed = train.parse(args, p)
         if parsed is None:
             return 0
         flags, overrides, ns = parsed
+        if "seeds" in flags:  # a grid over seed is --sweep seed=...; stacks are train.py's
+            raise ValueError("--seeds trains one stack (python train.py EXPERIMENT --seeds ...); in a sweep "
+                             "give --sweep seed=0,1,2")
         if not ns["sweep"]:
             raise ValueError("give --sweep KEY=V1,V2,... (one run: python train.py)")
         jobs, listing, summarise = ns["jobs"], bool(ns["list"]), bool(ns["summary"])
-        given = {"list": listing, "summary": summarise, "jobs": jobs is not None, "resume": flags["resume"]}
-        for a, b in (("list", "jobs"), ("list", "summary"), ("summary", "jobs"), ("summary", "resume")):
+        cluster, slurm = ns["cluster"], _slurm(ns["slurm"])
+        if slurm and cluster != "slurm":
+            raise ValueError("--slurm sets the jobs of --cluster slurm; give both")
+        given = {"list": listing, "summary": summarise, "jobs": jobs is not None, "resume": flags["resume"],
+                 "cluster": cluster is not None}
+        for a, b in (("list", "jobs"), ("list", "summary"), ("summary", "jobs"), ("summary", "resume"),
+                     ("list", "cluster"), ("summary", "cluster")):
             if given[a] and given[b]:
                 raise ValueError(f"--{a} runs no training, so --{b} has no use with it; give one of them")
         grid = _grid(experiment, flags["preset"], ns["sweep"])
@@ -289,7 +390,8 @@ def main(argv=None):
             print(summary(experiment, grid, **flags, **overrides)[1])
         else:
             runs.set_up_process()
-            print(sweep(experiment, grid, jobs=1 if jobs is None else jobs, **flags, **overrides)[1])
+            print(sweep(experiment, grid, jobs=1 if jobs is None else jobs, cluster=cluster, slurm=slurm,
+                        **flags, **overrides)[1])
         return 0
     return runs.one_line_errors("sweep.py", command)
 

@@ -1734,6 +1734,68 @@ def test_fused_gradient_bits_do_not_depend_on_the_thread_count(monkeypatch):
     assert all(np.array_equal(found[0], f) for f in found[1:])
 
 
+# ---- the stacked M4 (fused.stack_loss_and_grad) against autograd on icar.transformer ------
+
+STACK_CASES = {  # name: (augmented input, config overrides); real data only (fused.stackable)
+    "nonaug": (False, dict(repeat=2, heads=3, layers=2, positional=True, residual=False)),
+    "augmented": (True, dict(repeat=1, heads=2, layers=3, positional=False, residual=True)),
+    "softmax_positional": (False, dict(repeat=2, heads=2, layers=2, attention="softmax",
+                                       positional=True, residual=True)),
+    "softmax_no_layernorm": (True, dict(repeat=1, heads=2, layers=2, attention="softmax",
+                                        residual=False, layernorm=False)),
+    "linear_repeat3_no_layernorm": (False, dict(repeat=3, heads=1, layers=1, positional=True,
+                                                layernorm=False)),
+}
+
+
+@pytest.mark.parametrize("positions", [slice(None), slice(-1, None), slice(1, None)], ids=["all", "last", "from1"])
+@pytest.mark.parametrize("case", sorted(STACK_CASES))
+def test_stacked_loss_and_gradients_equal_autograd_on_icar_transformer_member_by_member(case, positions, monkeypatch):
+    """Three members with their own parameters and data, in slices of 2 sequences (3 slices,
+    the last shorter) and 3 threads: each member's loss and gradient is autograd's on the
+    plain model, every parameter (the biases, LayerNorm and positions included)."""
+    augmented, overrides = STACK_CASES[case]
+    rng = np.random.default_rng(len(case))
+    S, n, T, d = 3, 5, 6, 2
+    monkeypatch.setattr(fused, "STACK_CHUNK", 2 * S * overrides["heads"] * T * T)
+    monkeypatch.setattr(fused, "THREADS", 3)
+    s = np.stack([icar.sample_sequences(rng, n, T, d, "haar")[0] for _ in range(S)])  # [S, n, T+1, d]
+    x = np.stack([icar.augment(m[:, :-1]) if augmented else m[:, :-1] for m in s])
+    cfg = icar.transformer_config(d_in=x.shape[-1], d_out=d, T=T + 2, **overrides)
+    members = [_perturbed(icar.init_params("transformer", rng, cfg=cfg), rng) for _ in range(S)]
+    loss, grads = fused.stack_loss_and_grad(train.tree_map(lambda *p: np.stack(p), *members), x,
+                                            s[:, :, 1:], cfg, positions)
+    assert loss.shape == (S,)
+    for k, p in enumerate(members):
+        value, g = value_and_grad(lambda p: icar.mse(icar.transformer(p, x[k], cfg)[:, positions],
+                                                     s[k, :, 1:][:, positions]))(p)
+        assert loss[k] == pytest.approx(value, rel=1e-12)
+        plain = flatten(g)[0]
+        mine = flatten(train.tree_map(lambda a: a[k], grads))[0]
+        np.testing.assert_allclose(mine, plain, rtol=0, atol=1e-10 * np.abs(plain).max())
+
+
+def test_stacked_gradient_bits_do_not_depend_on_the_thread_count(monkeypatch):
+    cfg = icar.transformer_config(d_in=3, d_out=3, T=7, heads=3, repeat=2, positional=True, residual=False)
+    params = train.tree_map(lambda *p: np.stack(p), *[icar.init_params("transformer", rng(40 + k), cfg=cfg)
+                                                      for k in range(2)])
+    s = np.stack([icar.sample_sequences(rng(43 + k), 40, 7, 3, "haar")[0] for k in range(2)])
+    monkeypatch.setattr(fused, "STACK_CHUNK", 3 * 2 * 3 * 7 * 7)  # 14 slices of 3 sequences
+    found = []
+    for threads in (1, 2, 3, 5):
+        monkeypatch.setattr(fused, "THREADS", threads)
+        loss, grads = fused.stack_loss_and_grad(params, s[:, :, :-1], s[:, :, 1:], cfg)
+        found.append(np.concatenate([loss, flatten(grads)[0]]))
+    assert all(np.array_equal(found[0], f) for f in found[1:])
+
+
+def test_stackable_takes_real_data_at_small_sizes_only():
+    cfg = icar.transformer_config(d_in=5, d_out=5, T=20, heads=8)
+    assert fused.stackable(cfg, 64, np.float64) and fused.stackable(cfg, 64, np.float32)
+    assert not fused.stackable(cfg, 64, np.complex128)
+    assert not fused.stackable(cfg, fused.STACK_ENTRIES // (8 * 400) + 1, np.float64)
+
+
 # ==== 7. bad input of the library =========================================================
 # The one bad-input table of the library modules icar.py, theory.py and evaluate.py: a wrong
 # type, shape, dtype, key set or non-finite value is a ValueError naming the argument.

@@ -24,7 +24,7 @@ import bench
 import runs
 import sweep
 import train
-from conftest import HERE, TINY, finished_run, flat, folder_bytes
+from conftest import HERE, TINY, argv_of, finished_run, flat, folder_bytes
 
 
 # ---- files: atomic, flushed, npz round trips ---------------------------------------------
@@ -202,21 +202,22 @@ def test_set_blas_threads_round_trip():
 # ---- the README's set-up and test lines, as CI runs them ---------------------------------
 
 def test_ci_runs_the_readme_set_up_and_test_lines():
+    """.ci/run is the README's set-up line (without figures.py), the README's install of the
+    optional cluster extra, then the README's test line, in that order and nothing else."""
     readme = open(os.path.join(HERE, "README.md")).read()
-    block = readme.split("## Set up and run", 1)[1].split("```")[1].strip().splitlines()
+    section = readme.split("## Set up and run", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```")[1].strip().splitlines()
+    extra = [c for c in section.replace("\n", " ").split("`") if "requirements-cluster.txt" in c]
     ci = [line for line in open(os.path.join(HERE, ".ci", "run")).read().splitlines()
           if line and not line.startswith(("#", "set ", "cd ", "rm "))]
-    assert len(block) == 2 and ci == [block[0].split(" && .venv/bin/python figures.py")[0], block[1]]
+    assert len(block) == 2 and extra == [".venv/bin/python -m pip install -r requirements-cluster.txt"]
+    assert ci == [block[0].split(" && .venv/bin/python figures.py")[0], extra[0], block[1]]
     assert block[0].startswith("python3 -m venv .venv && ")
 
 
 # ==== two processes and hostile files =======================================================
 
 SMALL = dict(T=5, n_train=64, n_test=32, n_probe=0, checkpoint_every=100, log_every=100)  # ~1 ms a step
-
-
-def argv_of(settings):
-    return [a for k, v in settings.items() for a in (f"--{k}", str(v))]
 
 
 def lock_held(run_dir):

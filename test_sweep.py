@@ -1,11 +1,13 @@
 """Tests of sweep.py, grids of runs: the summary, every point checked before any trains, the
 same files in process, in worker processes (--jobs) and from the listed commands (--list,
-then --summary), a failed point, and the bad options of sweep.py. Which test proves which
-claim: docs/claims.md."""
+then --summary) and as cluster jobs (--cluster local), a failed point, and the bad options of
+sweep.py. Which test proves which claim: docs/claims.md."""
 
 
 import json
+import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,7 +127,6 @@ def one_point(tmp_path_factory):
 def test_the_summary_refuses_a_point_trained_with_any_other_result_setting(one_point, tmp_path, capsys, key, value):
     """--summary reads the points' folders: a point whose config.json differs from the sweep's
     settings in any result setting is refused (exit 1), and no file is written."""
-    import shutil
     folder = tmp_path / "r"
     shutil.copytree(one_point, folder)
     path = folder / "block" / "lr=0.01" / "config.json"
@@ -161,3 +162,70 @@ def test_resume_continues_points_with_a_checkpoint_and_starts_the_others(tmp_pat
     files = [{k: v for k, v in folder_bytes(tmp_path / w).items() if k.endswith(("params.npz", "metrics.npz"))}
              for w in "ab"]
     assert len(files[0]) == 4 and files[0] == files[1]
+
+
+# ---- sweeps as cluster jobs: --cluster (submitit's LocalExecutor runs SLURM's code path here)
+
+CLUSTER_ARGV = ["block", "--T", "5", "--n_train", "64", "--n_test", "32", "--n_probe", "0", "--steps", "6",
+                "--checkpoint_every", "2", "--log_every", "2", "--sweep", "lr=0.01,0.02", "--quiet"]
+
+
+def run_files(folder):
+    """{path: bytes} of every point's files and the summary, not the lock or submitit's logs."""
+    return {k: v for k, v in folder_bytes(folder).items() if not k.endswith(".lock") and ".submitit" not in k}
+
+
+def test_a_sweep_as_local_cluster_jobs_writes_the_files_of_a_local_sweep(tmp_path, capsys):
+    """Each point's params.npz, metrics.npz, checkpoint.npz and config.json, and summary.json,
+    are the same bytes whether the points ran in this process or as submitit jobs."""
+    pytest.importorskip("submitit")
+    tables = []
+    for way, extra in (("local", ["--jobs", "1"]), ("jobs", ["--cluster", "local"])):
+        assert sweep.main(CLUSTER_ARGV + ["--runs_dir", str(tmp_path / way)] + extra) == 0
+        tables.append(capsys.readouterr().out)
+    files = [run_files(tmp_path / way) for way in ("local", "jobs")]
+    assert len(files[0]) == 2 * 4 + 1 and files[0] == files[1]  # 4 files a point, and summary.json
+    assert tables[0] == tables[1] and "0.02" in tables[0]
+    assert len(list((tmp_path / "jobs" / "block" / ".submitit").glob("*_log.err"))) == 2  # one job a point
+
+
+def test_resume_through_local_cluster_jobs_after_a_finished_sweep_changes_nothing(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    argv = CLUSTER_ARGV + ["--runs_dir", str(tmp_path), "--cluster", "local"]
+    assert sweep.main(argv) == 0
+    before = run_files(tmp_path)
+    assert sweep.main(argv + ["--resume"]) == 0
+    assert run_files(tmp_path) == before
+    assert len(list((tmp_path / "block" / ".submitit").glob("*_log.err"))) == 4  # the points ran again
+    capsys.readouterr()
+
+
+def test_bad_cluster_options_give_one_line_exit_2_and_touch_no_file(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("submitit")
+    argv = CLUSTER_ARGV[:-1] + ["--runs_dir", str(tmp_path)]
+    table = [(["--cluster", "pbs"], "unknown cluster 'pbs'; allowed: slurm, local"),
+             (["--cluster", "slurm", "--slurm", "time"], "--slurm needs KEY=VALUE (time=120, partition=gpu), got 'time'"),
+             (["--cluster", "slurm", "--slurm", "time="], "--slurm needs KEY=VALUE"),
+             (["--cluster", "slurm", "--slurm", "=5"], "--slurm needs KEY=VALUE"),
+             (["--cluster", "slurm", "--slurm", "bogus=1"], "unknown --slurm setting 'bogus'; allowed: account, "),
+             (["--cluster", "slurm", "--slurm", "setup=x"], "unknown --slurm setting 'setup'"),
+             (["--cluster", "slurm", "--slurm", "time=5", "--slurm", "time=6"], "--slurm time is given twice"),
+             (["--cluster", "slurm", "--slurm", "partition=gpu"], "--cluster slurm needs --slurm time=MINUTES"),
+             (["--cluster", "local", "--slurm", "time=5"], "--slurm sets the jobs of --cluster slurm"),
+             (["--slurm", "time=5"], "--slurm sets the jobs of --cluster slurm"),
+             (["--cluster", "local", "--jobs", "2"], "--cluster runs one job per point"),
+             (["--cluster", "local", "--list"], "--list runs no training, so --cluster has no use"),
+             (["--cluster", "local", "--summary"], "--summary runs no training, so --cluster has no use"),
+             (["--cluster", "local", "--cluster", "local"], "option --cluster is given twice")]
+    if shutil.which("srun") is None:
+        table.append((["--cluster", "slurm", "--slurm", "time=5"], "--cluster slurm needs SLURM (no srun on PATH"))
+    for extra, message in table:
+        assert sweep.main(argv + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"sweep.py: {message}"), (extra, err)
+        assert not tmp_path.joinpath("block").exists(), extra
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed: import submitit fails
+    assert sweep.main(argv + ["--cluster", "local"]) == 2
+    assert capsys.readouterr().err == ("sweep.py: --cluster local needs submitit: "
+                                       "pip install -r requirements-cluster.txt\n")
+    assert not tmp_path.joinpath("block").exists()

@@ -17,7 +17,7 @@ import icar
 import runs
 import sweep
 import train
-from conftest import HERE, TINY, finished_run, flat, folder_bytes
+from conftest import HERE, TINY, argv_of, finished_run, flat, folder_bytes
 
 
 # ---- optimisers --------------------------------------------------------------------------
@@ -81,6 +81,105 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
     assert loaded["config"]["seed"] == 0 and "numpy" in loaded["config"]["versions"]
     assert np.array_equal(loaded["metrics"]["test_loss_position"],
                              resumed["metrics"]["test_loss_position"])
+
+
+# ---- stacks of seeds ---------------------------------------------------------------------
+
+STACKED = {  # every experiment figures.py trains, at a tiny size; M4 in minibatches (the stacked path)
+    "augmented": dict(d=2, layers=2, batch=16),
+    "nonaug": dict(d=2, layers=2, heads=2, batch=16),
+    "block": dict(d=2, batch=16),
+    "diagonal": dict(d=2),
+    "pe-only": dict(target_loss=0.0),
+    "population": dict(d=2, heads=2, T=4, steps=5),
+}
+
+
+def _same_run(a, b, exact):
+    """Parameters and metrics of two runs equal (bit for bit where exact, else to rounding)."""
+    for x, y in ((flat(a["params"]), flat(b["params"])), (a["metrics"], b["metrics"])):
+        assert x.keys() == y.keys()
+        for k in x:
+            if exact:
+                assert np.array_equal(x[k], y[k], equal_nan=True), k
+            else:
+                np.testing.assert_allclose(x[k], y[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("experiment", sorted(STACKED))
+def test_each_stack_member_equals_the_lone_run_with_its_seed(tmp_path, experiment):
+    kw = dict(TINY, **STACKED[experiment]) if experiment != "population" else STACKED[experiment]
+    stack = train.run_seeds(experiment, "1-3", runs_dir=str(tmp_path), name="s", quiet=True, **kw)
+    assert [os.path.basename(r["dir"]) for r in stack] == ["s-seed1", "s-seed2", "s-seed3"]
+    m4 = experiment in ("augmented", "nonaug")  # one computation: equal to rounding, else bit for bit
+    for seed, member in zip((1, 2, 3), stack):
+        lone = train.run(experiment, runs_dir=str(tmp_path), name=f"lone{seed}", quiet=True, seed=seed, **kw)
+        assert member["config"] == dict(lone["config"])
+        _same_run(member, lone, exact=not m4)
+    # members differ: each has its own data, initialisation and minibatch order
+    assert not np.array_equal(flat(stack[0]["params"])[next(iter(flat(stack[0]["params"])))],
+                              flat(stack[1]["params"])[next(iter(flat(stack[1]["params"])))])
+    again = train.run(experiment, runs_dir=str(tmp_path), name="s-seed2", quiet=True, seed=2, resume=False, **kw)
+    _same_run(again, stack[1], exact=not m4)  # a member's folder is a lone run's folder
+
+
+@pytest.mark.parametrize("experiment", ["nonaug", "block"])
+def test_a_resumed_stack_equals_an_uninterrupted_one(tmp_path, monkeypatch, experiment):
+    kw = dict(TINY, **STACKED[experiment])
+    full = train.run_seeds(experiment, [0, 1], runs_dir=str(tmp_path), name="full", quiet=True, **kw)
+    update, calls = train.adam_update, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint at step 2, before step 4
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(train, "adam_update", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="hold their runs' last checkpoints"):
+        train.run_seeds(experiment, [0, 1], runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
+    monkeypatch.setattr(train, "adam_update", update)
+    assert not os.path.exists(tmp_path / "cut-seed0" / "params.npz")
+    # one member resumed alone first: the stack then continues from two different steps
+    train.run(experiment, runs_dir=str(tmp_path), name="cut-seed1", quiet=True, seed=1, resume=True, **kw)
+    resumed = train.run_seeds(experiment, [0, 1], runs_dir=str(tmp_path), name="cut", quiet=True, resume=True, **kw)
+    for a, b in zip(full, resumed):
+        _same_run(a, b, exact=True)
+
+
+def test_seeds_on_the_command_line(tmp_path, capsys):
+    argv = ["block", "--runs_dir", str(tmp_path), "--quiet", "--d", "2", *argv_of(TINY)]
+    assert train.main([*argv, "--seeds", "0-1,4"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["block-seed0", "block-seed1", "block-seed4"]
+    assert out.count("saved in") == 3
+    for bad, why in (("3-1", "ranges from low to high"), ("a", "integers >= 0"), ("0-5000", "at most 1024")):
+        assert train.main([*argv, "--seeds", bad]) == 2
+        assert why in capsys.readouterr().err
+    assert train.main([*argv, "--seeds", "0-1", "--seed", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "train.py: give either --seed (one run) or --seeds (a stack), not both"
+    assert sorted(os.listdir(tmp_path)) == ["block-seed0", "block-seed1", "block-seed4"]
+
+
+def test_a_diverged_member_stops_alone(tmp_path, monkeypatch):
+    """A member whose loss becomes NaN is reported (exit status 1 on the command line) and
+    keeps its last checkpoint; the others finish and are saved."""
+    datasets = train.datasets
+
+    def poisoned(cfg):  # a sequence of seed 0's second minibatch is NaN: it diverges at step 1
+        s_train, s_test, W = datasets(cfg)
+        if cfg["seed"] == 0:
+            s_train = s_train.copy()
+            s_train[train._generators(0)[3].permutation(cfg["n_train"])[20]] = np.nan
+        return s_train, s_test, W
+
+    monkeypatch.setattr(train, "datasets", poisoned)
+    with pytest.raises(icar.Diverged, match=r"^seed 0: training loss is nan at step 1: .* \(step 0\) is kept in "):
+        train.run_seeds("block", [0, 1], runs_dir=str(tmp_path), name="d", quiet=True, **dict(TINY, d=2, batch=16))
+    assert sorted(os.listdir(tmp_path / "d-seed0")) == [".lock", "checkpoint.npz", "config.json"]
+    monkeypatch.setattr(train, "datasets", datasets)
+    lone = train.run("block", runs_dir=str(tmp_path), name="lone", quiet=True, seed=1, **dict(TINY, d=2, batch=16))
+    _same_run(runs.load_run(str(tmp_path / "d-seed1")), lone, exact=True)
 
 
 def test_resume_refuses_changed_settings(tmp_path):

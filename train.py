@@ -14,6 +14,7 @@ fingerprint), checkpoint.npz, params.npz and metrics.npz (loss curves, test loss
 position next to evaluate.baselines, evaluate.probe, and weight_blocks or mechanism where
 EXPERIMENTS asks). A resumed run ends bit-identical to an uninterrupted one.
 """
+import contextlib
 import math
 import os
 import shutil
@@ -257,6 +258,7 @@ class Experiment(typing.NamedTuple):
     first: int = 0              # first position of the "all" loss: 1 where position 0 has no query
     moments: typing.Callable = None  # (s, first) -> loss_and_grad(params) of a full-batch "all" loss
     transformer: typing.Callable = None  # M4: cfg -> icar.transformer_config
+    tokens: typing.Callable = None  # M4: s [n, T, d] -> its tokens [n, T, d_in]
     blocks: bool = False        # metrics hold evaluate.weight_blocks
     depth_vs_gd: bool = False   # the sweep summary puts each depth L next to k = L steps of GD
     mechanism: bool = False     # metrics hold evaluate.mechanism
@@ -268,7 +270,7 @@ def _m4(model, transformer, tokens, **scoring):
         mcfg = transformer(cfg)
         return lambda params, s: fused.transformer(params, tokens(s), mcfg)
     return Experiment(model, lambda cfg, rng: icar.init_params("transformer", rng, cfg=transformer(cfg)),
-                      predictor, _MATRICES, transformer=transformer, **scoring)
+                      predictor, _MATRICES, transformer=transformer, tokens=tokens, **scoring)
 
 
 _MATRICES = ("unitary", "orthogonal", "haar")  # the families of d x d context matrices
@@ -420,51 +422,146 @@ def run(experiment, preset="quick", runs_dir="runs", name=None, resume=False, qu
     an earlier run's files once it has written its first checkpoint. Metrics: docs/training.md."""
     cfg = config(experiment, preset, **overrides)
     run_dir = runs.run_folder(runs_dir, experiment if name is None else name)
-    check_run(experiment, cfg)
-    if resume and not os.path.isdir(run_dir):
-        raise ValueError(f"--resume: no run folder {run_dir}; run without --resume first")
-    with runs.locked(run_dir):  # one process per run folder, before anything in it is read
-        return _run_locked(experiment, cfg, preset, run_dir, resume, quiet)
+    return _run_members(experiment, preset, [(cfg, run_dir)], resume, quiet)[0]
 
 
-def _run_locked(experiment, cfg, preset, run_dir, resume, quiet):
-    ckpt = os.path.join(run_dir, "checkpoint.npz")
-    if resume and not os.path.exists(ckpt):
-        raise ValueError(f"--resume: no checkpoint in {run_dir}; run without --resume first")
-    runs.prepare_folder(run_dir)
-    saved = dict(cfg, experiment=experiment, preset=preset, versions=runs.versions(CODE))
-    settings = runs.digest({k: v for k, v in saved.items() if k not in NOT_RESULT | {"versions"}})
-    if resume:
-        changed = changed_settings(runs.load_config(run_dir), saved)
-        if changed:
-            raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in "
-                             f"{run_dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
-        state = runs.load_checkpoint(ckpt, array_module(cfg["backend"]).asarray)
-        _check_belongs(ckpt, state, experiment, cfg, settings)
-        folder, replace = run_dir, None
-    else:  # a fresh run: staged apart until it has a checkpoint, then it replaces the old files
-        folder, state, took_over = runs.fresh_stage(run_dir), None, []
-        replace = lambda: runs.replace_run(folder, run_dir) or took_over.append(1)  # noqa: E731
-    try:
-        runs.save_json(os.path.join(folder, "config.json"), saved)
-        if experiment == POPULATION:  # no checkpoints: every file staged, then moved
-            metrics, params = _population(cfg)  # fresh only: it keeps no checkpoint to resume
-        else:
-            metrics, params = _train(experiment, cfg, ckpt, state, quiet, settings, replace, folder)
-            folder, replace = run_dir, None
-        runs.save_npz(os.path.join(folder, "params.npz"), runs.flatten(params))
-        runs.save_npz(os.path.join(folder, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
-        if replace:
-            replace()
-    except KeyboardInterrupt as e:  # say what is on disk now
-        e.args = (f"{run_dir} holds this run's last checkpoint (python train.py ... --resume "
-                  f"continues it)" if resume or took_over else
-                  f"stopped before its first checkpoint: {run_dir} is as it was",)
-        raise
-    finally:  # a fresh start that stopped before its first checkpoint leaves nothing behind
-        if not resume:
-            shutil.rmtree(os.path.join(run_dir, ".fresh"), ignore_errors=True)
-    return runs.load_run(run_dir)  # what was saved, on the host
+def parse_seeds(text):
+    """The sorted seeds of "0-7", "0,3,5" or "0-3,8" (ValueError naming the bad text)."""
+    seeds = set()
+    for part in str(text).split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (hi.isdigit() if dash else True)) or (dash and int(hi) < int(lo)):
+            raise ValueError(f"--seeds must be seeds like 0-7, 0,3,5 or 0-3,8 (integers >= 0, ranges "
+                             f"from low to high), got {text!r}")
+        seeds.update(range(int(lo), int(hi if dash else lo) + 1))
+    if len(seeds) > 1024:
+        raise ValueError(f"--seeds names {len(seeds)} seeds; allowed: at most 1024 in one stack")
+    return sorted(seeds)
+
+
+def seed_folder(name, seed):
+    """The run folder name of one member of a stack of seeds: NAME-seedK."""
+    return f"{name}-seed{seed}"
+
+
+def run_seeds(experiment, seeds, preset="quick", runs_dir="runs", name=None, resume=False,
+              quiet=False, **overrides):
+    """`run` at every seed of `seeds` (a list of ints, or text for parse_seeds) as one stack:
+    the runs differ only in seed and train as one computation (for M4 at the quick scale,
+    fused.stack_loss_and_grad; elsewhere each member's own step, one after another, in one
+    loop), each member's data, initialisation and minibatch order those of the lone run with
+    its seed. Member k is saved in runs_dir/NAME-seedK (seed_folder) like a lone run: it loads,
+    resumes (alone or in its stack), locks and sums up as one. Returns the list of
+    runs.load_run results, in the order of the seeds."""
+    if isinstance(seeds, str):
+        seeds = parse_seeds(seeds)
+    if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, (int, numpy.integer)) for s in seeds)):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    if "seed" in overrides:
+        raise ValueError("give either seed (one run) or seeds (a stack), not both")
+    base = experiment if name is None else name
+    members = [(config(experiment, preset, **overrides, seed=int(s)),
+                runs.run_folder(runs_dir, seed_folder(base, int(s)))) for s in seeds]
+    return _run_members(experiment, preset, members, resume, quiet)
+
+
+class _Member:
+    """One run of a stack: its settings, folder, files and training state."""
+
+    def __init__(self, experiment, preset, cfg, run_dir, resume):
+        self.cfg, self.dir, self.resume = cfg, run_dir, resume
+        self.ckpt = os.path.join(run_dir, "checkpoint.npz")
+        self.saved = dict(cfg, experiment=experiment, preset=preset, versions=runs.versions(CODE))
+        self.settings = runs.digest({k: v for k, v in self.saved.items() if k not in NOT_RESULT | {"versions"}})
+        self.state, self.folder, self.took_over, self.failure = None, run_dir, False, None
+
+    def prepare(self, experiment):
+        """Check the folder (and on resume, the checkpoint) and stage a fresh run."""
+        if self.resume and not os.path.exists(self.ckpt):
+            raise ValueError(f"--resume: no checkpoint in {self.dir}; run without --resume first")
+        runs.prepare_folder(self.dir)
+        if self.resume:
+            changed = changed_settings(runs.load_config(self.dir), self.saved)
+            if changed:
+                raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in "
+                                 f"{self.dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
+            self.state = runs.load_checkpoint(self.ckpt, array_module(self.cfg["backend"]).asarray)
+            _check_belongs(self.ckpt, self.state, experiment, self.cfg, self.settings)
+        else:  # a fresh run: staged apart until it has a checkpoint, then it replaces the old files
+            self.folder = runs.fresh_stage(self.dir)
+        runs.save_json(os.path.join(self.folder, "config.json"), self.saved)
+
+    def checkpoint_path(self):
+        return os.path.join(self.folder, "checkpoint.npz")
+
+    def take_over(self):
+        """A fresh run's first checkpoint is written: its files replace the earlier run's."""
+        if self.folder != self.dir:
+            runs.replace_run(self.folder, self.dir)
+            self.folder, self.took_over = self.dir, True
+
+
+def _run_members(experiment, preset, members, resume, quiet):
+    """Train the runs `members` ([(cfg, run_dir)], settings equal but for the seed) as one
+    stack, holding every folder's lock; returns their runs.load_run results."""
+    check_run(experiment, members[0][0])
+    if len({d for _, d in members}) != len(members):
+        raise ValueError("two members of a stack share a run folder")
+    for _, run_dir in members:
+        if resume and not os.path.isdir(run_dir):
+            raise ValueError(f"--resume: no run folder {run_dir}; run without --resume first")
+    with contextlib.ExitStack() as held:
+        for _, run_dir in members:  # one process per run folder, before anything in it is read
+            held.enter_context(runs.locked(run_dir))
+        group = [_Member(experiment, preset, cfg, run_dir, resume) for cfg, run_dir in members]
+        try:
+            for m in group:
+                m.prepare(experiment)
+            if experiment == POPULATION:  # no checkpoints: every file staged, then moved
+                results = [_population(m.cfg) for m in group]
+            else:  # members resumed from different steps train as stacks of their own
+                results = {}
+                steps = sorted({0 if m.state is None else m.state[0] for m in group})
+                for step in steps:
+                    part = [m for m in group if (0 if m.state is None else m.state[0]) == step]
+                    results.update(zip(map(id, part), _train(experiment, part, quiet)))
+                results = [results[id(m)] for m in group]
+            for m, result in zip(group, results):
+                if result is None:
+                    continue
+                metrics, params = result
+                runs.save_npz(os.path.join(m.folder, "params.npz"), runs.flatten(params))
+                runs.save_npz(os.path.join(m.folder, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
+                m.take_over()
+        except KeyboardInterrupt as e:  # say what is on disk now
+            e.args = (_on_disk(group),)
+            raise
+        finally:  # a fresh start that stopped before its first checkpoint leaves nothing behind
+            for m in group:
+                if not m.resume:
+                    shutil.rmtree(os.path.join(m.dir, ".fresh"), ignore_errors=True)
+        failed = [m for m in group if m.failure is not None]
+        if failed:
+            raise icar.Diverged("; ".join((f"seed {m.cfg['seed']}: " if len(group) > 1 else "") + m.failure
+                                          for m in failed))
+        return [runs.load_run(m.dir) for m in group]  # what was saved, on the host
+
+
+def _on_disk(group):
+    """What an interruption leaves of the runs of a stack (a lone run: a stack of one)."""
+    kept = [m.dir for m in group if m.resume or m.took_over]
+    fresh = [m.dir for m in group if not (m.resume or m.took_over)]
+    lines = []
+    if len(kept) == 1 and len(group) == 1:
+        lines.append(f"{kept[0]} holds this run's last checkpoint (python train.py ... --resume continues it)")
+    elif kept:
+        lines.append(f"{', '.join(kept)} hold their runs' last checkpoints (python train.py ... --resume "
+                     f"continues them)")
+    if fresh:
+        lines.append(f"stopped before its first checkpoint: {', '.join(fresh)} "
+                     f"{'is as it was' if len(fresh) == 1 else 'are as they were'}")
+    return "; ".join(lines)
 
 
 def _population(cfg):
@@ -475,85 +572,146 @@ def _population(cfg):
             "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
 
 
-def _train(experiment, cfg, ckpt, state, quiet, settings, replace, folder):
-    """Training loop; state: a restored checkpoint (resume) or None. A fresh run checkpoints
-    into folder until replace() has moved its files to ckpt's folder."""
+def _stack(trees, xp):
+    """Parameter trees of one structure -> one tree with a leading member axis."""
+    return tree_map(lambda *leaves: xp.stack(leaves), *trees)
+
+
+def _member(tree, k):
+    """Member k of a stacked tree."""
+    return tree_map(lambda p: p[k], tree)
+
+
+def _train(experiment, members, quiet):
+    """The training loop of a stack of runs (a lone run: a stack of one), all at the same
+    step: members' restored checkpoints (resume) or fresh starts. Returns [(metrics, params)
+    or None for a member that diverged (its failure says why)]. A fresh member checkpoints
+    into its stage until take_over() has moved its files to its run folder."""
     # data are sampled on the host and moved once; parameters and optimiser state live in xp
+    cfg = members[0].cfg  # equal for every member but the seed
     xp = array_module(cfg["backend"])
-    _, _, init_rng, order_rng = _generators(cfg["seed"])
-    s_train, s_test, W_test = datasets(cfg)
-    s_train, s_test = xp.asarray(s_train), xp.asarray(s_test)
-    predict = predictor(experiment, cfg)
     ex = EXPERIMENTS[experiment]
-    first = ex.first
+    predict, first = predictor(experiment, cfg), ex.first
+    n, batch = cfg["n_train"], cfg["batch"] or cfg["n_train"]
+    positions = slice(-1, None) if cfg["loss"] == "last" else slice(first, None)
 
     def objective(params, s):
         f = predict(params, s[:, :-1])                                      # [n, T, d]
-        if cfg["loss"] == "last":
-            return icar.mse(f[:, -1:], s[:, -1:])
-        return icar.mse(f[:, first:], s[:, 1 + first:])
+        return icar.mse(f[:, positions], s[:, 1:][:, positions])
 
-    step_fn = value_and_grad(objective)
-    n, batch = cfg["n_train"], cfg["batch"] or cfg["n_train"]
+    S = len(members)
+    data = [datasets(m.cfg) for m in members]                               # (s_train, s_test, W_test)
+    s_train = [xp.asarray(s) for s, _, _ in data]
+    s_test = [xp.asarray(s) for _, s, _ in data]
+    lone = value_and_grad(objective)
+    step_fns = [lone] * S
     if ex.moments and cfg["loss"] == "all" and batch >= n:
         # M3 is linear in P: the same loss and gradient from moments of the data, computed once
-        moments = ex.moments(s_train, first)
-        step_fn = lambda params, s: moments(params)  # noqa: E731  (s is always s_train here)
-    if state is not None:
-        step, params, opt, order_rng, perm, pos, history, _ = state
-    else:
-        params = tree_map(lambda p: xp.asarray(p.astype(cfg["dtype"])),
-                          init_model(experiment, cfg, init_rng))
-        opt = adam_init(params) if cfg["optimizer"] == "adam" else None
-        step, perm, pos = 0, numpy.arange(n), n
-        history = {"train_loss": [], "test_step": [], "test_loss": []}
+        step_fns = [(lambda mom: lambda params, s: mom(params))(ex.moments(s, first)) for s in s_train]
+    mcfg = ex.transformer(cfg) if ex.transformer else None
+    fast = (mcfg is not None and xp is numpy and not numpy.iscomplexobj(s_train[0])
+            and fused.stackable(mcfg, batch, s_train[0].dtype))
+
+    def stack_step(params, batches, active):
+        """(losses [S], stacked gradients) of the active members on their batches."""
+        if fast:  # M4 at the quick scale: one computation for the stack (fused.stack_loss_and_grad)
+            sb = numpy.stack(batches)                                       # [S, b, T+1, d]
+            k, b, T1, d = sb.shape
+            tokens = numpy.reshape(ex.tokens(numpy.reshape(sb[:, :, :-1], (k * b, T1 - 1, d))), (k, b, T1 - 1, -1))
+            return fused.stack_loss_and_grad(params, tokens, sb[:, :, 1:], mcfg, positions)
+        out = [step_fns[j](_member(params, i), s) for i, (j, s) in enumerate(zip(active, batches))]
+        return [float(loss) for loss, _ in out], _stack([g for _, g in out], xp)
+
+    states = []
+    for m in members:
+        if m.state is not None:
+            step, params, opt, order_rng, perm, pos, history, _ = m.state
+        else:
+            _, _, init_rng, order_rng = _generators(m.cfg["seed"])
+            params = tree_map(lambda p: xp.asarray(p.astype(cfg["dtype"])), init_model(experiment, m.cfg, init_rng))
+            opt = adam_init(params) if cfg["optimizer"] == "adam" else None
+            step, perm, pos = 0, numpy.arange(n), n
+            history = {"train_loss": [], "test_step": [], "test_loss": []}
+        states.append(dict(params=params, opt=opt, rng=order_rng, perm=perm, pos=pos, history=history,
+                           last=step if m.state is not None else None))
+    step = 0 if members[0].state is None else members[0].state[0]
+    params = _stack([st["params"] for st in states], xp)
+    opt = (None if cfg["optimizer"] == "gd" else
+           {"m": _stack([st["opt"]["m"] for st in states], xp), "v": _stack([st["opt"]["v"] for st in states], xp),
+            "t": states[0]["opt"]["t"]})
+    active, results = list(range(S)), [None] * S
     progress = runs.Progress(cfg["steps"], quiet)
-    last_checkpoint = step if state is not None else None
     with numpy.errstate(over="ignore", invalid="ignore"):
-        while True:
-            if batch < n and pos + batch > n:  # a new epoch: reshuffle
-                perm, pos = order_rng.permutation(n), 0
-            idx = perm[pos:pos + batch] if batch < n else slice(None)
-            loss, grads = step_fn(params, s_train[idx])
-            loss = float(loss)
-            if not math.isfinite(loss) and last_checkpoint is None:
-                raise icar.Diverged(f"training loss is {loss} at step {step}, before any update: the "
-                               f"initial parameters (init_scale) or the data make it non-finite; "
-                               f"nothing was saved")
-            if not math.isfinite(loss):
-                raise icar.Diverged(f"training loss is {loss} at step {step}: the learning rate "
-                               f"{cfg['lr']} is likely too large; the last finite checkpoint "
-                               f"(step {last_checkpoint}) is kept in {ckpt}")
-            done = step >= cfg["steps"] or loss < cfg["target_loss"]
-            if step % cfg["checkpoint_every"] == 0 or done:  # the state before step's records
-                host_opt = None if opt is None else dict(opt, m=tree_map(_host, opt["m"]),
-                                                         v=tree_map(_host, opt["v"]))
-                runs.save_checkpoint(ckpt if replace is None else os.path.join(folder, "checkpoint.npz"),
-                                     step, tree_map(_host, params), host_opt, order_rng, perm, pos, history,
-                                     settings)
-                if replace is not None:  # the first checkpoint of a fresh run: it replaces the earlier run
-                    replace()
-                    replace = None
-                last_checkpoint = step
-            history["train_loss"].append(loss)
-            if step % cfg["log_every"] == 0 or done:
-                history["test_step"].append(step)
-                history["test_loss"].append(float(objective(params, s_test)))
-                progress.show(step, loss, history["test_loss"][-1], final=done)
-            if done:
-                break
-            if batch < n:
-                pos += batch
+        while active:
+            batches = []
+            for j in active:
+                st = states[j]
+                if batch < n and st["pos"] + batch > n:  # a new epoch: reshuffle
+                    st["perm"], st["pos"] = st["rng"].permutation(n), 0
+                batches.append(s_train[j][st["perm"][st["pos"]:st["pos"] + batch]] if batch < n else s_train[j])
+            losses, grads = stack_step(params, batches, active)
+            retire = []
+            for i, j in enumerate(active):
+                m, st, loss = members[j], states[j], float(losses[i])
+                if not math.isfinite(loss):
+                    m.failure = (f"training loss is {loss} at step {step}, before any update: the initial "
+                                 f"parameters (init_scale) or the data make it non-finite; nothing was saved"
+                                 if st["last"] is None else
+                                 f"training loss is {loss} at step {step}: the learning rate {cfg['lr']} is "
+                                 f"likely too large; the last finite checkpoint (step {st['last']}) is kept "
+                                 f"in {m.ckpt}")
+                    retire.append(i)
+                    continue
+                done = step >= cfg["steps"] or loss < cfg["target_loss"]
+                mine = _member(params, i)
+                if step % cfg["checkpoint_every"] == 0 or done:  # the state before step's records
+                    host_opt = None if opt is None else dict(t=opt["t"], m=tree_map(_host, _member(opt["m"], i)),
+                                                             v=tree_map(_host, _member(opt["v"], i)))
+                    runs.save_checkpoint(m.checkpoint_path(), step, tree_map(_host, mine), host_opt, st["rng"],
+                                         st["perm"], st["pos"], st["history"], m.settings)
+                    m.take_over()  # the first checkpoint of a fresh run: it replaces the earlier run
+                    st["last"] = step
+                st["history"]["train_loss"].append(loss)
+                if step % cfg["log_every"] == 0 or done:
+                    st["history"]["test_step"].append(step)
+                    st["history"]["test_loss"].append(float(objective(mine, s_test[j])))
+                if done:
+                    results[j] = (st["history"], step, tree_map(_host, mine))
+                    retire.append(i)
+            shown = [j for j in active if members[j].failure is None and states[j]["history"]["test_step"]
+                     and states[j]["history"]["test_step"][-1] == step]
+            if shown:  # the mean over the members that logged this step (a lone run: its own)
+                progress.show(step, float(numpy.mean([states[j]["history"]["train_loss"][-1] for j in shown])),
+                              float(numpy.mean([states[j]["history"]["test_loss"][-1] for j in shown])),
+                              final=len(retire) == len(active))
+            if retire:
+                keep = [i for i in range(len(active)) if i not in retire]
+                active = [active[i] for i in keep]
+                if not active:
+                    break
+                index = numpy.asarray(keep)
+                params, grads = tree_map(lambda p: p[index], params), tree_map(lambda g: g[index], grads)
+                if opt is not None:
+                    opt = dict(opt, m=tree_map(lambda p: p[index], opt["m"]), v=tree_map(lambda p: p[index], opt["v"]))
+            for j in active:
+                if batch < n:
+                    states[j]["pos"] += batch
             if opt is None:
                 params = gd_update(params, grads, cfg["lr"])
             else:
                 params, opt = adam_update(params, grads, opt, cfg["lr"])
             step += 1
-    metrics = {k: numpy.asarray(v) for k, v in history.items()}
-    metrics["steps_done"] = step
-    params = tree_map(_host, params)  # evaluation and files are on the host
-    metrics.update(_evaluate(experiment, cfg, params, predict, _host(s_test), W_test))
-    return metrics, params
+    out = []
+    for m, st, result, (_, _, W_test), s in zip(members, states, results, data, s_test):
+        if result is None:
+            out.append(None)
+            continue
+        history, done_at, host_params = result  # evaluation and files are on the host
+        metrics = {k: numpy.asarray(v) for k, v in history.items()}
+        metrics["steps_done"] = done_at
+        metrics.update(_evaluate(experiment, m.cfg, host_params, predict, _host(s), W_test))
+        out.append((metrics, host_params))
+    return out
 
 
 def _evaluate(experiment, cfg, params, predict, s_test, W_test):
@@ -631,6 +789,10 @@ def parser(experiment, prog="python train.py"):
     for flag, text in (("preset", "quick (default) or paper"), ("name", "run folder name (default: the experiment)"),
                        ("runs_dir", "folder of the run folders (default: runs)")):
         p.add_argument(*_spellings(flag), dest=flag, action=runs.Once, help=text)
+    if "seed" in quick:
+        p.add_argument("--seeds", dest="seeds", action=runs.Once, metavar="LIST",
+                       help="train a stack of runs that differ only in seed, as one computation, e.g. 0-7 "
+                            "or 0,3,5; member K is saved in RUNS_DIR/NAME-seedK (not with --seed)")
     p.add_argument("--resume", action=runs.Once, flag=True, help="continue from RUNS_DIR/NAME/checkpoint.npz")
     p.add_argument("--quiet", action=runs.Once, flag=True, help="no progress lines")
     return p
@@ -645,6 +807,10 @@ def parse(args, p):
     ns = vars(p.parse_args(args))
     flags = {k: default if ns[k] is None else ns[k] for k, default in (("preset", "quick"), ("runs_dir", "runs"))}
     flags.update(name=ns["name"], resume=bool(ns["resume"]), quiet=bool(ns["quiet"]))
+    if ns.get("seeds") is not None:
+        if ns.get("seed") is not None:
+            raise ValueError("give either --seed (one run) or --seeds (a stack), not both")
+        flags["seeds"] = parse_seeds(ns["seeds"])
     icar.check_choice("preset", flags["preset"], ("quick", "paper"))
     return flags, {k: v for k, v in ns.items() if v is not None and k in OPTIONS}, ns
 
@@ -673,7 +839,10 @@ def main(argv=None):
             return 0
         flags, overrides, _ = parsed
         runs.set_up_process()
-        print(report(run(experiment, **flags, **overrides)))
+        if "seeds" in flags:
+            print("\n".join(report(r) for r in run_seeds(experiment, **flags, **overrides)))
+        else:
+            print(report(run(experiment, **flags, **overrides)))
         return 0
     return runs.one_line_errors("train.py", command)
 
