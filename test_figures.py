@@ -244,11 +244,17 @@ def test_cached_data_depends_on_code_settings_and_keeps_compute_seconds(tmp_path
     monkeypatch.setattr(runs, "code_fingerprint", lambda names: "0" * 40)
     get({"d": 3})
     assert len(calls) == 3  # other code of icar, theory or train
-    monkeypatch.setattr(figures, "figures_fingerprint", lambda: "1" * 40)
+    monkeypatch.setattr(runs, "code_fingerprint", lambda names: ("1" if "figures.py" in names else "0") * 40)
     get({"d": 3})
     assert len(calls) == 4  # other code of figures.py
     get({"d": 3})
     assert len(calls) == 4
+    other = lambda: figures.cached(str(tmp_path), "t", compute, False, {"d": 3}, ctx, code=("verdicts.py",))  # noqa: E731
+    other()
+    assert len(calls) == 5  # computed by other code (the causal tests: verdicts.py)
+    monkeypatch.setattr(runs, "code_fingerprint", lambda names: ("2" if "figures.py" in names else "0") * 40)
+    other()
+    assert len(calls) == 5  # figures.py changed, verdicts.py did not
 
 
 def test_r2r3_cache_key_holds_its_sizes(tmp_path, monkeypatch):
@@ -396,3 +402,28 @@ def test_the_cache_key_covers_every_module_that_defines_a_result_and_every_setti
         other = dict(saved, **{key: value + 1 if isinstance(value, (int, float)) else value + "x"})
         assert figures.matches(other, want)[0] is (key in train.NOT_RESULT), key
     assert figures.matches(dict(saved, versions={"code": "0" * 40}), want) == (True, False)
+
+
+def test_pretrain_trains_the_stacks_side_by_side_as_one_process_would(tmp_path, monkeypatch):
+    """figures.py trains the stacks of its figures in worker processes (both cores), each
+    member's files byte-identical to those trained in this process; the figure then reuses them."""
+    import figures
+    monkeypatch.setitem(figures.R1_SIZES, "quick", dict(d=2, Ts=(4, 6, 8), train=dict(n_train=64, n_test=32, steps=5)))
+    monkeypatch.setattr(figures.fused, "cores", lambda: 2)
+
+    def ctx(folder, jobs):
+        return argparse.Namespace(preset="quick", runs=str(tmp_path / folder), retrain=False, quiet=True,
+                                  seeds=[0, 1], jobs=jobs, timings=[])
+    side = ctx("side", 2)
+    figures.pretrain(side, ["r1", "fig1"])                                   # 3 stacks, 2 processes
+    names = sorted(os.listdir(tmp_path / "side"))
+    assert names == sorted(f"r1-T{T}-quick-seed{s}" for T in (4, 6, 8) for s in (0, 1))
+    alone = ctx("alone", 1)
+    figures.pretrain(alone, ["r1"])                                          # one process: nothing here
+    assert not os.path.exists(tmp_path / "alone")
+    figures.trained(alone, figures.r1_specs("quick"))
+    for name in names:
+        for f in ("params.npz", "metrics.npz", "checkpoint.npz", "config.json"):
+            assert (tmp_path / "side" / name / f).read_bytes() == (tmp_path / "alone" / name / f).read_bytes(), (name, f)
+    figures.trained(side, figures.r1_specs("quick"))
+    assert [t["reused"] for t in side.timings] == [True] * 6 and all(t["seconds"] > 0 for t in side.timings)

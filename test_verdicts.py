@@ -1,0 +1,123 @@
+"""Tests of verdicts.py: the verdict rule on models whose answer is known (one GD step, the
+raw-token construction, least squares on the first k transitions, the same assuming the
+fixed start), each verdict shown to fail when one of its conditions fails, the aggregation
+over seeds, and the command line on finished runs (one line and exit 2 for anything else).
+Sizes: the quick M4 law (d = 5, T = 20, Haar W) on 128 sequences."""
+import os
+
+import numpy as np
+import pytest
+
+import evaluate
+import icar
+import runs
+import theory
+import train
+import verdicts
+from conftest import TINY
+
+
+@pytest.fixture(autouse=True)
+def small(monkeypatch):
+    monkeypatch.setitem(verdicts.CAUSAL, "n", 128)
+    monkeypatch.setitem(verdicts.CAUSAL, "n_map", 16)
+
+
+def law(start):
+    return train.config("nonaug", "quick", s1=start)
+
+
+def known(start):
+    """{name: (predict, expected verdict)} on the quick M4 law from `start`."""
+    cfg = law(start)
+    d, T = cfg["d"], cfg["T"]
+    s, _ = train.sample(cfg, np.random.default_rng(5), 256)
+    eta = float(np.mean(evaluate.optimal_gd_step(s, 1)[T // 2:]))           # one GD step's size late
+    params, mcfg = theory.raw_token_gd_construction(d, T, eta * 0.75 * T, 30.0)
+    fixed = np.ones(d) / np.sqrt(d)                                        # the fixed start of "haar"
+    return {"M1, one GD step": (verdicts.gd_step_model(eta), "whole-context learner"),
+            "raw-token construction": (lambda x: icar.transformer(params, x, mcfg), "whole-context learner"),
+            "least squares, first 5 transitions": (verdicts.early_least_squares(5), "early-context estimator"),
+            "least squares, first 6 transitions": (verdicts.early_least_squares(6), "early-context estimator"),
+            "least squares from the assumed fixed start": (verdicts.start_lookup(5, fixed),
+                                                           "start lookup" if start == "fixed" else "none")}
+
+
+@pytest.mark.parametrize("start", ["fixed", "random"])
+def test_models_of_known_answer_get_their_verdict(start):
+    for name, (predict, want) in known(start).items():
+        m = verdicts.measures(verdicts.battery(predict, law(start), 0)[0])
+        assert verdicts.verdict(m) == want, (name, m)
+
+
+def test_the_fixed_start_lookup_is_exact_on_its_own_data_only():
+    predict = verdicts.start_lookup(5, np.ones(5) / np.sqrt(5))
+    m = verdicts.measures(verdicts.battery(predict, law("fixed"), 1)[0])
+    assert m["own_model"] < 1e-12 and m["other"] > 10
+
+
+# a measures dict of each verdict, and every way one of its conditions can fail
+BASE = {"whole-context learner": dict(own=1.1, other=1.1, switch=1.0, replaced=1.05, first=0.24),
+        "early-context estimator": dict(own=0.0, other=0.0, switch=3.8, replaced=14.0, first=0.64),
+        "start lookup": dict(own=0.0, other=980.0, switch=3.8, replaced=900.0, first=0.74)}
+BREAKS = {"whole-context learner": [("own", 1.6), ("other", 1.6), ("switch", 1.6), ("replaced", 1.6),
+                                    ("first", 0.5)],
+          "early-context estimator": [("own", 1.6), ("other", 1.6), ("switch", 1.9), ("replaced", 1.9),
+                                      ("first", 0.49)],
+          "start lookup": [("own", 1.6), ("other", 1.99)]}
+
+
+@pytest.mark.parametrize("name", sorted(BASE))
+def test_each_verdict_fails_when_one_of_its_conditions_fails(name):
+    assert verdicts.verdict(BASE[name]) == name
+    for key, value in BREAKS[name]:
+        assert verdicts.verdict(dict(BASE[name], **{key: value})) != name, (name, key, value)
+
+
+def test_measures_read_late_positions_and_the_first_five_tokens():
+    T = 8
+    tests = {f"{d}_{k}": np.r_[np.full(T // 2, 100.0), np.full(T // 2, v)]
+             for d in ("clean", "other", "switch", "replaced") for k, v in (("model", 2.0), ("gd1", 4.0))}
+    influence = np.zeros((T, T))
+    influence[T // 2:, :5] = 3.0
+    influence[T // 2:, 5:] = 1.0
+    influence[:T // 2] = 50.0                                                 # early outputs: not read
+    m = verdicts.measures(dict(tests, influence=influence))
+    assert m["own"] == m["other"] == m["switch"] == m["replaced"] == 0.5
+    assert m["first"] == pytest.approx(15 / 18)
+
+
+def test_aggregate_rows_gives_medians_ranges_and_counts():
+    rows = {s: [{"figure": "f", "quantity": "loss", "value": v, "expected": e, "source": "x"},
+                {"figure": "f", "quantity": "nearest", "value": w, "expected": None, "source": "x"}]
+            for s, v, e, w in ((0, 3.0, 1.0, "gd1"), (1, 1.0, 3.0, "ls"), (2, 1.5, 2.0, "gd1"))}
+    loss, nearest = verdicts.aggregate_rows(rows)
+    assert loss["value"] == 1.5 and loss["range"] == [1.0, 3.0] and loss["per_seed"] == [3.0, 1.0, 1.5]
+    assert loss["expected"] == 2.0 and loss["seeds"] == [0, 1, 2]
+    assert nearest["value"] == "gd1: 2 of 3, ls: 1 of 3"
+    assert verdicts.median_seed({0: 3.0, 1: 1.0, 2: 2.0}) == 2
+    assert verdicts.median_seed({0: 3.0, 1: 1.0, 2: 2.0, 3: 4.0}) == 2
+
+
+def test_the_command_line_gives_a_verdict_per_run_and_one_line_otherwise(tmp_path, capsys):
+    kw = dict(TINY, T=14, d=3, heads=2, layers=2, batch=16, n_test=64)
+    train.run("nonaug", runs_dir=str(tmp_path), name="a", quiet=True, **kw)
+    train.run("block", runs_dir=str(tmp_path), name="b", quiet=True, **dict(TINY, T=14, d=3))
+    assert verdicts.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:7] == ["run", "own", "other", "switch", "replaced", "first", "verdict"]
+    assert [line.split()[0] for line in out[1:]] == ["a", "b"]
+    assert all(any(line.endswith(v) for v in verdicts.VERDICTS) for line in out[1:])
+    train.run("population", runs_dir=str(tmp_path), name="p", quiet=True, d=2, heads=2, T=4, steps=2)
+    train.run("nonaug", runs_dir=str(tmp_path), name="short", quiet=True, **dict(kw, T=8))
+    (tmp_path / "damaged").mkdir()
+    for f in ("config.json", "params.npz", "metrics.npz"):
+        (tmp_path / "damaged" / f).write_bytes(b"")
+    for argv, code, message in (([], 2, "name one or more run folders"),
+                                ([str(tmp_path / "none")], 2, "is not a finished run"),
+                                ([str(tmp_path / "p")], 2, "has no model of sequences to test"),
+                                ([str(tmp_path / "short")], 2, "the causal tests need T >= 10"),
+                                ([str(tmp_path / "damaged")], 1, "damaged/config.json: not valid JSON")):
+        assert verdicts.main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("verdicts.py: ") and message in err, err
