@@ -1,11 +1,14 @@
 """runs: the disk and shell boundary of icar's command lines. Imports no project module.
 
 Files: every result is written atomically (atomic_write: a unique temporary file in the
-target folder, then a rename) and read back through read_file, which turns every way a
-file can be missing or damaged into one FileFault naming it. Run folders: run_folder,
-prepare_folder, replace_run (a fresh run replaces an earlier one only after its first
-checkpoint), save_checkpoint / load_checkpoint. Shell: Parser (argparse with one-line
-errors), one_line_errors (the error -> exit status mapping of every command line),
+target folder, then a rename) and read back through read_file, which reads regular files
+only, never through a link, and turns every way a file can be missing or damaged into one
+FileFault naming it; load_json and load_npz bound what a file may hold (size, nesting, the
+arrays an .npz header declares) before reading it. Run folders: run_folder (never a link,
+so runs stay below runs_dir), prepare_folder, locked (one process per folder; removes the
+temporary files a killed writer left), replace_run (a fresh run replaces an earlier one
+only after its first checkpoint), save_checkpoint / load_checkpoint. Shell: Parser
+(argparse with one-line errors), one_line_errors (the error -> exit status mapping of every command line),
 run_command, Progress, and the process set-up of training (set_up_process).
 
 Exit statuses: 0 done; 1 a fault of the machine or of a file (FileFault, OSError, out of
@@ -15,11 +18,13 @@ signal's number for an interruption (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 import argparse
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -29,6 +34,7 @@ import stat
 import sys
 import tempfile
 import time
+import tokenize
 import zipfile
 
 import numpy
@@ -87,27 +93,66 @@ def atomic_write(path, write):
 
 
 def read_file(path, what, read):
-    """read(path), with every way the file can be missing, damaged or foreign (a link, a fifo:
-    only regular files are read) turned into one FileFault naming the file and what it
-    should have been."""
+    """read(f), f the file path opened for binary reading, with every way the file can be
+    missing, damaged or foreign turned into one FileFault naming the file and what it should
+    have been. Only a regular file is read, never through a link: it is opened with O_NOFOLLOW
+    and checked again with fstat once open, so a link or fifo swapped in after the lstat check
+    is refused too (a device node is never opened)."""
+    foreign = FileFault(f"{path}: not a regular file (a link, folder, fifo or device); expected {what}")
     try:
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise FileFault(f"{path}: not a regular file (a link, folder, fifo or device); expected {what}")
-        return read(path)
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise foreign
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a fifo swapped in: no wait
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise foreign
+            return read(f)
     except FileNotFoundError:
         raise FileFault(f"{path}: no such file (expected {what})") from None
     except json.JSONDecodeError as e:
         raise FileFault(f"{path}: not valid JSON ({e}); expected {what}") from None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else "truncated, empty or not this kind of file"
-        raise FileFault(f"{path}: cannot be read as {what} ({why})") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link swapped in after the lstat check
+            raise foreign from None
+        raise FileFault(f"{path}: cannot be read as {what} ({e.strerror or e})") from None
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile,
+            NotImplementedError,  # a zip feature numpy never writes (a newer zip version)
+            tokenize.TokenError):  # numpy's parser of some damaged .npy headers
+        raise FileFault(f"{path}: cannot be read as {what} (truncated, empty or not this kind of "
+                        f"file)") from None
+
+
+JSON_BYTES, JSON_DEPTH = 64 << 20, 100  # bounds of a JSON file read: icar writes far less
+NPZ_BYTES = 2 ** 31                     # bound of the array bytes one .npz file may declare
+
+
+def nesting(obj):
+    """The nesting depth of a JSON value (1 for a number or a string, 2 for [1] or {"a": 1}),
+    counted level by level: no recursion, however deep the value."""
+    level, depth = [obj], 0
+    while level:
+        depth += 1
+        level = [v for x in level if isinstance(x, (list, dict))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+    return depth
 
 
 def load_json(path, what="a JSON file"):
-    def read(p):
-        with open(p, "rb") as f:
-            return json.loads(f.read())
+    """The JSON value in path (read_file's checks), FileFault naming it if it holds more than
+    JSON_BYTES (fstat, before reading) or is nested deeper than JSON_DEPTH (deep input is never a
+    RecursionError)."""
+    def read(f):
+        size = os.fstat(f.fileno()).st_size
+        if size > JSON_BYTES:
+            raise FileFault(f"{path}: holds {size} bytes; expected {what} of at most {JSON_BYTES >> 20} MB")
+        try:
+            obj = json.loads(f.read(JSON_BYTES + 1))  # + 1: a file grown since fstat is invalid JSON
+            deep = nesting(obj) > JSON_DEPTH
+        except RecursionError:  # deeper than the parser goes
+            deep = True
+        if deep:
+            raise FileFault(f"{path}: JSON nested deeper than {JSON_DEPTH} levels; expected {what}")
+        return obj
     return read_file(path, what, read)
 
 
@@ -140,15 +185,38 @@ def save_npz(path, arrays):
     atomic_write(path, write)
 
 
-def load_npz(path, what="a .npz file of arrays"):
-    def read(p):
-        z = numpy.load(p, allow_pickle=False)
-        if not isinstance(z, numpy.lib.npyio.NpzFile):  # a .npy file under an .npz name
-            raise ValueError("not an .npz archive")
-        with z:
-            arrays = {k: z[k] for k in z.files}
-        if not all(isinstance(v, numpy.ndarray) for v in arrays.values()):
-            raise ValueError("an entry that is not an array")
+def load_npz(path, what="a .npz file of arrays", max_bytes=NPZ_BYTES):
+    """The arrays of a .npz file, {name: array} (read_file's checks). Each entry's .npy header
+    is read before its array is allocated: FileFault naming the file and the entry for one that
+    is not an .npy array, holds Python objects (pickles are never read), or declares more than
+    max_bytes of data with the entries before it, so a damaged or hostile header costs no
+    memory."""
+    def read(f):
+        arrays, total = {}, 0
+        with zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                key = info.filename[:-len(".npy")]
+                if (not info.filename.endswith(".npy") or info.compress_type != zipfile.ZIP_STORED
+                        or info.flag_bits & 1):  # bit 0: encrypted
+                    raise FileFault(f"{path}: entry {info.filename!r} is not an array as numpy.savez "
+                                    f"stores it (uncompressed .npy); expected {what}")
+                with z.open(info) as entry:
+                    version = numpy.lib.format.read_magic(entry)
+                    if version not in ((1, 0), (2, 0)):
+                        raise ValueError(f"an .npy header of version {version}")
+                    shape, _, dtype = (numpy.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                       numpy.lib.format.read_array_header_2_0)(entry)
+                if dtype.hasobject:
+                    raise FileFault(f"{path}: entry {key!r} holds Python objects ({dtype}), which are "
+                                    f"never read; expected {what}")
+                count = math.prod(shape)
+                total += count * dtype.itemsize
+                if total > max_bytes:
+                    raise FileFault(f"{path}: entry {key!r} declares {count} entries of {dtype} "
+                                    f"({count * dtype.itemsize / 1e9:.3g} GB); at most {max_bytes / 1e9:.3g} "
+                                    f"GB in all are read from {what} (a damaged or foreign file)")
+                with z.open(info) as entry:
+                    arrays[key] = numpy.lib.format.read_array(entry, allow_pickle=False)
         return arrays
     return read_file(path, what, read)
 
@@ -261,8 +329,9 @@ _HISTORY = {"history/train_loss": "f", "history/test_step": "i", "history/test_l
 def load_checkpoint(path, move):
     """(step, params, opt, rng, perm, pos, history, settings) of save_checkpoint, arrays passed
     through move (e.g. an array module's asarray). FileFault naming path unless every entry
-    is present with its dtype and rank and the history is as long as `step` says (whether it
-    fits a run is train's question)."""
+    is present with its dtype and rank, the history is as long as `step` says, perm is a
+    permutation of 0..len(perm)-1 with pos in 0..len(perm), and rng a state the generator
+    takes (whether it fits a run is train's question)."""
     z = load_npz(path, "a checkpoint")
 
     def bad(why):
@@ -286,15 +355,22 @@ def load_checkpoint(path, move):
     step, history = int(z["step"]), {k[len("history/"):]: list(z[k]) for k in _HISTORY}
     if len(history["train_loss"]) != step or len(history["test_step"]) != len(history["test_loss"]):
         raise bad(f"its history holds {len(history['train_loss'])} training losses at step {step}")
-    try:
+    perm, pos = z["perm"], int(z["pos"])
+    if not numpy.array_equal(numpy.sort(perm), numpy.arange(len(perm))) or not 0 <= pos <= len(perm):
+        raise bad(f"its minibatch order is not a permutation of {len(perm)} indices with position {pos} in it")
+    try:  # any JSON: out-of-range, wrong-typed or too deep values are refused, never a traceback
+        state = json.loads(str(z["rng"]))
+        if not all(type(v) is int for v in (state["state"]["state"], state["state"]["inc"],
+                                             state["has_uint32"], state["uinteger"])):
+            raise TypeError  # the generator would take 1.5 or true for 1
         rng = numpy.random.default_rng()
-        rng.bit_generator.state = json.loads(str(z["rng"]))
-    except (ValueError, TypeError, KeyError) as e:
+        rng.bit_generator.state = state
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
         raise bad(f"its generator state cannot be restored: {type(e).__name__}") from None
     opt = (dict(unflatten({k: move(v) for k, v in groups["opt"].items()}), t=int(z["opt_t"]))
            if "opt_t" in z else None)
     params = unflatten({k: move(v) for k, v in groups["params"].items()})
-    return step, params, opt, rng, z["perm"], int(z["pos"]), history, str(z["settings"])
+    return step, params, opt, rng, perm, pos, history, str(z["settings"])
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -304,20 +380,31 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*")
 
 
 def run_folder(runs_dir, name):
-    """runs_dir/name, where name must be one plain folder name, so that a run writes (and
-    replaces) files inside runs_dir only."""
+    """runs_dir/name, where name must be one plain folder name and runs_dir/name not a symbolic
+    link, so that a run reads, writes (and replaces) files inside runs_dir only. runs_dir itself
+    may be a link or lie under one; a sweep point, run_folder(base, sub) with base =
+    run_folder(runs_dir, name), is refused if either level is a link."""
     if not isinstance(runs_dir, str) or not runs_dir:
         raise ValueError(f"runs_dir must name a folder, got {runs_dir!r}")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ValueError(f"run name {name!r} must be one plain folder name: letters, digits and "
                          f"_ . , = + -, not starting with '.' or '-'")
+    _not_a_link(os.path.join(runs_dir, name))
     return os.path.join(runs_dir, name)
 
 
+def _not_a_link(run_dir):
+    if os.path.islink(run_dir):
+        raise ValueError(f"the run folder {run_dir} is a symbolic link; expected a folder (nothing is "
+                         f"read or written through a link)")
+
+
 def make_folder(run_dir):
-    """Create run_dir (and its parents); ValueError if it cannot hold a run's files."""
+    """Create run_dir (and its parents); ValueError if it cannot hold a run's files or is a
+    symbolic link (never created or written through)."""
     if not run_dir or not os.path.basename(os.path.normpath(run_dir)):
         raise ValueError(f"the run folder {run_dir!r} needs a name; expected a writable folder")
+    _not_a_link(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
@@ -336,6 +423,26 @@ def prepare_folder(run_dir):
     if os.path.lexists(os.path.join(run_dir, ".replaced")):
         raise ValueError(f"{os.path.join(run_dir, '.replaced')} holds an earlier run's files, set "
                          f"aside by an interrupted start; move them back or delete the folder")
+
+
+TEMPORARY = re.compile(r"\..+\.\w{8}\.tmp")  # atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
+
+
+def remove_temporaries(run_dir):
+    """Remove the temporary files that atomic_write leaves in run_dir when its process is
+    killed between creating and renaming one (kill -9, a power cut); a link under such a name
+    is removed itself, never its target, and folders are left alone. Returns the names removed.
+    Only while holding run_dir's lock (locked calls it), when no writer can be at work there."""
+    removed = []
+    try:
+        for name in sorted(os.listdir(run_dir)):
+            path = os.path.join(run_dir, name)
+            if TEMPORARY.fullmatch(name) and not stat.S_ISDIR(os.lstat(path).st_mode):
+                os.remove(path)
+                removed.append(name)
+    except OSError as e:
+        raise FileFault(f"cannot remove stale temporary files in {run_dir}: {e.strerror or e}") from None
+    return removed
 
 
 def fresh_stage(run_dir):
@@ -395,7 +502,9 @@ def locked(run_dir):
     released by the kernel when its holder dies (kill -9 leaves no stale lock); a process
     may take it again inside the block. ValueError (exit status 2) naming the folder and the
     holder's pid if another process holds it, and on a file system that does not enforce
-    flock (some NFS mounts), where two processes could not be kept apart."""
+    flock (some NFS mounts), where two processes could not be kept apart. Taking it removes the
+    temporary files an earlier holder left (remove_temporaries); a run_dir that is a link is
+    refused (make_folder)."""
     make_folder(run_dir)
     key = os.path.realpath(run_dir)
     if key in _HELD:  # taken again inside the block that holds it
@@ -426,6 +535,7 @@ def locked(run_dir):
             pass
         finally:
             os.close(probe)
+        remove_temporaries(run_dir)  # an earlier holder's, killed mid-write: no writer is left
         _HELD.add(key)
         try:
             yield

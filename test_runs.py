@@ -4,10 +4,12 @@ write, a crash while checkpointing, a fresh run replacing an old one, a full dis
 progress line, one-line errors and a closed pipe, the BLAS thread count; the README's set-up
 and test lines, which CI runs; and what two processes and hostile files do (one process per
 run folder, workers that die with their sweep, writes that never follow a link or replace a
-special file, every file read checked for what it holds). Which test proves which claim:
-docs/claims.md."""
+special file, every file read checked for what it holds: missing, empty, truncated, a link,
+too large, too deep, declaring too much or Python objects; run folders that are links). Which
+test proves which claim: docs/claims.md."""
 import argparse
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -382,7 +385,14 @@ def test_sigterm_ends_a_run_in_one_line_and_resume_finishes_it(tmp_path):
     argv = [sys.executable, "train.py", "block", "--runs_dir", str(tmp_path), "--steps", "30000", "--quiet",
             *argv_of(SMALL)]
     p = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (tmp_path / "block" / "checkpoint.npz").exists())
+    ckpt = tmp_path / "block" / "checkpoint.npz"
+
+    def second_checkpoint():  # the first one has then taken over the folder (a signal during
+        try:                  # train's take_over itself still says "is as it was")
+            return ckpt.exists() and int(runs.load_npz(str(ckpt))["step"]) > 0
+        except runs.FileFault:
+            return False
+    wait_for(second_checkpoint)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 143 and err.splitlines() == [
@@ -561,6 +571,231 @@ def test_a_malformed_file_is_one_line_and_exit_1_and_changes_nothing(tmp_path, t
     assert code == 1, out.err
     assert len(out.err.strip().splitlines()) == 1 and str(path) in out.err, out.err
     assert folder_bytes(root) == before
+
+
+# ---- every file read: missing, damaged, a link, too deep, too big ---------------------------
+
+def npy_header(shape, descr):
+    """The magic and header of an .npy file declaring shape and dtype descr, and no data."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": descr, "fortran_order": False, "shape": shape})
+    return out.getvalue()
+
+
+def first_entry(data):
+    """Damage: the first entry of an .npz file (its first array) replaced by the bytes data."""
+    def damage(path):
+        with zipfile.ZipFile(path) as z:
+            entries = {info.filename: z.read(info) for info in z.infolist()}
+        entries[next(iter(entries))] = data
+        with zipfile.ZipFile(path, "w") as z:
+            for name, raw in entries.items():
+                z.writestr(name, raw)
+    return damage
+
+
+def moved_out_and_linked(path):
+    """Damage: the intact file moved out of the run folder, a symbolic link to it left in its place."""
+    outside = path.parent.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.move(path, outside / path.name)
+    os.symlink(outside / path.name, path)
+
+
+def grown(path):
+    with open(path, "r+b") as f:  # sparse: instant
+        f.truncate(runs.JSON_BYTES + 1)
+
+
+READERS = {  # every kind of file read, and the reader that reads it from a run folder
+    CONFIG: lambda run: runs.load_config(str(run)),
+    "summary.json": lambda run: runs.load_json(str(run / "summary.json"), "the summary of earlier figures"),
+    PARAMS: lambda run: runs.load_run(str(run)),
+    METRICS: lambda run: runs.load_run(str(run)),
+    CKPT: lambda run: runs.load_checkpoint(str(run / CKPT), np.asarray),
+}
+DAMAGES = {  # name: (the kinds of file it applies to, damage, what the one line says)
+    "missing": ("json npz", lambda p: p.unlink(), "no such file"),
+    "empty": ("json npz", lambda p: p.write_bytes(b""), None),
+    "truncated": ("json npz", lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), None),
+    "a symlink": ("json npz", moved_out_and_linked, "not a regular file"),
+    "nested 101 deep": ("json", lambda p: p.write_text("[" * 101 + "]" * 101), "nested deeper than 100 levels"),
+    "deeper than the parser goes": ("json", lambda p: p.write_text("[" * 200000 + "]" * 200000),
+                                    "nested deeper than 100 levels"),
+    "too large": ("json", grown, f"holds {(64 << 20) + 1} bytes"),
+    "huge header": ("npz", first_entry(npy_header((10 ** 11,), "<f8")),
+                    "declares 100000000000 entries of float64 (800 GB)"),
+    "object dtype": ("npz", first_entry(npy_header((3,), "|O")), "holds Python objects"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """A finished tiny run (its four files) with a figures summary.json beside them, every file
+    read back intact."""
+    run = tmp_path_factory.mktemp("one") / "block"
+    train.run("block", runs_dir=str(run.parent), quiet=True, **TINY)
+    runs.save_json(str(run / "summary.json"), {"fig1": {"preset": "quick", "rows": []}})
+    for read in READERS.values():
+        read(run)
+    return run
+
+
+@pytest.mark.parametrize("name, damage", [(n, d) for n in READERS for d, (kinds, _, _) in DAMAGES.items()
+                                          if n.rsplit(".")[-1] in kinds.split()])
+def test_every_file_read_refuses_a_missing_damaged_linked_or_hostile_file_in_one_line(one_run, tmp_path, name,
+                                                                                    damage):
+    """Each kind of file read, each way it can be bad: a FileFault naming the file in one line,
+    never a traceback (RecursionError, MemoryError), never read through a link."""
+    run = tmp_path / "block"
+    shutil.copytree(one_run, run)
+    _, spoil, says = DAMAGES[damage]
+    spoil(run / name)
+    with pytest.raises(runs.FileFault) as e:
+        READERS[name](run)
+    assert str(run / name) in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert says is None or says in str(e.value), str(e.value)
+
+
+def test_a_caller_bounds_what_an_npz_file_may_declare(one_run):
+    with pytest.raises(runs.FileFault, match=r"metrics.npz: entry '\w+' declares .* at most 1e-06 GB in all"):
+        runs.load_npz(str(one_run / METRICS), max_bytes=1000)
+    assert runs.load_npz(str(one_run / METRICS)).keys() == runs.load_run(str(one_run))["metrics"].keys()
+
+
+@pytest.mark.parametrize("swapped", ["link", "fifo"])
+def test_a_link_or_fifo_swapped_in_after_the_check_is_not_read(one_run, tmp_path, monkeypatch, swapped):
+    """The lstat check passes (a regular file), then a link or a fifo takes its place before the
+    open: O_NOFOLLOW and fstat on the opened file refuse it, and a fifo never blocks the read."""
+    run = tmp_path / "block"
+    shutil.copytree(one_run, run)
+    path, regular, real = run / CONFIG, os.lstat(run / CONFIG), os.lstat
+    shutil.move(path, tmp_path / "intact.json")
+    os.symlink(tmp_path / "intact.json", path) if swapped == "link" else os.mkfifo(path)
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: regular if str(p) == str(path) else real(p, *a, **k))
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the read waited on the fifo"))
+    signal.alarm(5)
+    try:
+        with pytest.raises(runs.FileFault, match=f"{path}: not a regular file"):
+            runs.load_config(str(run))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def rng_state(change):
+    """Damage: the checkpoint's generator state (JSON) changed by change(state)."""
+    def edit(z):
+        state = json.loads(str(z["rng"]))
+        change(state)
+        z["rng"] = np.asarray(json.dumps(state))
+    return npz_edit(edit)
+
+
+BAD_STATES = {
+    "state=-1": rng_state(lambda s: s["state"].update(state=-1)),
+    "inc=2**200": rng_state(lambda s: s["state"].update(inc=2 ** 200)),
+    "state=1.5": rng_state(lambda s: s["state"].update(state=1.5)),
+    "state=NaN": rng_state(lambda s: s["state"].update(state=float("nan"))),
+    "inc='7'": rng_state(lambda s: s["state"].update(inc="7")),
+    "has_uint32=2**70": rng_state(lambda s: s.update(has_uint32=2 ** 70)),
+    "has_uint32=true": rng_state(lambda s: s.update(has_uint32=True)),
+    "uinteger=-1": rng_state(lambda s: s.update(uinteger=-1)),
+    "state=[1]": rng_state(lambda s: s.update(state=[1])),
+    "MT19937": rng_state(lambda s: s.update(bit_generator="MT19937")),
+    "[]": npz_edit(lambda z: z.update(rng=np.asarray("[]"))),
+    "too deep": npz_edit(lambda z: z.update(rng=np.asarray("[" * 100000 + "]" * 100000))),
+}
+BAD_ORDERS = {
+    "perm all 0": npz_edit(lambda z: z.update(perm=np.zeros_like(z["perm"]))),
+    "perm - 1": npz_edit(lambda z: z.update(perm=z["perm"] - 1)),
+    "perm + n": npz_edit(lambda z: z.update(perm=z["perm"] + len(z["perm"]))),
+    "pos=-1": npz_edit(lambda z: z.update(pos=np.asarray(-1))),
+    "pos=n+1": npz_edit(lambda z: z.update(pos=np.asarray(len(z["perm"]) + 1))),
+}
+
+
+@pytest.mark.parametrize("damage, says", [pytest.param(d, "its generator state cannot be restored", id=k)
+                                          for k, d in BAD_STATES.items()]
+                         + [pytest.param(d, "its minibatch order is not a permutation", id=k)
+                            for k, d in BAD_ORDERS.items()])
+def test_a_checkpoint_with_a_bad_generator_state_or_order_is_one_line(one_run, tmp_path, damage, says):
+    """Out-of-range, wrong-typed or too deep generator states, and a minibatch order that is not
+    a permutation with its position in it: a FileFault naming the checkpoint, never OverflowError,
+    TypeError or RecursionError."""
+    path = tmp_path / CKPT
+    shutil.copy(one_run / CKPT, path)
+    damage(path)
+    with pytest.raises(runs.FileFault) as e:
+        runs.load_checkpoint(str(path), np.asarray)
+    assert str(e.value).startswith(f"{path}: ") and says in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- run folders confined below runs_dir ---------------------------------------------------
+
+def test_a_run_folder_that_is_a_link_or_lies_under_one_is_refused(tmp_path, capsys):
+    """A run folder, a sweep's folder (between runs_dir and its points) or a sweep point that is
+    a symbolic link: one line, exit 2, nothing written through it. runs_dir itself may be a link."""
+    outside = tmp_path / "outside"
+    before = finished_run(outside)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    os.symlink(outside / "block", runs_dir / "block")  # the run folder
+    os.symlink(outside, runs_dir / "sweep")             # the folder between runs_dir and the points
+    (runs_dir / "points").mkdir()
+    os.symlink(outside / "block", runs_dir / "points" / "seed=0")  # a point
+    link = str(runs_dir / "block")
+    for call in (lambda: runs.run_folder(str(runs_dir), "block"), lambda: runs.make_folder(link),
+                 lambda: runs.prepare_folder(link), lambda: runs.locked(link).__enter__()):
+        with pytest.raises(ValueError, match=f"^the run folder {link} is a symbolic link; expected a folder"):
+            call()
+    with pytest.raises(ValueError, match=f"^the run folder {runs_dir / 'sweep'} is a symbolic link; "):
+        runs.run_folder(runs.run_folder(str(runs_dir), "sweep"), "block")  # a sweep point: each level checked
+    commands = [(train.main, ["block"]), (train.main, ["block", "--resume"]),
+                (sweep.main, ["block", "--sweep", "seed=0", "--name", "sweep"]),
+                (sweep.main, ["block", "--sweep", "seed=0", "--name", "points"])]
+    for main, argv in commands:
+        assert main(argv + ["--runs_dir", str(runs_dir), "--quiet", *argv_of(TINY)]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a symbolic link; expected a folder" in err[0], err
+    assert folder_bytes(outside) == before
+
+
+def test_runs_dir_itself_may_be_a_link_or_lie_under_one(tmp_path):
+    (tmp_path / "disk").mkdir()
+    os.symlink(tmp_path / "disk", tmp_path / "runs")
+    res = train.run("block", runs_dir=str(tmp_path / "runs"), quiet=True, **TINY)
+    assert res["dir"] == str(tmp_path / "runs" / "block")
+    assert os.path.isfile(tmp_path / "disk" / "block" / "params.npz")
+    deeper = runs.run_folder(str(tmp_path / "runs" / "a" / "b"), "c")  # runs_dir below a link
+    runs.prepare_folder(deeper)
+    assert os.path.isdir(tmp_path / "disk" / "a" / "b" / "c")
+
+
+# ---- temporary files left by a kill -9 ------------------------------------------------------
+
+def test_taking_a_folder_lock_removes_the_temporary_files_a_killed_writer_left(tmp_path):
+    folder = tmp_path / "block"
+    code = ("import runs, sys, time\n"
+            "runs.atomic_write(sys.argv[1], lambda f: (f.write(b'half'), print('writing', flush=True), "
+            "time.sleep(60)))")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(folder / "params.npz")], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()  # kill -9 between creating the temporary file and renaming it
+    writer.wait()
+    left = [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".params.npz.")
+    (tmp_path / "victim").write_bytes(b"precious")
+    os.symlink(tmp_path / "victim", folder / ".config.json.abcd1234.tmp")  # a link: removed itself
+    (folder / ".checkpoint.npz.abcd1234.tmp").mkdir()                   # a folder: left alone
+    for other in ("notes.tmp", ".notes.tmp", "checkpoint.npz.tmp"):      # not atomic_write's names
+        (folder / other).write_text("mine")
+    with runs.locked(str(folder)):
+        assert sorted(os.listdir(folder)) == [".checkpoint.npz.abcd1234.tmp", ".lock", ".notes.tmp",
+                                              "checkpoint.npz.tmp", "notes.tmp"]
+    assert (tmp_path / "victim").read_bytes() == b"precious"
+    assert runs.remove_temporaries(str(folder)) == []
 
 
 # ---- a checkpoint from other settings --------------------------------------------------------
