@@ -33,6 +33,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 import tokenize
 import zipfile
@@ -651,6 +652,32 @@ class Stopped(KeyboardInterrupt):
 
 def _stop(signum, frame):
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP that arrive while the block runs take effect when it ends,
+    through the handlers that were in place: a step that must not be cut in two, such as
+    moving a fresh run's files and recording that they moved. Python runs signal handlers in
+    the main thread whichever thread the signal reaches, so the handlers are swapped for
+    recorders there; in another thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        if caught:  # delivered now, as if it had come at this line
+            handler = held[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 def run_command(main):

@@ -496,10 +496,12 @@ class _Member:
         return os.path.join(self.folder, "checkpoint.npz")
 
     def take_over(self):
-        """A fresh run's first checkpoint is written: its files replace the earlier run's."""
+        """A fresh run's first checkpoint is written: its files replace the earlier run's,
+        and the move and its record are one step for a signal (runs.signals_deferred)."""
         if self.folder != self.dir:
-            runs.replace_run(self.folder, self.dir)
-            self.folder, self.took_over = self.dir, True
+            with runs.signals_deferred():
+                runs.replace_run(self.folder, self.dir)
+                self.folder, self.took_over = self.dir, True
 
 
 def _run_members(experiment, preset, members, resume, quiet):
