@@ -99,28 +99,58 @@ def test_a_fresh_run_leaves_no_file_of_an_earlier_run(tmp_path):
     assert runs.load_run(str(tmp_path / "block"))["metrics"]["steps_done"] == 3
 
 
-def test_a_fresh_run_replaces_the_old_one_only_after_its_first_checkpoint(tmp_path, monkeypatch):
-    before = finished_run(tmp_path)
-    real = runs.save_checkpoint
-    calls = []
+def _crash_at(monkeypatch, nth):
+    """runs.save_checkpoint interrupted (Ctrl-C) at its nth call."""
+    real, calls = runs.save_checkpoint, []
 
-    def crash(nth):
-        def checkpoint(*args):
-            calls.append(1)
-            if len(calls) == nth:
-                raise KeyboardInterrupt
-            return real(*args)
-        return checkpoint
-    monkeypatch.setattr(runs, "save_checkpoint", crash(1))  # killed while writing the first one
+    def checkpoint(*args):
+        calls.append(1)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(runs, "save_checkpoint", checkpoint)
+
+
+def test_a_failed_fresh_run_over_a_finished_one_leaves_it_byte_identical(tmp_path, monkeypatch, capsys):
+    """Interrupted while writing its first checkpoint or after later ones, diverged late, or
+    a bad file found late: the finished run is as it was, and the line says so. A fresh run
+    that finishes replaces it."""
+    before = finished_run(tmp_path)
+    argv = ["block", "--runs_dir", str(tmp_path), "--quiet", "--seed", "5", *argv_of(dict(TINY, checkpoint_every=2))]
+    for nth in (1, 3):
+        _crash_at(monkeypatch, nth)
+        assert train.main(argv) == 130
+        assert capsys.readouterr().err.splitlines() == [
+            f"train.py: interrupted by SIGINT; stopped before it finished: {tmp_path / 'block'} holds its earlier "
+            f"finished run, as it was"]
+        assert folder_bytes(tmp_path) == before
+    monkeypatch.undo()
+    assert train.main([*argv, "--lr", "1e300"]) == 1                         # diverges after its first step
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(f"{tmp_path / 'block'} holds its earlier finished run, as it was")
+    assert folder_bytes(tmp_path) == before
+    monkeypatch.setattr(train, "_evaluate", lambda *a: (_ for _ in ()).throw(runs.FileFault("late: a bad file")))
+    assert train.main(argv) == 1
+    assert folder_bytes(tmp_path) == before
+    monkeypatch.undo()
+    assert train.main(argv) == 0
+    assert runs.load_config(str(tmp_path / "block"))["seed"] == 5
+
+
+def test_a_fresh_run_over_an_unfinished_one_replaces_it_after_its_first_checkpoint(tmp_path, monkeypatch):
+    before = finished_run(tmp_path)
+    for f in ("params.npz", "metrics.npz"):  # an interrupted earlier run: its checkpoint only
+        (tmp_path / "block" / f).unlink()
+    before = folder_bytes(tmp_path)
+    _crash_at(monkeypatch, 1)  # killed while writing the first one
     with pytest.raises(KeyboardInterrupt):
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, seed=5))
     assert folder_bytes(tmp_path) == before
-    calls.clear()
-    monkeypatch.setattr(runs, "save_checkpoint", crash(2))  # killed after the first checkpoint
-    with pytest.raises(KeyboardInterrupt):
+    _crash_at(monkeypatch, 2)  # killed after the first checkpoint: it has taken over
+    with pytest.raises(KeyboardInterrupt, match="holds this run's last checkpoint"):
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, seed=5, checkpoint_every=2))
     assert sorted(os.listdir(tmp_path / "block")) == [".lock", "checkpoint.npz", "config.json"]
-    monkeypatch.setattr(runs, "save_checkpoint", real)
+    monkeypatch.undo()
     resumed = train.run("block", runs_dir=str(tmp_path), quiet=True, resume=True,
                         **dict(TINY, seed=5, checkpoint_every=2))
     whole = train.run("block", runs_dir=str(tmp_path / "whole"), quiet=True, **dict(TINY, seed=5))
@@ -412,8 +442,13 @@ def test_an_interruption_before_the_first_checkpoint_says_the_earlier_run_is_int
     monkeypatch.setattr(runs, "save_checkpoint", stop)
     assert train.main(["block", "--runs_dir", str(tmp_path), "--quiet", "--seed", "3", *argv_of(TINY)]) == 130
     assert capsys.readouterr().err.splitlines() == [
-        f"train.py: interrupted by SIGINT; stopped before its first checkpoint: {tmp_path / 'block'} is as it was"]
+        f"train.py: interrupted by SIGINT; stopped before it finished: {tmp_path / 'block'} holds its earlier "
+        f"finished run, as it was"]
     assert folder_bytes(tmp_path) == before
+    monkeypatch.setattr(runs, "save_checkpoint", stop)  # no earlier run
+    assert train.main(["block", "--runs_dir", str(tmp_path / "new"), "--quiet", *argv_of(TINY)]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: interrupted by SIGINT; stopped before its first checkpoint: {tmp_path / 'new' / 'block'} is as it was"]
 
 
 # ---- writes that never leave their folder ---------------------------------------------------

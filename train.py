@@ -475,6 +475,7 @@ class _Member:
         self.saved = dict(cfg, experiment=experiment, preset=preset, versions=runs.versions(CODE))
         self.settings = runs.digest({k: v for k, v in self.saved.items() if k not in NOT_RESULT | {"versions"}})
         self.state, self.folder, self.took_over, self.failure = None, run_dir, False, None
+        self.keeps = False  # a finished run is there: replaced only once this one has finished
 
     def prepare(self, experiment):
         """Check the folder (and on resume, the checkpoint) and stage a fresh run."""
@@ -488,17 +489,20 @@ class _Member:
                                  f"{self.dir}; allowed to change: {', '.join(sorted(NOT_RESULT))}")
             self.state = runs.load_checkpoint(self.ckpt, array_module(self.cfg["backend"]).asarray)
             _check_belongs(self.ckpt, self.state, experiment, self.cfg, self.settings)
-        else:  # a fresh run: staged apart until it has a checkpoint, then it replaces the old files
+        else:  # a fresh run: staged apart until it has a checkpoint (over a finished run: until it
+            # has finished), then it replaces the old files
+            self.keeps = all(os.path.exists(os.path.join(self.dir, f)) for f in ("params.npz", "metrics.npz"))
             self.folder = runs.fresh_stage(self.dir)
         runs.save_json(os.path.join(self.folder, "config.json"), self.saved)
 
     def checkpoint_path(self):
         return os.path.join(self.folder, "checkpoint.npz")
 
-    def take_over(self):
-        """A fresh run's first checkpoint is written: its files replace the earlier run's,
-        and the move and its record are one step for a signal (runs.signals_deferred)."""
-        if self.folder != self.dir:
+    def take_over(self, finished=False):
+        """A fresh run's first checkpoint is written (over a finished run: its last files are):
+        its files replace the earlier run's, and the move and its record are one step for a
+        signal (runs.signals_deferred)."""
+        if self.folder != self.dir and (finished or not self.keeps):
             with runs.signals_deferred():
                 runs.replace_run(self.folder, self.dir)
                 self.folder, self.took_over = self.dir, True
@@ -535,7 +539,7 @@ def _run_members(experiment, preset, members, resume, quiet):
                 metrics, params = result
                 runs.save_npz(os.path.join(m.folder, "params.npz"), runs.flatten(params))
                 runs.save_npz(os.path.join(m.folder, "metrics.npz"), {k: numpy.asarray(v) for k, v in metrics.items()})
-                m.take_over()
+                m.take_over(finished=True)
         except KeyboardInterrupt as e:  # say what is on disk now
             e.args = (_on_disk(group),)
             raise
@@ -553,7 +557,8 @@ def _run_members(experiment, preset, members, resume, quiet):
 def _on_disk(group):
     """What an interruption leaves of the runs of a stack (a lone run: a stack of one)."""
     kept = [m.dir for m in group if m.resume or m.took_over]
-    fresh = [m.dir for m in group if not (m.resume or m.took_over)]
+    finished = [m.dir for m in group if m.keeps and not m.took_over]
+    fresh = [m.dir for m in group if not (m.resume or m.took_over or m.keeps)]
     lines = []
     if len(kept) == 1 and len(group) == 1:
         lines.append(f"{kept[0]} holds this run's last checkpoint (python train.py ... --resume continues it)")
@@ -563,6 +568,9 @@ def _on_disk(group):
     if fresh:
         lines.append(f"stopped before its first checkpoint: {', '.join(fresh)} "
                      f"{'is as it was' if len(fresh) == 1 else 'are as they were'}")
+    if finished:
+        lines.append(f"stopped before it finished: {', '.join(finished)} "
+                     f"{'holds its earlier finished run, as it was' if len(finished) == 1 else 'hold their earlier finished runs, as they were'}")
     return "; ".join(lines)
 
 
@@ -655,6 +663,12 @@ def _train(experiment, members, quiet):
             retire = []
             for i, j in enumerate(active):
                 m, st, loss = members[j], states[j], float(losses[i])
+                if not math.isfinite(loss) and m.keeps:
+                    m.failure = (f"training loss is {loss} at step {step}: the learning rate {cfg['lr']} or the "
+                                 f"initial parameters (init_scale) are likely too large; {m.dir} holds its earlier "
+                                 f"finished run, as it was")
+                    retire.append(i)
+                    continue
                 if not math.isfinite(loss):
                     m.failure = (f"training loss is {loss} at step {step}, before any update: the initial "
                                  f"parameters (init_scale) or the data make it non-finite; nothing was saved"
