@@ -58,7 +58,7 @@ def _float64(x):
 def context_sums(x):
     """C_r = sum_{t<r} x_{t+1} x_t^*, S_r = sum_{t<r} x_t x_t^*: the r transitions seen at
     position r. x [n, T, d] -> C, S [n, T, d, d]."""
-    n, T, d = x.shape
+    n, T, d = icar.check_data(x, "x")
     zero = numpy.zeros((n, 1, d, d), dtype=x.dtype)
     C = numpy.cumsum(x[:, 1:, :, None] * numpy.conj(x[:, :-1, None, :]), axis=1)  # [n, T-1, d, d]
     S = numpy.cumsum(x[:, :-1, :, None] * numpy.conj(x[:, :-1, None, :]), axis=1)
@@ -72,12 +72,22 @@ def _apply(M, x):
 
 def position_loss(f, y):
     """[n, T, d] -> [T]: the test loss per position, squared error summed over d, averaged over sequences."""
+    if icar.check_data(f, "f") != icar.check_data(y, "y"):
+        raise ValueError(f"f and y must have the same shape [n, T, d], got f {numpy.shape(f)}, y {numpy.shape(y)}")
     return numpy.mean(numpy.sum(numpy.abs(f - y) ** 2, axis=-1), axis=0)
 
 
 def gd_prediction(C, S, x, eta, k):
     """W_k x_r after k GD steps from 0, step eta [T], on L(W) = 1/2 sum_t ||s_{t+1} - W s_t||^2:
-    W_k = eta C sum_{j<k} (I - eta S)^j, applied to vectors (no matrix powers)."""
+    W_k = eta C sum_{j<k} (I - eta S)^j, applied to vectors (no matrix powers). C, S [n, T, d, d]
+    (context_sums), x [n, T, d], eta [T], k >= 1."""
+    n, T, d = icar.check_data(x, "x")
+    for name, M in (("C", C), ("S", S)):
+        if icar.check_data(M, name, "n, T, d, d") != (n, T, d, d):
+            raise ValueError(f"{name} must have shape [n, T, d, d] = {(n, T, d, d)} to match x, got {numpy.shape(M)}")
+    if icar.check_data(eta, "eta", "T") != (T,):
+        raise ValueError(f"eta must have shape [T] = {(T,)} to match x, got shape {numpy.shape(eta)}")
+    k = icar.check_int("k", k, 1)
     eta = eta[None, :, None]                                         # [1, T, 1]
     v, total = x, x
     for _ in range(k - 1):  # the k steps of an iterative algorithm, not a loop over data
@@ -86,14 +96,15 @@ def gd_prediction(C, S, x, eta, k):
     return eta * _apply(C, total)                                    # [n, T, d]
 
 
-def _check_sequences(s, W=None):
+def _check_sequences(s, W=None, names=("s", "W")):
     """(n, T, d) of finite float or complex sequences s [n, T+1, d] (T >= 1) and, if given,
-    their context matrices W [n, d, d]: the data of every baseline and probe."""
-    n, T1, d = icar.check_data(s, finite=True)
+    their context matrices W [n, d, d]: the data of every baseline and probe (names: of s, W)."""
+    n, T1, d = icar.check_data(s, names[0], finite=True)
     if T1 < 2:
-        raise ValueError(f"s must have shape [n, T+1, d] with T >= 1, got shape {numpy.shape(s)}")
-    if W is not None and icar.check_data(W, "W", "n, d, d", finite=True) != (n, d, d):
-        raise ValueError(f"W must have shape [n, d, d] = {(n, d, d)} to match s, got shape {numpy.shape(W)}")
+        raise ValueError(f"{names[0]} must have shape [n, T+1, d] with T >= 1, got shape {numpy.shape(s)}")
+    if W is not None and icar.check_data(W, names[1], "n, d, d", finite=True) != (n, d, d):
+        raise ValueError(f"{names[1]} must have shape [n, d, d] = {(n, d, d)} to match {names[0]}, "
+                         f"got shape {numpy.shape(W)}")
     return n, T1 - 1, d
 
 
@@ -178,7 +189,9 @@ def query_predictor(params, s, cfg=None):
     M2, M3 (query s_{r-1}): x_r replaces the value of the newest token t = r for query r.
     predict(s) is the model's ordinary prediction; predict is linear in x for M1, M2, M3.
     """
+    icar.check_data(s, "s")
     kind = model_kind(params, cfg)
+    model_predictor(params, cfg)(s[:1])  # the model's own checks of params and s, on one sequence
     if kind.startswith("M4"):
         return (_query_augmented_m4 if kind == "M4 augmented" else _query_raw_m4)(params, s, cfg)
     return {"M1": _query_m1, "M2": _query_m2, "M3": _query_m3}[kind](params, s)
@@ -213,11 +226,17 @@ def probe(predict, s, W=None, eta=None):
     n, T, d = x0.shape
     real = not numpy.iscomplexobj(x0)
     u0 = icar.array_module(x0).zeros(x0.shape, dtype=numpy.real(x0[:1, :1, :1]).dtype)
+    def f(u):
+        out = predict(x0 + u)
+        if numpy.shape(out) != (n, T, d):
+            raise ValueError(f"predict must return [n, T, d] = {(n, T, d)}, got shape {numpy.shape(out)}")
+        return out
+
     rows = []
     for i in range(d):
-        parts = [grad(lambda u: np.sum(np.real(predict(x0 + u)[..., i])))(u0)]
+        parts = [grad(lambda u: np.sum(np.real(f(u)[..., i])))(u0)]
         if not real:
-            parts.append(grad(lambda u: np.sum(np.imag(predict(x0 + u)[..., i])))(u0))
+            parts.append(grad(lambda u: np.sum(np.imag(f(u)[..., i])))(u0))
         rows.append(parts[0] if real else parts[0] + 1j * parts[1])     # [n, T, d]: d f_i / d x
     Gamma = numpy.stack([numpy.asarray(r) for r in rows], axis=2)       # [n, T, d, d]
     host, G = _float64(s), _float64(Gamma)
@@ -262,14 +281,21 @@ def weight_blocks(params, d):
         raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
     m1 = "layers" not in params
     if m1:
-        icar.check_params("params", params, ("A", "B"), ("W_KQ", "W_V"))
+        size = 3 * d if icar.check_params("params", params, ("A", "B"), ("W_KQ", "W_V")) == ("W_KQ", "W_V") else d
+        for key in params:
+            icar.check_shape(key, params[key], (size, size))
     else:
         icar.check_params("params", params, ("layers", "W_out", "b_out"))  # no "pos": augmented tokens
+        if not isinstance(params["layers"], (list, tuple)) or not params["layers"]:
+            raise ValueError(f"params['layers'] must be a list of at least one layer, got {params['layers']!r:.80}")
         for i, layer in enumerate(params["layers"]):
             icar.check_params(f"params['layers'][{i}]", layer, icar.LAYER_KEYS)
-            if numpy.shape(layer["W_Q"])[-2] != 3 * d:
+            if getattr(layer["W_Q"], "ndim", None) == 3 and numpy.shape(layer["W_Q"])[-2] != 3 * d:
                 raise ValueError(f"params['layers'][{i}]['W_Q'] must have 3d = {3 * d} rows (augmented "
                                  f"tokens of d = {d}), got shape {numpy.shape(layer['W_Q'])}")
+            icar.check_layer(f"params['layers'][{i}]", layer, 3 * d)
+        d_out = icar.check_data(params["W_out"], "W_out", "E, d_out")[1]
+        icar.check_shape("W_out", params["W_out"], (3 * d, d_out))
     if m1:
         if "A" in params:
             KQ, V = numpy.zeros((3 * d, 3 * d)), numpy.zeros((3 * d, 3 * d))
@@ -298,6 +324,13 @@ def previous_token_share(params, T):
     t = r - 1, averaged over query positions r = 1..T-1 (1: a previous-token head)."""
     icar.check_params("params", params, ("layers", "W_out", "b_out", "pos"))
     T = icar.check_int("T", T, 2)
+    if not isinstance(params["layers"], (list, tuple)) or not params["layers"]:
+        raise ValueError(f"params['layers'] must be a list of at least one layer, got {params['layers']!r:.80}")
+    rows, E = icar.check_data(params["pos"], "pos", "T', E")
+    if rows < T:
+        raise ValueError(f"T must be at most the rows of pos {numpy.shape(params['pos'])}, got T={T}")
+    icar.check_shape("pos", params["pos"], (rows, E))
+    icar.check_layer("params['layers'][0]", params["layers"][0], E)
     w = icar.positional_attention(params["layers"][0], params["pos"][:T])  # [H, T, T]
     r = numpy.arange(1, T)
     return numpy.mean(numpy.asarray(w)[:, r, r - 1], axis=1)               # [H, T-1] -> [H]
@@ -311,15 +344,23 @@ def readout_r2(params, cfg, s_fit, s_eval):
     NaN at position 0 (no previous token) and where the target is constant on s_eval (SST at
     most 1e-12 of its sum of squares: a fixed first state at r = 1). Complex data: real and
     imaginary parts are stacked as real features and targets."""
-    icar.check_tokens(s_fit, cfg)
-    icar.check_params("params", params, ("layers", "W_out", "b_out") + (("pos",) if cfg["positional"] else ()))
-    if icar.check_tokens(s_eval, cfg)[1] != s_fit.shape[1]:
+    icar.check_tokens(s_fit, cfg, "s_fit")
+    icar.check_transformer(params, cfg)
+    if not params["layers"]:
+        raise ValueError("params['layers'] must hold at least one layer, got none")
+    if icar.check_tokens(s_eval, cfg, "s_eval")[1] != s_fit.shape[1]:
         raise ValueError(f"s_fit and s_eval must have the same T, got {s_fit.shape[1]} and {s_eval.shape[1]}")
+    if numpy.iscomplexobj(s_fit) != numpy.iscomplexobj(s_eval):
+        raise ValueError("s_fit and s_eval must be both real or both complex")
+    icar.check_data(s_fit, "s_fit", finite=True)
+    icar.check_data(s_eval, "s_eval", finite=True)
 
     def features_targets(x):
         h = numpy.concatenate([x] * cfg["repeat"], axis=-1)                  # [n, T, E]
         h1 = icar.transformer_layer(params["layers"][0], h, cfg, params.get("pos"))  # [n, T, E]
         Z = _real_parts(numpy.transpose(numpy.asarray(h1)[:, 1:], (1, 0, 2)))      # [T-1, n, E or 2E]
+        if not numpy.all(numpy.isfinite(Z)):
+            raise ValueError("params must give finite first-layer outputs, got NaN or inf (non-finite params?)")
         Z = numpy.concatenate([Z, numpy.ones(Z.shape[:2] + (1,))], -1)      # with the bias
         return Z, _real_parts(numpy.transpose(x[:, :-1], (1, 0, 2)))                # [T-1, n, d or 2d]
 
@@ -338,7 +379,7 @@ def mechanism(params, cfg, s_fit, s_eval):
     """mech_prev_share [H] and mech_readout_r2 [T] of a positional M4 (cfg: its
     icar.transformer_config): the read-out is fitted on inputs s_fit and scored on s_eval
     (each [n, T, d]; see readout_r2)."""
-    icar.check_params("cfg", cfg, tuple(icar.TRANSFORMER_DEFAULTS))
+    icar.check_config(cfg)
     return {"mech_prev_share": previous_token_share(params, cfg["T"]),
             "mech_readout_r2": readout_r2(params, cfg, s_fit, s_eval)}
 
@@ -426,6 +467,7 @@ def model_kind(params, cfg=None):
     if "layers" in params:
         if cfg is None or not isinstance(cfg, dict):
             raise ValueError("cfg must be the icar.transformer_config of an M4 (params has 'layers')")
+        icar.check_config(cfg)
         if cfg.get("d_in") == 3 * cfg.get("d_out", 0):
             return "M4 augmented"
         if cfg.get("d_in") == cfg.get("d_out"):
@@ -461,8 +503,10 @@ def m4_streams(params, x, cfg):
     kind = model_kind(params, cfg)
     if not kind.startswith("M4"):
         raise ValueError(f"params must be those of an M4 (layers, W_out, b_out), got {kind}")
+    icar.check_data(x, "x")
     tokens = icar.augment(x) if kind == "M4 augmented" else x              # [n, T, d_in]
     icar.check_tokens(tokens, cfg)
+    icar.check_transformer(params, cfg)
     h = np.concatenate([tokens] * cfg["repeat"], axis=-1)                  # [n, T, E]
     out = [h]
     for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
@@ -547,6 +591,8 @@ def switch_context(source, s, W, k):
 
     source: a numpy.random.Generator (W2 is another sequence's W, a random cyclic derangement
     of the batch, so W2 follows the law of W; needs n >= 2), or W2 itself [n, d, d]."""
+    if W is None:
+        raise ValueError("W must be the context matrices [n, d, d] of s, got None")
     n, T, d = _check_sequences(s, W)
     k = icar.check_int("k", k, 0)
     if k > T:
@@ -578,6 +624,8 @@ def replace_tokens(s, other, positions):
     if numpy.shape(other) != numpy.shape(s):
         raise ValueError(f"other must have the shape of s {numpy.shape(s)}, got {numpy.shape(other)}")
     icar.check_data(other, "other", finite=True)
+    if not isinstance(positions, (list, tuple, range, numpy.ndarray)) or getattr(positions, "ndim", 1) != 1:
+        raise ValueError(f"positions must be a list of integers in 0..T = 0..{T}, got {positions!r}")
     positions = list(positions)
     for p in positions:
         if isinstance(p, bool) or not isinstance(p, (int, numpy.integer)) or not 0 <= p <= T:
@@ -596,6 +644,11 @@ def head_ablation(params, cfg, s, predict=None):
     kind = model_kind(params, cfg)
     if not kind.startswith("M4"):
         raise ValueError(f"params must be those of an M4 (layers, W_out, b_out), got {kind}")
+    icar.check_transformer(params, cfg)
+    for l, layer in enumerate(params["layers"]):
+        if numpy.shape(layer["W_V"])[0] != cfg["heads"]:
+            raise ValueError(f"params['layers'][{l}] must have cfg['heads'] = {cfg['heads']} heads, "
+                             f"got {numpy.shape(layer['W_V'])[0]}")
     _check_sequences(s)
     if predict is None:
         predict = lambda p, x: model_predictor(p, cfg)(x)                  # noqa: E731
@@ -604,7 +657,10 @@ def head_ablation(params, cfg, s, predict=None):
     x, y = s[:, :-1], _float64(s[:, 1:])
 
     def loss(p):
-        return float(numpy.mean(position_loss(_float64(predict(p, x)), y)))
+        f = _float64(predict(p, x))
+        if f.shape != y.shape:
+            raise ValueError(f"predict must return [n, T, d] = {y.shape}, got shape {f.shape}")
+        return float(numpy.mean(position_loss(f, y)))
 
     L, H = len(params["layers"]), cfg["heads"]
     ablated = numpy.zeros((L, H))
@@ -635,6 +691,9 @@ def linear_probe_w(features_fit, W_fit, features_eval, W_eval, ridge=1e-6):
     if len(Ff) < 2 or Ff[1:] != Fe[1:] or len(Wf) != 3 or Wf[1:] != We[1:] or Wf[1] != Wf[2]:
         raise ValueError(f"features_fit, features_eval must be [n, ..., F] with the same trailing axes "
                          f"and W_fit, W_eval [n, d, d], got {Ff}, {Fe}, {Wf}, {We}")
+    if (numpy.iscomplexobj(features_fit) != numpy.iscomplexobj(features_eval)
+            or numpy.iscomplexobj(W_fit) != numpy.iscomplexobj(W_eval)):
+        raise ValueError("features_fit and features_eval, and W_fit and W_eval, must be both real or both complex")
     if Ff[0] != Wf[0] or Fe[0] != We[0]:
         raise ValueError(f"features and W must have the same n, got features_fit {Ff[0]}, W_fit "
                          f"{Wf[0]}, features_eval {Fe[0]}, W_eval {We[0]}")
@@ -670,8 +729,8 @@ def stream_w_r2(params, cfg, s_fit, W_fit, s_eval, W_eval, ridge=1e-6):
     itself is read by `fresh_query_probe`."""
     def features(s):
         return numpy.stack([numpy.asarray(h) for h in m4_streams(params, s[:, :-1], cfg)], axis=1)  # [n, L+1, T, E]
-    _check_sequences(s_fit, W_fit)
-    _check_sequences(s_eval, W_eval)
+    _check_sequences(s_fit, W_fit, ("s_fit", "W_fit"))
+    _check_sequences(s_eval, W_eval, ("s_eval", "W_eval"))
     return linear_probe_w(features(s_fit), W_fit, features(s_eval), W_eval, ridge)
 
 
@@ -730,6 +789,8 @@ def fresh_query_probe(predict, s, rng, W=None, eta=None):
         xs = numpy.repeat(x0[None, None], 2, axis=0).repeat(d, axis=1)     # [2, d, n, T, d]
         xs[:, :, :, r] = numpy.stack([numpy.swapaxes(u, 0, 1), -numpy.swapaxes(u, 0, 1)])  # +-u_j
         f = numpy.asarray(predict(xs.reshape(2 * d * n, T, d).astype(x0.dtype)))  # [2 d n, T, d]
+        if f.shape != (2 * d * n, T, d):
+            raise ValueError(f"predict must return [m, T, d] = {(2 * d * n, T, d)}, got shape {f.shape}")
         f = f[:, r].reshape(2, d, n, -1)                                    # [2, d (j), n, d]
         odd = numpy.moveaxis((f[0] - f[1]) / 2, 0, -1)                      # [n, d, d (j)]
         Gamma[:, r] = (odd @ numpy.swapaxes(Q[:, r], -1, -2)) / rho[r]      # [n, d, d]

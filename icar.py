@@ -45,7 +45,19 @@ class Diverged(ValueError):
     exit_status = 1  # on a command line: the settings were valid, the run was not
 
 
+def _finite_real(value):
+    """Whether value is a finite real number (never a bool; a Python int past float's range is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return bool(numpy.isfinite(float(value)))
+    except OverflowError:
+        return False
+
+
 def check_int(name, value, low):
+    if isinstance(low, bool) or not isinstance(low, numbers.Integral):
+        raise ValueError(f"low (the least {name} allowed) must be an integer, got {low!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if value > 2 ** 62:  # past this no size or count fits memory or a float's 53 bits
@@ -55,15 +67,24 @@ def check_int(name, value, low):
 
 def check_real(name, value, low=None, strict=False):
     """float(value) for a finite real number (never a bool) >= low (> low if strict)."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(value)
-            or (low is not None and (value <= low if strict else value < low))):
+    if low is not None and not _finite_real(low):
+        raise ValueError(f"low (the bound on {name}) must be None or a finite number, got {low!r}")
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be True or False, got {strict!r}")
+    if not _finite_real(value) or (low is not None and (value <= low if strict else value < low)):
         rule = "" if low is None else f" {'>' if strict else '>='} {low}"  # "", " >= 0" or " > 0"
         raise ValueError(f"{name} must be a finite number{rule}, got {value!r}")
     return float(value)
 
 
 def check_choice(name, value, allowed):
-    if value not in allowed:
+    if not isinstance(allowed, (tuple, list, set, frozenset, dict)):
+        raise ValueError(f"allowed (the choices of {name}) must be a tuple, list or set, got {type(allowed).__name__}")
+    try:
+        known = value in allowed
+    except (TypeError, ValueError):  # an unhashable value and a set, an array compared elementwise
+        known = False
+    if not known:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
     return value
 
@@ -72,14 +93,19 @@ def check_params(name, params, *allowed):
     """The key set (one of `allowed`, tuples of names) of the dict `params`, checked exactly."""
     params = getval(params)  # a dict, also while autograd traces it
     for keys in allowed:
+        if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"allowed (key sets of {name}) must be tuples of names, got {keys!r}")
         if isinstance(params, dict) and set(params) == set(keys):
             return keys
-    got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    got = sorted(params, key=str) if isinstance(params, dict) else type(params).__name__
     raise ValueError(f"{name} must be a dict with keys {' or '.join(map(str, allowed))}, got {got}")
 
 
-def _check_shape(name, array, shape):
+def check_shape(name, array, shape):
     """A parameter: a real float array of the given shape."""
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0 for k in shape):
+        raise ValueError(f"shape (of {name}) must be a tuple of sizes >= 0, got {shape!r}")
     if getattr(getattr(getval(array), "dtype", None), "kind", None) != "f":
         raise ValueError(f"{name} must be a real float array, got {getattr(getval(array), 'dtype', type(getval(array)).__name__)}")
     if tuple(numpy.shape(array)) != tuple(shape):
@@ -89,6 +115,10 @@ def _check_shape(name, array, shape):
 def check_data(s, name="s", axes="n, T, d", finite=False):
     """The shape of s, a float or complex array with the named axes (None: any), each >= 1; O(1) on
     autograd boxes and GPU arrays, except finite=True: a scan for NaN and inf (entry points, not models)."""
+    if axes is not None and not isinstance(axes, str):
+        raise ValueError(f"axes must be None or axis names such as 'n, T, d', got {axes!r}")
+    if not isinstance(finite, (bool, numpy.bool_)):
+        raise ValueError(f"finite must be True or False, got {finite!r}")
     s = getval(s)
     if getattr(getattr(s, "dtype", None), "kind", None) not in ("f", "c"):
         raise ValueError(f"{name} must be a float or complex array, got {getattr(s, 'dtype', type(s).__name__)}")
@@ -101,11 +131,14 @@ def check_data(s, name="s", axes="n, T, d", finite=False):
 
 def array_module(x):
     """The array module (numpy, or cupy for GPU arrays) that owns x, seen through autograd boxes."""
-    if isinstance(x := getval(x), numpy.ndarray) or numpy.isscalar(x):
+    if isinstance(x := getval(x), (numpy.ndarray, numpy.generic, numbers.Number)):
         return numpy
-    if not hasattr(x, "__array_namespace__"):  # CuPy < 14: the package that defines the type
-        return importlib.import_module(type(x).__module__.partition(".")[0])
-    return x.__array_namespace__()
+    if hasattr(x, "__array_namespace__"):
+        return x.__array_namespace__()
+    package = type(x).__module__.partition(".")[0]  # CuPy < 14: the package that defines the type
+    if package in ("builtins", "numpy"):  # None, a str, list, dict or function is no array
+        raise ValueError(f"x must be an array (NumPy's, or a GPU array such as CuPy's), got {type(x).__name__}")
+    return importlib.import_module(package)
 
 
 # ----------------------------------------------------------------------------- data
@@ -186,11 +219,20 @@ def mse(f, y):
 def causal_mask(xp, T, like=None):
     """[T, T] lower-triangular ones: query position r sees keys t <= r. In the real precision
     of the array `like` (float32 for complex64 data), so that a mask never upcasts float32."""
+    if not (callable(getattr(xp, "tril", None)) and callable(getattr(xp, "ones", None))):
+        raise ValueError(f"xp must be an array module (numpy, or cupy for GPU arrays), got {type(xp).__name__}")
+    check_int("T", T, 1)
+    if like is not None and getattr(getattr(getval(like), "dtype", None), "kind", None) not in ("f", "c"):
+        raise ValueError(f"like must be None or a float or complex array, got "
+                         f"{getattr(getval(like), 'dtype', type(getval(like)).__name__)}")
     dtype = numpy.float64 if like is None else numpy.finfo(like.dtype).dtype
     return xp.tril(xp.ones((T, T), dtype=dtype))
 
 
 def swap(x):
+    """x with its last two axes swapped: [..., a, b] -> [..., b, a]."""
+    if getattr(getval(x), "ndim", 0) < 2:  # also no list: the models take arrays
+        raise ValueError(f"x must be an array with at least 2 axes, got shape {getattr(getval(x), 'shape', type(getval(x)).__name__)}")
     return np.swapaxes(x, -1, -2)
 
 
@@ -209,14 +251,14 @@ def augmented_linear(params, e):
     d = D // 3
     mask = causal_mask(array_module(e), T, e)                                    # [T, T]
     if check_params("params", params, ("W_KQ", "W_V"), ("A", "B")) == ("W_KQ", "W_V"):  # full, else block
-        _check_shape("W_KQ", params["W_KQ"], (D, D))
-        _check_shape("W_V", params["W_V"], (D, D))
+        check_shape("W_KQ", params["W_KQ"], (D, D))
+        check_shape("W_V", params["W_V"], (D, D))
         q = e @ swap(params["W_KQ"])                           # [n, T, 3d] rows W_KQ e_r
         scores = (q @ swap(np.conj(e))) * mask                 # [n, T, T]: e_t^* W_KQ e_r
         v = e @ swap(params["W_V"])                            # [n, T, 3d]
         return (scores @ v)[..., :d]                            # [n, T, T] @ [n, T, 3d] -> [n, T, d]
-    _check_shape("A", params["A"], (d, d))
-    _check_shape("B", params["B"], (d, d))
+    check_shape("A", params["A"], (d, d))
+    check_shape("B", params["B"], (d, d))
     s, prev = e[..., d:2 * d], e[..., 2 * d:]                   # [n, T, d] each
     q = s @ swap(params["A"])                                  # [n, T, d] rows A s_r
     scores = (q @ swap(np.conj(prev))) * mask                  # [n, T, T]: s_{t-1}^* A s_r
@@ -235,9 +277,9 @@ def diagonal_heads(params, s):
     n, T, d = check_data(s)
     check_params("params", params, ("A", "B", "P"))
     H = check_int("H (rows of A)", numpy.shape(params["A"])[0] if numpy.ndim(params["A"]) == 2 else 0, 1)
-    _check_shape("A", params["A"], (H, d))
-    _check_shape("B", params["B"], (H, d))
-    _check_shape("P", params["P"], (T, T))
+    check_shape("A", params["A"], (H, d))
+    check_shape("B", params["B"], (H, d))
+    check_shape("P", params["P"], (T, T))
     xp = array_module(s)
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)  # [n, T, d]: conj(s_{r-1})
     q = query[:, None] * params["A"][None, :, None, :]          # [n, H, T, d]
@@ -253,7 +295,7 @@ def pe_only(params, s):
     This is M2 with C = I (paper.md uses d = 1, C = 1)."""
     n, T, d = check_data(s)
     check_params("params", params, ("P",))
-    _check_shape("P", params["P"], (T, T))
+    check_shape("P", params["P"], (T, T))
     xp = array_module(s)
     query = np.concatenate([xp.zeros((n, 1, d), dtype=s.dtype), np.conj(s[:, :-1])], axis=1)  # [n, T, d]: conj(s_{r-1})
     s2 = np.reshape(np.transpose(s * s, (1, 0, 2)), (T, n * d))  # [T, n*d]: one product for the batch
@@ -277,6 +319,16 @@ TRANSFORMER_DEFAULTS = dict(
 )
 
 
+def _broadcasts(shape, to):
+    """Whether an array of shape `shape` broadcasts to shape `to` (and no further)."""
+    if len(shape) <= len(to) and tuple(shape) == tuple(to)[len(to) - len(shape):]:  # the common case, fast
+        return True
+    try:
+        return numpy.broadcast_shapes(shape, to) == tuple(to)
+    except ValueError:
+        return False
+
+
 def transformer_config(**overrides):
     """A complete, checked M4 configuration: TRANSFORMER_DEFAULTS with overrides."""
     unknown = set(overrides) - set(TRANSFORMER_DEFAULTS)
@@ -293,10 +345,25 @@ def transformer_config(**overrides):
     return cfg
 
 
+def check_config(cfg):
+    """cfg, a complete M4 configuration: every key of TRANSFORMER_DEFAULTS, each value as
+    transformer_config allows (as transformer_config returns it)."""
+    check_params("cfg", cfg, tuple(TRANSFORMER_DEFAULTS))
+    transformer_config(**cfg)
+    return cfg
+
+
 def softmax(z, mask):
     """Softmax of z over the last axis where mask > 0 (0 elsewhere). Shifting by the row maximum of those
     entries leaves it unchanged, so the shift is a constant for autograd (no gradient through max); masked
     entries become -inf before exp, so a large masked score can neither overflow nor take part in the shift."""
+    shape = check_data(z, "z", None)
+    if numpy.iscomplexobj(getval(z)) or not shape or shape[-1] < 1:
+        raise ValueError(f"z must be a real float array [..., K] with K >= 1, got {getval(z).dtype} of shape {shape}")
+    if (getattr(getattr(getval(mask), "dtype", None), "kind", None) not in ("f", "i", "u", "b")
+            or not _broadcasts(numpy.shape(mask), shape)):
+        raise ValueError(f"mask must be a real array that broadcasts to z's shape {shape}, got "
+                         f"{getattr(getval(mask), 'dtype', type(getval(mask)).__name__)} of shape {numpy.shape(getval(mask))}")
     xp = array_module(z)
     keep = mask > 0
     shift = xp.max(xp.where(keep, getval(z), -numpy.inf), axis=-1, keepdims=True)
@@ -308,26 +375,68 @@ def layernorm(x, g, b, eps=1e-5):
     """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [..., E]. Means are products with
     [E, 1] averaging weights: their gradients are single products, where mean's broadcast and divide
     take several passes."""
+    shape = check_data(x, "x", None)
+    if not shape or shape[-1] < 1:
+        raise ValueError(f"x must be an array [..., E] with E >= 1, got shape {shape}")
+    for name, v in (("g", g), ("b", b)):
+        if getattr(getattr(getval(v), "dtype", None), "kind", None) != "f" or not _broadcasts(numpy.shape(v), shape):
+            raise ValueError(f"{name} must be a real float array that broadcasts to x's shape {shape}, got "
+                             f"{getattr(getval(v), 'dtype', type(getval(v)).__name__)} of shape {numpy.shape(getval(v))}")
+    check_real("eps", eps, 0)
     avg = array_module(x).full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=numpy.finfo(x.dtype).dtype)
     xc = x - x @ avg                                            # [n, T, E] - [n, T, 1]
     sq = np.real(xc * np.conj(xc)) if numpy.iscomplexobj(xc) else xc * xc
     return xc * (sq @ avg + eps) ** -0.5 * g + b                # [n, T, E]
 
 
-def check_tokens(x, cfg):
-    """(n, T, d_in) of M4's tokens x [n, T, d_in], which cfg (all TRANSFORMER_DEFAULTS keys) must allow."""
-    check_params("cfg", cfg, tuple(TRANSFORMER_DEFAULTS))
-    n, T, d_in = check_data(x, "x")
+def check_tokens(x, cfg, name="x"):
+    """(n, T, d_in) of M4's tokens x [n, T, d_in] (named `name`), which cfg (check_config) must allow."""
+    check_config(cfg)
+    n, T, d_in = check_data(x, name)
     if d_in != cfg["d_in"] or T > cfg["T"]:
-        raise ValueError(f"x has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, d = {cfg['d_in']}")
+        raise ValueError(f"{name} has T={T}, d={d_in}; the configuration allows T <= {cfg['T']}, d = {cfg['d_in']}")
     return n, T, d_in
+
+
+def check_layer(name, layer, E):
+    """H, the heads of one layer of M4: `layer` has the keys LAYER_KEYS, real float arrays
+    W_Q, W_K, W_V [H, E, E], b_Q, b_K, b_V [H, E], W_O [E, E], b_O, ln_g, ln_b [E], H >= 1."""
+    check_params(name, layer, LAYER_KEYS)
+    E, arrays = check_int("E", E, 1), getval(layer)
+    H = numpy.shape(arrays["W_Q"])[0] if getattr(arrays["W_Q"], "ndim", None) == 3 else 1  # else named below
+    shapes = dict(W_Q=(H, E, E), W_K=(H, E, E), W_V=(H, E, E), b_Q=(H, E), b_K=(H, E), b_V=(H, E),
+                  W_O=(E, E), b_O=(E,), ln_g=(E,), ln_b=(E,))
+    for key in LAYER_KEYS:  # the names are only formatted for an array that fails
+        if getattr(getattr(arrays[key], "dtype", None), "kind", None) != "f" or getattr(arrays[key], "shape", None) != shapes[key]:
+            check_shape(f"{name}['{key}']", arrays[key], shapes[key])
+    return check_int(f"{name} heads (rows of W_Q)", H, 1)
+
+
+def check_transformer(params, cfg):
+    """M4's parameters for the configuration cfg (check_config): the keys layers, W_out, b_out
+    (and pos if cfg["positional"]); layers a list of layers (check_layer) on the stream of
+    size E = repeat * d_in, W_out [E, d_out], b_out [d_out], pos [T', E] with T' >= T."""
+    check_config(cfg)
+    check_params("params", params, ("layers", "W_out", "b_out") + (("pos",) if cfg["positional"] else ()))
+    E, arrays = cfg["repeat"] * cfg["d_in"], getval(params)
+    layers = getval(arrays["layers"])
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"params['layers'] must be a list of layers (dicts of arrays), got {type(layers).__name__}")
+    for i, layer in enumerate(layers):
+        check_layer(f"params['layers'][{i}]", layer, E)
+    check_shape("W_out", arrays["W_out"], (E, cfg["d_out"]))
+    check_shape("b_out", arrays["b_out"], (cfg["d_out"],))
+    if cfg["positional"]:
+        rows = numpy.shape(arrays["pos"])[0] if getattr(arrays["pos"], "ndim", None) == 2 else cfg["T"]
+        check_shape("pos", arrays["pos"], (max(rows, cfg["T"]), E))
 
 
 def positional_attention(layer, p):
     """softmax_{t<=r}((Q p_r) . (K p_t) / sqrt(E)) of one layer's heads, from the embeddings
     p [T, E] of the first T positions: [H, T, T], 0 for t > r (M4's positional weights)."""
-    check_params("layer", layer, LAYER_KEYS)
-    T, E = p.shape
+    T, E = check_data(p, "p", "T, E")
+    check_shape("p", p, (T, E))
+    check_layer("layer", layer, E)
     pq = p @ layer["W_Q"] + layer["b_Q"][:, None]                 # [T, E] @ [H, E, E] -> [H, T, E]
     pk = p @ layer["W_K"] + layer["b_K"][:, None]                 # [H, T, E]
     return softmax((pq @ swap(pk)) / E ** 0.5, causal_mask(array_module(p), T, p))  # [H, T, T]
@@ -338,9 +447,15 @@ def transformer_layer(layer, h, cfg, pos=None, g=None):
     (if cfg["positional"]). g [n, T, E], default h: the stream of queries and residual; keys and
     values come from h, so output position r depends on g only through g_r (evaluate.probe, through
     transformer_two_streams)."""
-    check_params("layer", layer, LAYER_KEYS)
+    check_config(cfg)
+    n, T, E = check_data(h, "h", "n, T, E")
+    check_layer("layer", layer, E)
+    if g is not None and check_data(g, "g", "n, T, E") != (n, T, E):
+        raise ValueError(f"g must have the shape of h {(n, T, E)}, got {numpy.shape(g)}")
+    if cfg["positional"]:
+        rows = check_data(pos, "pos", "T', E")[0]
+        check_shape("pos", pos, (max(rows, T), E))
     g = h if g is None else g
-    T, E = h.shape[1:]
     mask = causal_mask(array_module(h), T, h)                     # [T, T]
     q = g[:, None] @ layer["W_Q"] + layer["b_Q"][:, None]         # [n, 1, T, E] @ [H, E, E] -> [n, H, T, E]
     k = h[:, None] @ layer["W_K"] + layer["b_K"][:, None]         # [n, H, T, E]
@@ -366,7 +481,7 @@ def transformer(params, x, cfg):
         h = [h +] LayerNorm(sum_heads(a @ v) W_O + b_O)
     from h = [x] * repeat, then f = h W_out + b_out. fused.transformer computes the same."""
     check_tokens(x, cfg)
-    check_params("params", params, ("layers", "W_out", "b_out") + (("pos",) if cfg["positional"] else ()))
+    check_transformer(params, cfg)
     h = np.concatenate([x] * cfg["repeat"], axis=-1)              # [n, T, E]
     for layer in params["layers"]:  # layers differ in parameters, a short fixed loop
         h = transformer_layer(layer, h, cfg, params.get("pos"))   # [n, T, E]
@@ -378,7 +493,9 @@ def transformer_two_streams(params, x, xq, cfg):
     and values at every position come from the ordinary stream of x, queries and the
     residual stream from xq (transformer_layer's g). At xq = x this is `transformer`; output
     position r depends on xq only through xq_r. evaluate.probe differentiates it in xq."""
-    check_tokens(xq, cfg)
+    if check_tokens(x, cfg) != check_tokens(xq, cfg, "xq"):
+        raise ValueError(f"x and xq must have the same shape [n, T, d_in], got {numpy.shape(x)} and {numpy.shape(xq)}")
+    check_transformer(params, cfg)
     h = np.concatenate([x] * cfg["repeat"], axis=-1)              # [n, T, E]
     g = np.concatenate([xq] * cfg["repeat"], axis=-1)             # [n, T, E]
     for layer in params["layers"]:  # the two streams share keys and values
@@ -411,8 +528,10 @@ def init_params(model, rng, d=None, T=None, H=None, form="block", cfg=None, scal
                 "P": scale * rng.standard_normal((T, T))}
     if model == "pe_only":
         return {"P": numpy.zeros((check_int("T", T, 1),) * 2)}
-    if cfg is None:
-        raise ValueError("model 'transformer' needs cfg=transformer_config(...)")
+    if not isinstance(cfg, dict) or not set(cfg) <= set(TRANSFORMER_DEFAULTS):
+        raise ValueError(f"model 'transformer' needs cfg=transformer_config(...), a dict with keys among "
+                         f"{', '.join(TRANSFORMER_DEFAULTS)}, got "
+                         f"{sorted(cfg, key=str) if isinstance(cfg, dict) else type(cfg).__name__}")
     cfg = transformer_config(**cfg)
     E, Hh = cfg["repeat"] * cfg["d_in"], cfg["heads"]
     dense = lambda *shape: rng.standard_normal(shape) / numpy.sqrt(shape[-2])  # noqa: E731

@@ -14,6 +14,7 @@ test_figures.py; conftest.py holds the shared helpers.
 
 
 import argparse
+import inspect
 import os
 import subprocess
 import sys
@@ -1818,7 +1819,9 @@ _KEYS = r"params must be a dict with keys"
     (lambda: icar.pe_only({}, _S), _KEYS + r" \('P',\), got \[\]"),
     (lambda: icar.augmented_linear([np.eye(2), np.eye(2)], icar.augment(_S)), _KEYS + r".*got list"),
     (lambda: icar.transformer({"W_out": _M4["W_out"], "b_out": _M4["b_out"]}, _S, _CFG), _KEYS),
-    (lambda: icar.transformer(dict(_M4, layers=[_LAYER]), _S, _CFG), r"layer must be a dict with keys"),
+    (lambda: icar.transformer(dict(_M4, layers=[_LAYER]), _S, _CFG),
+     r"params\['layers'\]\[0\] must be a dict with keys"),
+    (lambda: icar.transformer_layer(_LAYER, _S, _CFG), r"layer must be a dict with keys"),
     (lambda: icar.positional_attention(_LAYER, np.ones((5, 2))), r"layer must be a dict with keys"),
     (lambda: icar.transformer(_M4, _S, {"heads": 2}), r"cfg must be a dict with keys"),
     (lambda: theory.population_loss_and_grad({"A": _M2["A"], "B": _M2["B"]}, "unitary"), _KEYS),
@@ -1880,3 +1883,227 @@ _KEYS = r"params must be a dict with keys"
 def test_library_functions_reject_bad_input_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- every public function against hostile values (a generated table) --------------------
+# Each public function of icar, theory and evaluate, from one valid call (VALID), is called
+# again with each hostile value in place of one argument, and, inside a dict, list or tuple
+# argument, in place of one entry (to depth 3: an M4's params["layers"][0]["W_Q"]). Every
+# call must succeed (some values are allowed: -1 where any number is) or raise a ValueError
+# that names the argument (or a key on the way to the entry, or the name a check_* helper
+# is given); TypeError, IndexError, KeyError, AttributeError, OverflowError or a hang (5 s)
+# fail. A public function missing from VALID, or a parameter no valid call gives, fails.
+
+def _public_functions():
+    return {f"{m.__name__}.{name}": f for m in (icar, theory, evaluate)
+            for name, f in inspect.getmembers(m, inspect.isfunction)
+            if f.__module__ == m.__name__ and not name.startswith("_")}
+
+
+def _phi(k):
+    """The characteristic function of theta ~ U[0, 0.6]: E[exp(i k theta)]."""
+    k = np.asarray(k, dtype=float)
+    return np.exp(0.3j * k) * np.sinc(0.3 * k / np.pi)
+
+
+_X = _S[:, :-1]                                                                    # [3, 4, 2]
+_S2, _W2 = icar.sample_sequences(rng(95), 3, 4, 2, "haar")                         # held out
+_ETA = np.full(4, 0.3)                                                             # [T]
+_M1 = {"A": np.eye(2), "B": 0.5 * np.eye(2)}
+_M1_FULL = icar.init_params("augmented_linear", rng(96), d=2, form="full")
+_M2X = icar.init_params("diagonal_heads", rng(91), d=2, T=4, H=2)
+_M3 = {"P": np.eye(4)}
+_CFGP = icar.transformer_config(d_in=2, d_out=2, T=5, heads=2, attention="softmax", positional=True)
+_M4P = icar.init_params("transformer", rng(93), cfg=_CFGP)
+_CFGA = icar.transformer_config(d_in=6, d_out=2, T=5)                               # augmented tokens
+_M4A = icar.init_params("transformer", rng(94), cfg=_CFGA)
+_CS = evaluate.context_sums(_X)                                                    # C, S [3, 4, 2, 2]
+_SYSTEM = theory.pe_only_system(4, mu=2.0)                                         # M [4, 4], b [4]
+_ROWS = [None] + [(_SYSTEM[0][:r + 1, :r + 1], _SYSTEM[1][3 - r:]) for r in range(1, 4)]
+_A2, _B2 = rng(97).standard_normal((2, 2)), rng(98).standard_normal((2, 2))       # [H, d] each
+_P4 = rng(99).standard_normal((4, 4))                                              # [T, T]
+
+
+def _call(args, kwargs=None):
+    return args, kwargs or {}
+
+
+# one valid call per public function (a list: several, to reach each branch's arguments)
+VALID = {
+    "icar.array_module": _call((_X,)),
+    "icar.augment": _call((_X,)),
+    "icar.augmented_linear": [_call((_M1, icar.augment(_X))), _call((_M1_FULL, icar.augment(_X)))],
+    "icar.causal_mask": _call((np, 4, _X)),
+    "icar.check_choice": _call(("family", "haar", icar.FAMILIES)),
+    "icar.check_config": _call((_CFGP,)),
+    "icar.check_data": _call((_X, "s", "n, T, d", True)),
+    "icar.check_int": _call(("n", 3, 1)),
+    "icar.check_layer": _call(("layer", _M4P["layers"][0], 2)),
+    "icar.check_params": _call(("params", _M1, ("A", "B"), ("W_KQ", "W_V"))),
+    "icar.check_real": _call(("sigma", 0.5, 0.0, True)),
+    "icar.check_shape": _call(("P", _P4, (4, 4))),
+    "icar.check_tokens": _call((_X, _CFG, "x")),
+    "icar.check_transformer": [_call((_M4P, _CFGP)), _call((_M4A, _CFGA))],
+    "icar.diagonal_heads": _call((_M2X, _X)),
+    "icar.init_params": [_call(("diagonal_heads", rng(), 2, 4, 2, "block", None, 0.1)),
+                         _call(("augmented_linear", rng(), 2), dict(form="full")),
+                         _call(("transformer", rng()), dict(cfg=_CFGP))],
+    "icar.layernorm": _call((_X * 3, np.ones(2), np.zeros(2), 1e-5)),
+    "icar.mse": _call((_X, _X * 0.5)),
+    "icar.pe_only": _call((_M3, _X)),
+    "icar.positional_attention": _call((_M4P["layers"][0], _M4P["pos"][:4])),
+    "icar.sample_sequences": [_call((rng(), 3, 4, 2, "haar", 0.1, "random", None)),
+                              _call((rng(), 3, 4, 1, "angle", 0.0, "fixed", 5.0))],
+    "icar.softmax": _call((_CS[1][..., 0, 0][:, None] * np.ones((3, 4, 4)), icar.causal_mask(np, 4))),
+    "icar.swap": _call((_X,)),
+    "icar.transformer": [_call((_M4, _X, _CFG)), _call((_M4P, _X, _CFGP))],
+    "icar.transformer_config": _call((), dict(_CFGP)),
+    "icar.transformer_layer": _call((_M4P["layers"][0], _X, _CFGP, _M4P["pos"], _X * 0.5)),
+    "icar.transformer_two_streams": _call((_M4P, _X, _X * 0.5, _CFGP)),
+    "theory.eigen_coordinates": _call((_X,)),
+    "theory.gd_loss": _call((4, 2, 0.1, "all")),
+    "theory.gd_path": [_call((_ROWS,), dict(eta=0.1, steps=np.arange(3))), _call((_ROWS,), dict(eta=0.1, steps=3))],
+    "theory.gd_step_size": _call((4, 2, "all")),
+    "theory.loss_and_grad_with_masks": _call((_A2, _B2, _P4, theory.pair_mask(2, "orthogonal"),
+                                              *theory.position_masks(4))),
+    "theory.min_loss": _call((2, 1, "orthogonal")),
+    "theory.minimiser": _call((4, 4, "orthogonal", 1.5, 0.5, 5)),
+    "theory.pair_mask": _call((2, "orthogonal")),
+    "theory.pe_only_loss": [_call((_P4, 2.0, None)), _call((_P4, None, _phi))],
+    "theory.pe_only_solution": [_call((4, 2.0, None)), _call((4, None, _phi))],
+    "theory.pe_only_system": [_call((4, 2.0, None)), _call((4, None, _phi))],
+    "theory.pe_only_trajectory": _call((4, 2.0, None), dict(eta=0.1, steps=3)),
+    "theory.population_loss": _call((_B2.T @ _A2, _P4, "unitary")),
+    "theory.population_loss_and_grad": _call((_M2X, "orthogonal")),
+    "theory.population_loss_per_prefix": _call((_B2.T @ _A2, _P4, "orthogonal")),
+    "theory.position_masks": _call((4,)),
+    "theory.raw_token_gd_construction": _call((2, 4, 0.5, 3.0)),
+    "theory.train_population": _call((2, 2, 4, "unitary", 0.01, 3, rng())),
+    "evaluate.baselines": _call((_S, _W, 2)),
+    "evaluate.context_sums": _call((_X,)),
+    "evaluate.fresh_query_probe": _call((evaluate.model_predictor(_M1), _S, rng(), _W, _ETA)),
+    "evaluate.gd_prediction": _call((*_CS, _X, _ETA, 2)),
+    "evaluate.head_ablation": [_call((_M4, _CFG, _S, None)),
+                               _call((_M4, _CFG, _S, lambda p, x: icar.transformer(p, x, _CFG)))],
+    "evaluate.influence_map": _call((evaluate.model_predictor(_M1), _S)),
+    "evaluate.least_squares": _call((_S, 1e-10)),
+    "evaluate.linear_probe_w": _call((_X[:, :, None], _W, _S2[:, :-1, None], _W2, 1e-6)),
+    "evaluate.m4_streams": _call((_M4A, _X, _CFGA)),
+    "evaluate.mechanism": _call((_M4P, _CFGP, _X, _S2[:, :-1])),
+    "evaluate.model_kind": [_call((_M4A, _CFGA)), _call((_M2X, None))],
+    "evaluate.model_predictor": [_call((_M4A, _CFGA)), _call((_M3, None))],
+    "evaluate.optimal_gd_step": [_call((_S, 1)), _call((_S, 2))],
+    "evaluate.position_loss": _call((_X, _X * 0.5)),
+    "evaluate.previous_token_share": _call((_M4P, 4)),
+    "evaluate.probe": _call((evaluate.query_predictor(_M1, _X), _S, _W, _ETA)),
+    "evaluate.query_predictor": [_call((_M1_FULL, _X, None)), _call((_M4A, _X, _CFGA))],
+    "evaluate.readout_r2": _call((_M4P, _CFGP, _X, _S2[:, :-1])),
+    "evaluate.replace_tokens": _call((_S, _S2, [1, 3])),
+    "evaluate.score": _call((evaluate.model_predictor(_M1), _S, 2, _ETA)),
+    "evaluate.stream_w_r2": _call((_M4, _CFG, _S, _W, _S2, _W2, 1e-6)),
+    "evaluate.switch_context": [_call((rng(), _S, _W, 2)), _call((_W2, _S, _W, 2))],
+    "evaluate.weight_blocks": [_call((_M1, 2)), _call((_M4A, 2))],
+}
+
+HOSTILE = {"None": None, "'x'": "x", "2**70": 2 ** 70, "-1": -1, "0": 0, "1.5": 1.5, "nan": np.nan,
+           "inf": np.inf, "True": True, "[]": [], "[1.0, 2.0]": [1.0, 2.0], "{}": {}, "{'x': 1.0}": {"x": 1.0},
+           "0-d array": np.array(1.0), "5-d array": np.ones((1, 1, 2, 1, 1)),
+           "a function returning None": lambda *args, **kwargs: None}
+HOSTILE_INSIDE = ("None", "'x'", "2**70", "-1", "nan", "[]", "{}", "5-d array")  # entries of dicts, lists
+
+
+def _variants(value, depth=3):
+    """(label, hostile value, dict keys on the way to it) for one argument: the table's values,
+    the array with another dtype, rank or NaNs, and (depth > 1) each entry of a container
+    removed (dicts) or replaced."""
+    out = [(k, HOSTILE[k], ()) for k in (HOSTILE if depth == 3 else HOSTILE_INSIDE)]
+    if isinstance(value, np.ndarray) and value.ndim:
+        out += [(label, v, ()) for label, v in (
+            ("complex array", value * (1 + 1j)), ("int array", np.ones(value.shape, dtype=int)),
+            ("NaN array", np.full(value.shape, np.nan)), ("a list", value.tolist()), ("one axis more", value[None]),
+            ("one axis less", value[0]), ("empty last axis", value[..., :0]))]
+    if depth > 1 and isinstance(value, dict):
+        for key in value:
+            out.append((f"without [{key!r}]", {k: v for k, v in value.items() if k != key}, (key,)))
+            out += [(f"[{key!r}] = {label}", dict(value, **{key: v}), (key,) + keys)
+                    for label, v, keys in _variants(value[key], depth - 1)]
+    if depth > 1 and isinstance(value, (list, tuple)):
+        for i, entry in enumerate(value):
+            out += [(f"[{i}] = {label}", type(value)(value[:i]) + type(value)([v]) + type(value)(value[i + 1:]), keys)
+                    for label, v, keys in _variants(entry, depth - 1)]
+    return out
+
+
+def _cases(name):
+    """(label, names, args, kwargs) of every hostile call of the public function `name`; its
+    ValueError must say one of `names`: the argument, a dict key on the way to the hostile
+    entry, or the `name` a check_* helper was given for what it checks."""
+    f = _public_functions()[name]
+    calls = VALID[name] if isinstance(VALID[name], list) else [VALID[name]]
+    positional = [p.name for p in inspect.signature(f).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    for args, kwargs in calls:
+        slots = [(positional[i] if i < len(positional) else f"*allowed[{i - len(positional)}]", i)
+                 for i in range(len(args))] + [(key, key) for key in kwargs]
+        for arg, slot in slots:
+            for label, v, keys in _variants(args[slot] if isinstance(slot, int) else kwargs[slot]):
+                a, kw = (args[:slot] + (v,) + args[slot + 1:], kwargs) if isinstance(slot, int) else \
+                        (args, dict(kwargs, **{slot: v}))
+                given = inspect.signature(f).bind(*a, **kw).arguments.get("name")
+                names = {arg.split("[")[0].lstrip("*"), *map(str, keys)} | ({given} if isinstance(given, str) else set())
+                yield f"{arg} = {label}", names, a, kw
+
+
+def _run_hostile(name):
+    """The table for the public function `name`: (number of calls, [(label, what went wrong)])."""
+    import signal
+    import warnings
+
+    def hang(*_):
+        raise TimeoutError("no answer within 5 s")
+
+    f, calls, wrong = _public_functions()[name], 0, []
+    old = signal.signal(signal.SIGALRM, hang)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            for label, names, args, kwargs in _cases(name):
+                calls += 1
+                signal.setitimer(signal.ITIMER_REAL, 5.0)
+                try:
+                    f(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001  what the table is for
+                    # numpy's AxisError is also an IndexError: a user catching ValueError only misses none
+                    if not isinstance(e, ValueError) or isinstance(e, (TypeError, LookupError, AttributeError,
+                                                                       ArithmeticError)):
+                        wrong.append((label, f"{type(e).__name__}: {str(e)[:100]}"))
+                    elif not any(n in str(e) for n in names):
+                        wrong.append((label, f"ValueError naming none of {sorted(names)}: {str(e)[:100]}"))
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    return calls, wrong
+
+
+def test_valid_calls_cover_every_public_function_and_parameter():
+    """VALID names exactly the public functions, each parameter is given by some valid call,
+    and every valid call succeeds (else its hostile variants would test nothing)."""
+    functions = _public_functions()
+    assert set(VALID) == set(functions), f"add to VALID: {sorted(set(functions) - set(VALID))}; " \
+                                         f"remove: {sorted(set(VALID) - set(functions))}"
+    for name, f in functions.items():
+        calls = VALID[name] if isinstance(VALID[name], list) else [VALID[name]]
+        given = set()
+        for args, kwargs in calls:
+            given |= set(inspect.signature(f).bind(*args, **kwargs).arguments)
+            f(*args, **kwargs)
+        assert given == set(inspect.signature(f).parameters), f"{name}: no valid call gives " \
+            f"{sorted(set(inspect.signature(f).parameters) - given)}"
+
+
+@pytest.mark.parametrize("name", sorted(_public_functions()))
+def test_hostile_arguments_raise_value_error_naming_the_argument(name):
+    assert name in VALID, f"{name} is public: add a valid call of it to VALID"
+    calls, wrong = _run_hostile(name)
+    assert calls and not wrong, f"{len(wrong)} of {calls} hostile calls of {name} went wrong:\n" + "\n".join(
+        f"  {label}: {why}" for label, why in wrong[:20])

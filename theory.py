@@ -39,7 +39,7 @@ import numpy
 from autograd.tracer import getval
 
 import icar
-from icar import check_choice, check_data, check_int, check_params, check_real
+from icar import check_choice, check_data, check_int, check_params, check_real, check_shape
 
 FAMILIES = ("unitary", "orthogonal")
 LOSSES = ("last", "all")
@@ -102,6 +102,8 @@ def gd_loss(T, d, eta=None, loss="last"):
 
 def pair_mask(d, family):
     """E = I_{d/2} kron sigma_x for "orthogonal" (conjugate pairs (2k, 2k+1)), 0 for "unitary"."""
+    d = check_int("d", d, 1)
+    _check_family(family, d)
     if family == "unitary":
         return numpy.zeros((d, d))
     return numpy.kron(numpy.eye(d // 2), numpy.array([[0.0, 1.0], [1.0, 0.0]]))
@@ -110,6 +112,7 @@ def pair_mask(d, family):
 def position_masks(T):
     """Masks over [T, T] for rows r >= 1: diagonal (t = r), subdiagonal (t = r - 1), and
     S = {t <= r, t != r - 1}; row 0 is zero in all three."""
+    T = check_int("T", T, 1)
     rows = (numpy.arange(T) >= 1)[:, None]                                 # [T, 1]
     diag = numpy.eye(T) * rows                                             # [T, T]
     sub = numpy.eye(T, k=-1)                                               # [T, T]
@@ -249,16 +252,30 @@ def population_loss_and_grad(params, family):
     A, B, P = params["A"], params["B"], params["P"]
     if check_data(A, "A", "H, d", finite=True) != check_data(B, "B", "H, d", finite=True):
         raise ValueError(f"A and B must have the same shape [H, d], got A {A.shape}, B {B.shape}")
+    check_shape("A", A, A.shape)  # real: the population losses are derived for real C and P
+    check_shape("B", B, B.shape)
     C = B.T @ A                                                            # [d, d]
     d, T = _check_CP(C, P, family, finite=True)
     diag, sub, S = position_masks(T)
     E = pair_mask(d, family)
-    return loss_and_grad_with_masks(A, B, P, E, diag, sub, S)
+    return _loss_and_grad(A, B, P, E, diag, sub, S)
 
 
 def loss_and_grad_with_masks(A, B, P, E, diag, sub, S):
-    """population_loss_and_grad of (A, B, P) without its checks, given E = pair_mask(d, family)
-    and (diag, sub, S) = position_masks(T): the inner step of train_population."""
+    """population_loss_and_grad of (A, B, P) given E = pair_mask(d, family) and (diag, sub, S)
+    = position_masks(T), for any family and masks: real float arrays A, B [H, d], P and each
+    mask [T, T], E [d, d]; shapes and dtypes are checked, values are not. train_population
+    runs the same step without the checks."""
+    H, d = check_data(A, "A", "H, d")
+    T = check_data(P, "P", "T, T")[0]
+    for name, M, shape in (("A", A, (H, d)), ("B", B, (H, d)), ("P", P, (T, T)), ("E", E, (d, d)),
+                           ("diag", diag, (T, T)), ("sub", sub, (T, T)), ("S", S, (T, T))):
+        check_shape(name, M, shape)
+    return _loss_and_grad(A, B, P, E, diag, sub, S)
+
+
+def _loss_and_grad(A, B, P, E, diag, sub, S):
+    """loss_and_grad_with_masks without its checks."""
     C = B.T @ A                                                            # [H, d]^T @ [H, d] -> [d, d]
     d, T = C.shape[0], P.shape[0]
     r = C.sum(axis=1)                                                      # [d]
@@ -301,7 +318,7 @@ def train_population(H, d, T, family, lr, steps, rng):
     losses = numpy.empty(steps + 1)
     with numpy.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         for i in range(steps + 1):
-            loss, g = loss_and_grad_with_masks(A, B, P, E, *masks)
+            loss, g = _loss_and_grad(A, B, P, E, *masks)
             losses[i] = loss
             if not numpy.isfinite(loss):
                 raise icar.Diverged(f"population loss became {loss} at step {i}: lr={lr} is too "
@@ -322,7 +339,15 @@ def _angle_phi(mu, phi):
     if phi is not None:
         if not callable(phi):
             raise ValueError(f"phi must be callable, k -> E[exp(i k theta)], got {phi!r}")
-        return phi
+
+        def checked(k):
+            value = numpy.asarray(phi(k))
+            if value.shape != numpy.shape(k) or value.dtype.kind not in "iufc" or not numpy.all(numpy.isfinite(value)):
+                raise ValueError(f"phi must map an integer array k to finite numbers E[exp(i k theta)] of "
+                                 f"k's shape {numpy.shape(k)}, got {value.dtype} of shape {value.shape}")
+            return value
+
+        return checked
     a = 2 * numpy.pi / check_real("mu", mu, 0, strict=True)
 
     def uniform(k):
@@ -403,6 +428,15 @@ def gd_path(rows, *, eta, steps):
     k -> P_k [T, T], or a 1-D array of them -> [len, T, T].
     """
     eta = check_real("eta", eta, 0, strict=True)
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise ValueError(f"rows must be a list [None, (M_1, b_1), .., (M_{{T-1}}, b_{{T-1}})], got {type(rows).__name__}")
+    for r in range(1, len(rows)):
+        if not isinstance(rows[r], (list, tuple)) or len(rows[r]) != 2:
+            raise ValueError(f"rows[{r}] must be a pair (M_{r} [{r + 1}, {r + 1}], b_{r} [{r + 1}]), got {rows[r]!r}")
+        for name, v, shape in ((f"rows[{r}][0] (M_{r})", rows[r][0], (r + 1, r + 1)),
+                               (f"rows[{r}][1] (b_{r})", rows[r][1], (r + 1,))):
+            check_data(v, name, None, finite=True)
+            check_shape(name, v, shape)
     ks = numpy.asarray(steps)
     if ks.ndim > 1 or ks.size == 0 or not numpy.issubdtype(ks.dtype, numpy.integer) or (ks < 0).any():
         raise ValueError(f"steps must be an integer >= 0 or a 1-D array of them, got {steps!r}")
