@@ -16,12 +16,17 @@ a cluster) and runs nothing; `--summary` rebuilds the summary from the points' f
 `--slurm time=MINUTES`, repeatable: its sbatch settings) and waits for them, `--cluster local`
 runs the same jobs on this machine.
 Every point is checked before the first starts. A point that fails does not stop the others;
-the sweep then exits 1 naming it.
+the sweep then exits 1 naming it. summary.json records the grid and the fixed settings: a
+sweep of another grid or other settings under the same --name is refused before it trains
+(another --name, or delete that summary.json). A sweep holds runs/NAME's lock, and reads each
+point back under the point's lock and its metrics checked, before it writes summary.json.
 """
 import itertools
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -66,13 +71,79 @@ def _plan(experiment, grid, preset, runs_dir, name, overrides):
     return base, plan
 
 
-def _summarize(experiment, grid, base, results):
-    """Write base/summary.json of the finished points' results; return the printable table."""
-    rows = [_summary_row(experiment, r, list(grid)) for r in results]
-    runs.save_json(os.path.join(base, "summary.json"), {"grid": grid, "rows": rows})
+def _record(experiment, grid, preset, overrides):
+    """What summary.json records of a sweep beside its rows: the grid {option: [values]} and
+    the fixed settings (every result setting that is not swept, with the experiment and the
+    preset), as JSON gives them back."""
+    cfg = train.config(experiment, preset, **overrides)
+    fixed = {k: v for k, v in cfg.items() if k not in grid and k not in train.NOT_RESULT}
+    return json.loads(json.dumps({"grid": grid, "settings": dict(fixed, experiment=experiment, preset=preset)}))
+
+
+def _show(grid, settings, keys=()):
+    """A sweep as its command line says it: EXPERIMENT --sweep K=V1,V2 ... [with K=V, ...] (keys:
+    the settings to show)."""
+    words = [settings["experiment"]] if "experiment" in settings else []
+    words += [f"--sweep {k}={','.join(map(str, v))}" for k, v in grid.items()]
+    keys = [k for k in keys if k != "experiment"]
+    if keys:
+        words.append("with " + ", ".join(f"{k}={settings[k]}" if k in settings else f"no {k}" for k in keys))
+    return " ".join(words)
+
+
+def _check_summary(base, record):
+    """ValueError (exit status 2) unless base/summary.json is absent or summarises the sweep
+    `record` (_record: the same grid and fixed settings: a rerun, --resume, --summary), so that
+    two sweeps of other grids under one --name never overwrite each other's summary; FileFault
+    if it is not a sweep's summary. Reads only."""
+    path = os.path.join(base, "summary.json")
+    if not os.path.lexists(path):
+        return
+    saved = runs.load_json(path, "a sweep's summary.json")
+    if (not isinstance(saved, dict) or not isinstance(saved.get("grid"), dict)
+            or not all(isinstance(v, list) for v in saved["grid"].values())
+            or not isinstance(saved.get("settings", {}), dict)):
+        raise runs.FileFault(f"{path}: not a sweep's summary (a JSON object with a 'grid' of value lists); "
+                             f"delete it to summarise this sweep there")
+    # a summary written before settings were recorded is checked on its grid alone
+    other = train.changed_settings(saved["settings"], record["settings"]) if "settings" in saved else []
+    if saved["grid"] != record["grid"] or other:
+        raise ValueError(f"{path} summarises another sweep ({_show(saved['grid'], saved.get('settings', {}), other)}), "
+                         f"not this one ({_show(record['grid'], record['settings'], other)}); use another --name "
+                         f"for this sweep or delete {path}")
+
+
+def _summarize(experiment, record, base, results):
+    """Write base/summary.json of the finished points' results (every metric read checked
+    first: nothing is written if one is bad); return the printable table. The caller holds
+    base's lock."""
+    rows = [_summary_row(experiment, r, list(record["grid"])) for r in results]
+    runs.save_json(os.path.join(base, "summary.json"), dict(record, rows=rows))
     columns = list(dict.fromkeys(c for row in rows for c in row))  # gd_k=L only where L <= gd_steps
     return "\n".join(["  ".join(f"{c:>14}" for c in columns)] +
                      ["  ".join(f"{train.fmt(row.get(c, '')):>14}" for c in columns) for row in rows])
+
+
+def _read_point(experiment, preset, base, sub, point, overrides):
+    """(result, None) of a point's finished run of the sweep's settings, read under the point's
+    lock, so that a run being written by another process is never read half-written
+    (ValueError naming the point and the holder, exit status 2); or (None, a line saying why
+    there is none). A point folder that does not exist is not created."""
+    folder = runs.run_folder(base, sub)
+    if not os.path.isdir(folder):
+        return None, f"point {sub} has no finished run: no folder {folder}"
+    try:
+        with runs.locked(folder):
+            result = runs.load_run(folder)
+    except ValueError as e:  # held by another process, or no working locks there
+        raise ValueError(f"point {sub}: {e}") from None
+    except runs.FileFault as e:
+        return None, f"point {sub} has no finished run: {e}"
+    want = dict(train.config(experiment, preset, **overrides, **point), experiment=experiment, preset=preset)
+    other = train.changed_settings(result["config"], want)
+    if other:
+        return None, f"point {sub}: {folder} holds a run of other settings {other}"
+    return result, None
 
 
 def _watch_parent(parent):
@@ -114,35 +185,70 @@ def sweep(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=F
     ran, and the summary text (also saved as summary.json next to the runs). Every point is
     checked before the first starts (ValueError). A point that fails (Diverged, a full disk)
     does not stop the others: once all ran, the finished ones are summarised and
-    SweepIncomplete names the failed ones.
+    SweepIncomplete names the failed ones. A summary.json already there of another grid or
+    other fixed settings is refused (ValueError) before any file is made; RUNS/NAME's lock is
+    held from that check to the summary's write, and each point is read back under its own
+    lock (ValueError naming the holder if another process has it); a metric the summary reads
+    that is missing, misshapen or not finite is a FileFault, with no summary written.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= train.MAX_INT:
         raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
     if cluster is not None:
         _check_cluster(cluster, slurm or {}, jobs)
     base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    record = _record(experiment, grid, preset, overrides)
+    _check_summary(base, record)  # another sweep's summary there: refused before any file is made
+    # one sweep process at a time under RUNS/NAME: its summary.json is checked, then written, by
+    # one; the points are folders of their own, each locked by the process that trains it (this
+    # one, a worker or a job), so holding base's lock meanwhile blocks none of them
+    try:
+        with runs.locked(base):
+            _check_summary(base, record)
+            failed = _run_points(experiment, preset, base, plan, resume, quiet, jobs, cluster, slurm, overrides)
+            lines = [f"point {sub} failed: {why}" for sub, why in failed.items()]
+            results = []
+            for sub, point in plan:  # read back under each point's lock, whichever way it ran
+                if sub not in failed:
+                    result, why = _read_point(experiment, preset, base, sub, point, overrides)
+                    results += [result] if why is None else []
+                    lines += [] if why is None else [why]
+            table = _summarize(experiment, record, base, results) if results else None
+    except KeyboardInterrupt as e:  # between points, or before the first: said in the sweep's options
+        e.args = e.args or (f"every file already written is intact; {_RERUN}",)
+        raise
+    if lines:
+        raise SweepIncomplete(lines, table)
+    return results, table
+
+
+def _run_points(experiment, preset, base, plan, resume, quiet, jobs, cluster, slurm, overrides):
+    """Train the points of plan as `sweep` says (this process, workers or cluster jobs);
+    return {point: failure line}."""
     for sub, _ in plan:
         runs.prepare_folder(runs.run_folder(base, sub))
     # --resume continues the points with a checkpoint; the others (never started) start afresh
     resumes = {sub: resume and os.path.exists(os.path.join(base, sub, "checkpoint.npz")) for sub, _ in plan}
-    failed = {}
     if cluster is not None:
-        failed = _run_on_cluster(experiment, preset, base, plan, resumes, quiet, cluster, slurm or {}, overrides)
-    elif jobs == 1:
-        for sub, point in plan:
-            if not quiet:
-                print(f"-- {experiment} {sub}", file=sys.stderr)
-            try:
-                train.run(experiment, preset, base, sub, resumes[sub], quiet, **overrides, **point)
-            except (ValueError, runs.FileFault, OSError, MemoryError) as e:
-                failed[sub] = runs.fault_line(e)
-    else:
-        failed = _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overrides)
-    results = [runs.load_run(runs.run_folder(base, sub)) for sub, _ in plan if sub not in failed]
-    table = _summarize(experiment, grid, base, results) if results else None
-    if failed:
-        raise SweepIncomplete([f"point {sub} failed: {why}" for sub, why in failed.items()], table)
-    return results, table
+        return _run_on_cluster(experiment, preset, base, plan, resumes, quiet, cluster, slurm or {}, overrides)
+    if jobs > 1:
+        return _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overrides)
+    failed = {}
+    for sub, point in plan:
+        if not quiet:
+            print(f"-- {experiment} {sub}", file=sys.stderr)
+        try:
+            train.run(experiment, preset, base, sub, resumes[sub], quiet, **overrides, **point)
+        except (ValueError, runs.FileFault, OSError, MemoryError) as e:
+            failed[sub] = runs.fault_line(e)
+        except KeyboardInterrupt as e:  # what is on disk, in the sweep's options
+            e.args = (f"point {sub}: {_TRAIN_HINT.sub('', e.args[0]) if e.args else 'stopped'}; {_RERUN}",)
+            raise
+    return failed
+
+
+# an interrupted point's line from train.run, whose hint names train.py's command
+_TRAIN_HINT = re.compile(r" \(python train\.py \.\.\. --resume continues (it|them)\)")
+_RERUN = "the same sweep.py command with --resume continues its points from their last checkpoints"
 
 
 def _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overrides):
@@ -178,6 +284,9 @@ def _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overri
                     failed[sub] = why
                 say(f"-- {experiment} {sub}: {'failed' if why else 'finished'} "
                     f"({time.perf_counter() - t0:.1f} s)")
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: said in the sweep's options
+        e.args = (f"its worker processes are stopped; every finished point and checkpoint is intact; {_RERUN}",)
+        raise
     finally:  # interrupted: no worker outlives this process
         for worker, *_ in running.values():
             worker.terminate()
@@ -250,33 +359,31 @@ def summary(experiment, grid, preset="quick", runs_dir="runs", name=None, **over
     runs_dir/name/K=V,.../ without training; summary.json is written only when every point
     has a finished run of its settings, else SweepIncomplete names the others (no file touched)."""
     base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
-    results, missing = [], []
-    for sub, point in plan:
-        folder = runs.run_folder(base, sub)
-        try:
-            result = runs.load_run(folder)
-        except runs.FileFault as e:
-            missing.append(f"point {sub} has no finished run: {e}")
-            continue
-        want = dict(train.config(experiment, preset, **overrides, **point), experiment=experiment,
-                    preset=preset)
-        have = result["config"]
-        other = train.changed_settings(have, want)
-        if other:
-            missing.append(f"point {sub}: {folder} holds a run of other settings {other}")
-            continue
-        results.append(result)
-    if missing:
-        raise SweepIncomplete(missing)
-    return results, _summarize(experiment, grid, base, results)
+    record = _record(experiment, grid, preset, overrides)
+    _check_summary(base, record)
+    if not os.path.isdir(base):  # nothing ran here: no folder or lock file is made
+        raise SweepIncomplete([f"point {sub} has no finished run: no folder {runs.run_folder(base, sub)}"
+                               for sub, _ in plan])
+    with runs.locked(base):  # as sweep: one process checks, then writes, summary.json
+        _check_summary(base, record)
+        results, missing = [], []
+        for sub, point in plan:
+            result, why = _read_point(experiment, preset, base, sub, point, overrides)
+            results += [result] if why is None else []
+            missing += [] if why is None else [why]
+        if missing:
+            raise SweepIncomplete(missing)
+        return results, _summarize(experiment, record, base, results)
 
 
 def sweep_commands(experiment, grid, preset="quick", runs_dir="runs", name=None, resume=False,
                    quiet=False, **overrides):
     """One shell command per point of the sweep (for a cluster's job array or GNU parallel),
     each a plain run writing runs_dir/name/K=V,.../ as `sweep` does, with absolute paths so
-    that it runs from any folder. Checks every point as `sweep` does; writes nothing."""
+    that it runs from any folder. Checks every point, and the summary.json already there, as
+    `sweep` does; writes nothing."""
     base, plan = _plan(experiment, grid, preset, runs_dir, name, overrides)
+    _check_summary(base, _record(experiment, grid, preset, overrides))
     here = os.path.dirname(os.path.abspath(__file__))
     head = [sys.executable, os.path.join(here, "train.py"), experiment, "--preset", preset,
             "--runs_dir", os.path.abspath(base)]
@@ -293,18 +400,42 @@ def _loss_positions(cfg, experiment):
     return slice(train.EXPERIMENTS[experiment].first, None)
 
 
+def _metric(result, key, shape, finite):
+    """result's metrics[key] as an array, checked as the summary reads it: present, real
+    numbers of `shape` (None: any length >= 1), finite at the index `finite` of its first
+    axis; else FileFault naming metrics.npz and the entry (exit status 1: no summary is written)."""
+    path, m = os.path.join(result["dir"], "metrics.npz"), result["metrics"]
+    if key not in m:
+        raise runs.FileFault(f"{path}: no entry {key!r}; expected a finished run's metrics")
+    v = numpy.asarray(m[key])
+    if v.dtype.kind not in "biuf" or v.ndim != len(shape) or any(
+            n != want if want is not None else n < 1 for n, want in zip(v.shape, shape)):
+        want = "[" + ", ".join("n >= 1" if n is None else str(n) for n in shape) + "]"
+        why = f" (T = {result['config']['T']} in config.json)" if any(n is not None for n in shape) else ""
+        raise runs.FileFault(f"{path}: entry {key!r} holds {v.dtype} of shape {list(v.shape)}; expected real "
+                             f"numbers of shape {want}{why}")
+    where = numpy.atleast_1d(numpy.arange(v.shape[0])[finite])
+    bad = where[~numpy.isfinite(v[where])]
+    if bad.size:
+        raise runs.FileFault(f"{path}: entry {key!r} is {v[bad[0]]} at position {bad[0]}, which the summary "
+                             f"reads; expected a finished run's finite losses")
+    return v
+
+
 def _summary_row(experiment, result, swept=()):
-    cfg, m = result["config"], result["metrics"]
+    """One row of the summary: the swept and model settings of a run and its losses, each
+    metric it reads checked first (_metric: FileFault for a missing, misshapen or non-finite one)."""
+    cfg = result["config"]
     row = {k: cfg[k] for k in (*swept, "layers", "heads", "attention", "sigma") if k in cfg}
     if experiment == train.POPULATION:
-        row["loss"] = float(m["train_loss"][-1])
+        row["loss"] = float(_metric(result, "train_loss", (None,), -1)[-1])
         return row
-    at = _loss_positions(cfg, experiment)
-    row["test_loss"] = float(numpy.mean(m["test_loss_position"][at]))
-    if train.EXPERIMENTS[experiment].depth_vs_gd and f"baseline_gd{cfg['layers']}" in m:
-        row["gd_k=L"] = float(numpy.mean(m[f"baseline_gd{cfg['layers']}"][at]))
-    row["gd1"] = float(numpy.mean(m["baseline_gd1"][at]))
-    row["least_squares"] = float(numpy.mean(m["baseline_least_squares"][at]))
+    at, T = _loss_positions(cfg, experiment), cfg["T"]
+    row["test_loss"] = float(numpy.mean(_metric(result, "test_loss_position", (T,), at)[at]))
+    if train.EXPERIMENTS[experiment].depth_vs_gd and cfg["layers"] <= cfg["gd_steps"]:  # baselines gd1..gd_steps
+        row["gd_k=L"] = float(numpy.mean(_metric(result, f"baseline_gd{cfg['layers']}", (T,), at)[at]))
+    row["gd1"] = float(numpy.mean(_metric(result, "baseline_gd1", (T,), at)[at]))
+    row["least_squares"] = float(numpy.mean(_metric(result, "baseline_least_squares", (T,), at)[at]))
     return row
 
 

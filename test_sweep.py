@@ -4,7 +4,11 @@ then --summary) and as cluster jobs (--cluster local), a failed point, and the b
 sweep.py. Which test proves which claim: docs/claims.md."""
 
 
+import contextlib
+import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +19,7 @@ import pytest
 import runs
 import sweep
 import train
-from conftest import TINY, folder_bytes
+from conftest import HERE, TINY, argv_of, folder_bytes
 
 
 # ---- one process -------------------------------------------------------------------------
@@ -100,8 +104,9 @@ def test_bad_sweep_process_options_give_one_line_and_touch_no_file(tmp_path, cap
              (["--list", "--jobs", "2"] + grid_args, 2), (["--list", "--summary"] + grid_args, 2),
              (["--summary", "--jobs", "2"] + grid_args, 2), (["--summary", "--resume"] + grid_args, 2),
              (["--jobs", "2", "--jobs", "2"] + grid_args, 2), (["--list", "--sweep", "T=5,1"], 2),
-             (["--summary", "--sweep", "T=5,1"], 2), (["--summary"] + grid_args, 1),
-             (["--summary", "--seed", "7", "--sweep", "lr=0.01"], 1)]
+             (["--summary", "--sweep", "T=5,1"], 2),
+             (["--summary"] + grid_args, 2), (grid_args, 2), (["--list"] + grid_args, 2),  # another grid
+             (["--summary", "--seed", "7", "--sweep", "lr=0.01"], 2)]  # other fixed settings
     for extra, code in table:
         assert sweep.main(argv + ["--runs_dir", str(folders)] + extra) == code, extra
         out = capsys.readouterr()
@@ -157,6 +162,7 @@ def test_resume_continues_points_with_a_checkpoint_and_starts_the_others(tmp_pat
     started: --resume continues the first and starts the second afresh, and the files equal an
     uninterrupted sweep's."""
     sweep.sweep("block", {"lr": [0.01]}, runs_dir=str(tmp_path / "a"), quiet=True, **TINY)
+    (tmp_path / "a" / "block" / "summary.json").unlink()  # interrupted: no summary (of another grid) yet
     sweep.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path / "a"), quiet=True, resume=True, **TINY)
     sweep.sweep("block", {"lr": [0.01, 0.02]}, runs_dir=str(tmp_path / "b"), quiet=True, **TINY)
     files = [{k: v for k, v in folder_bytes(tmp_path / w).items() if k.endswith(("params.npz", "metrics.npz"))}
@@ -229,3 +235,304 @@ def test_bad_cluster_options_give_one_line_exit_2_and_touch_no_file(tmp_path, ca
     assert capsys.readouterr().err == ("sweep.py: --cluster local needs submitit: "
                                        "pip install -r requirements-cluster.txt\n")
     assert not tmp_path.joinpath("block").exists()
+
+
+# ---- a sweep's summary: read under locks, of one grid per --name, from checked metrics -----------
+
+TINY_SETTINGS = dict(steps=2, T=5, n_train=64, n_test=32, n_probe=0)
+GRID = ["--sweep", "lr=0.01,0.02"]
+
+
+def tiny(*extra, experiment="block", **changed):
+    """The command line of a tiny sweep: its settings (changed: some of them) and extra options."""
+    return [experiment, "--quiet", *argv_of(dict(TINY_SETTINGS, **changed)), *extra]
+
+
+TINY_ARGV = tiny()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny two-point sweep: RUNS/block/lr=0.01, lr=0.02 and summary.json."""
+    folder = tmp_path_factory.mktemp("finished")
+    assert sweep.main(TINY_ARGV + GRID + ["--runs_dir", str(folder)]) == 0
+    return folder
+
+
+def copy_of(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "r")
+    return tmp_path / "r"
+
+
+def sweep_options():
+    """Every option sweep.py's command line has (its --help), for the messages that name one."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert sweep.main(["block", "--help"]) == 0
+    return set(re.findall(r"--[a-z][a-z0-9_-]*", out.getvalue()))
+
+
+def refused(argv, folder, code, capsys):
+    """sweep.main(argv) on RUNS folder: exit status `code`, one line on stderr (returned, without
+    the prefix) that names only options sweep.py has, and every file under folder unchanged:
+    the same bytes, and summary.json not rewritten (its inode: a rewrite renames a new file in)."""
+    before, summary = folder_bytes(folder), folder / "block" / "summary.json"
+    inode = summary.stat().st_ino if summary.exists() else None
+    assert sweep.main(argv + ["--runs_dir", str(folder)]) == code, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sweep.py: "), err
+    assert set(re.findall(r"--[a-z][a-z0-9_-]*", err)) <= sweep_options(), err
+    assert folder_bytes(folder) == before, argv
+    assert (summary.stat().st_ino if summary.exists() else None) == inode, argv
+    return err[len("sweep.py: "):].rstrip("\n")
+
+
+def hold(*folders):
+    """Another process holding the locks of folders (as test_runs.py's lock tests do), until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import contextlib, runs, sys, time\n"
+                               "with contextlib.ExitStack() as held:\n"
+                               "    for f in sys.argv[1:]:\n        held.enter_context(runs.locked(f))\n"
+                               "    print('held', flush=True); time.sleep(60)", *map(str, folders)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+@contextlib.contextmanager
+def holding(*folders):
+    holder = hold(*folders)
+    try:
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_point_held_by_another_process_is_not_read_for_the_summary(finished, tmp_path, capsys, monkeypatch):
+    """--summary, and a sweep reading its points back after training them, read each point under
+    its lock: a point that another process holds (a run being written) is one line naming it and
+    the holder, exit 2, and summary.json is not written."""
+    folder = copy_of(finished, tmp_path)
+    point = folder / "block" / "lr=0.02"
+    with holding(point) as holder:
+        err = refused(TINY_ARGV + GRID + ["--summary"], folder, 2, capsys)
+    assert err == (f"point lr=0.02: {point} is in use by another process (pid {holder.pid}); wait for it to end "
+                   f"or use another --name")
+    run = train.run
+    holders = []
+
+    def run_then_held(experiment, preset, base, sub, *args, **kw):  # another process takes it after training
+        result = run(experiment, preset, base, sub, *args, **kw)
+        if sub == "lr=0.02":
+            holders.append(hold(point))
+        return result
+    monkeypatch.setattr(train, "run", run_then_held)
+    try:  # the points are retrained (the same bytes), then lr=0.02 is refused before the summary
+        err = refused(TINY_ARGV + GRID, folder, 2, capsys)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    assert err.startswith(f"point lr=0.02: {point} is in use by another process (pid {holders[0].pid}); ")
+
+
+def test_a_sweep_name_held_by_another_sweep_is_refused_before_any_training(finished, tmp_path, capsys):
+    """A sweep holds RUNS/NAME's lock from its check of summary.json to its write: a second sweep,
+    or --summary, on that name meanwhile is one line naming the folder and the holder, exit 2."""
+    folder = copy_of(finished, tmp_path)
+    with holding(folder / "block") as holder:
+        for extra in ([], ["--summary"], ["--resume", "--jobs", "2"]):
+            err = refused(TINY_ARGV + GRID + extra, folder, 2, capsys)
+            assert err == (f"{folder / 'block'} is in use by another process (pid {holder.pid}); wait for it to "
+                           f"end or use another --name"), extra
+
+
+def test_two_grids_under_one_name_are_refused_and_the_same_grid_reruns(finished, tmp_path, capsys):
+    """summary.json records the grid and the fixed settings: a sweep, --summary or --list of
+    another grid or other fixed settings under the same --name is one line naming both, exit 2,
+    before anything is trained or written; the same sweep reruns, resumes and summarises."""
+    folder = copy_of(finished, tmp_path)
+    path = folder / "block" / "summary.json"
+    err = refused(TINY_ARGV + ["--sweep", "lr=0.01"], folder, 2, capsys)
+    assert err == (f"{path} summarises another sweep (block --sweep lr=0.01,0.02), not this one (block --sweep lr=0.01); "
+                   f"use another --name for this sweep or delete {path}")
+    err = refused(tiny(*GRID, steps=3), folder, 2, capsys)
+    assert err.startswith(f"{path} summarises another sweep (block --sweep lr=0.01,0.02 with steps=2), not this "
+                          f"one (block --sweep lr=0.01,0.02 with steps=3); use another --name")
+    others = [tiny("--sweep", "lr=0.01,0.03"), tiny(*GRID, "--sweep", "seed=1"), tiny("--sweep", "seed=0,1"),
+              tiny(*GRID, seed=1), tiny(*GRID, "--preset", "paper"), tiny(*GRID, sigma=0.1), tiny(*GRID, n_test=16)]
+    for other in others:
+        for extra in ([], ["--summary"], ["--list"], ["--resume"]):
+            err = refused(other + extra, folder, 2, capsys)
+            assert "summarises another sweep (block --sweep lr=0.01,0.02" in err and "use another --name" in err, err
+    assert not (folder / "block" / "lr=0.03").exists() and not (folder / "block" / "seed=0").exists()
+    (folder / "block" / ".lock").unlink()  # a summary from elsewhere: it is checked before the lock file is made
+    for extra in ([], ["--summary"]):
+        refused(tiny("--sweep", "lr=0.01", *extra), folder, 2, capsys)
+    (folder / "block" / ".lock").touch()
+    err = refused(tiny(*GRID, "--name", "block", experiment="augmented"), folder, 2, capsys)
+    assert "another sweep (block --sweep lr=0.01,0.02 with " in err and "this one (augmented --sweep lr=" in err
+    before = folder_bytes(folder)
+    for same in (tiny(*GRID, "--summary"), tiny(*GRID, "--resume"), tiny(*GRID), tiny(*GRID, "--jobs", "2")):
+        assert sweep.main(same + ["--runs_dir", str(folder)]) == 0, same  # the same sweep: the same files
+        assert folder_bytes(folder) == before, same
+    assert sweep.main(tiny(*GRID, "--runs_dir", str(folder), checkpoint_every=1)) == 0  # changes no result
+    assert (folder / "block" / "summary.json").read_bytes() == before["block/summary.json"]
+    assert sweep.main(tiny("--sweep", "lr=0.01", "--name", "other", "--runs_dir", str(folder))) == 0
+    capsys.readouterr()
+    (folder / "block" / "lr=0.02" / "metrics.npz").unlink()  # the same grid, a point unfinished: exit 1
+    err = refused(TINY_ARGV + GRID + ["--summary"], folder, 1, capsys)
+    assert err.startswith(f"point lr=0.02 has no finished run: {folder}/block/lr=0.02/metrics.npz: no such file")
+
+
+@pytest.mark.parametrize("extra", [[], ["--summary"]])
+def test_of_two_sweeps_racing_for_one_name_the_second_to_lock_it_is_refused(tmp_path, capsys, monkeypatch, extra):
+    """Two sweeps of other grids started together under one --name both find no summary.json;
+    the one that takes RUNS/NAME's lock second checks again under it: one line, exit 2, and the
+    first one's summary and points are all there is."""
+    base, locked, raced = tmp_path / "block", runs.locked, []
+    base.mkdir()
+
+    @contextlib.contextmanager
+    def racing(run_dir, *args, **kw):  # the other sweep runs between this one's first check and its lock
+        if os.path.realpath(run_dir) == os.path.realpath(base) and not raced:
+            raced.append(None)  # once: the other sweep takes the lock through here too
+            raced[0] = sweep.main(tiny("--sweep", "lr=0.02", "--runs_dir", str(tmp_path)))
+        with locked(run_dir, *args, **kw):
+            yield
+    monkeypatch.setattr(runs, "locked", racing)
+    assert sweep.main(tiny("--sweep", "lr=0.01", "--runs_dir", str(tmp_path), *extra)) == 2
+    err = capsys.readouterr().err
+    assert raced == [0] and err.count("\n") == 1 and err.startswith(
+        f"sweep.py: {base / 'summary.json'} summarises another sweep (block --sweep lr=0.02), not this one "
+        f"(block --sweep lr=0.01); use another --name"), err
+    assert sorted(os.listdir(base)) == [".lock", "lr=0.02", "summary.json"]
+    assert json.loads((base / "summary.json").read_text())["grid"] == {"lr": [0.02]}
+
+
+@pytest.mark.parametrize("text", ["[]", '{"rows": []}', '{"grid": {"lr": 0.01}}', '{"grid": {}, "settings": 3}'])
+def test_a_summary_json_that_is_not_a_sweeps_is_one_line_and_exit_1(finished, tmp_path, capsys, text):
+    folder = copy_of(finished, tmp_path)
+    path = folder / "block" / "summary.json"
+    path.write_text(text)
+    for extra in ([], ["--summary"], ["--list"]):
+        err = refused(TINY_ARGV + GRID + extra, folder, 1, capsys)
+        assert err.startswith(f"{path}: not a sweep's summary"), err
+
+
+def test_a_summary_written_before_settings_were_recorded_is_checked_on_its_grid(finished, tmp_path, capsys):
+    folder = copy_of(finished, tmp_path)
+    path = folder / "block" / "summary.json"
+    path.write_text(json.dumps({"grid": {"lr": [0.01, 0.02]}, "rows": []}))
+    err = refused(tiny("--sweep", "lr=0.01", "--summary"), folder, 2, capsys)
+    assert err.startswith(f"{path} summarises another sweep (--sweep lr=0.01,0.02), not this one (block --sweep "
+                          f"lr=0.01); use another --name")
+    assert sweep.main(tiny(*GRID, "--summary", "--runs_dir", str(folder))) == 0  # the same grid: rewritten
+    assert path.read_bytes() == (finished / "block" / "summary.json").read_bytes()
+
+
+def damaged(path, key, edit):
+    """metrics.npz at path rewritten (a valid .npz) with entry key edited, or removed (edit None)."""
+    metrics = dict(np.load(path))
+    if edit is None:
+        del metrics[key]
+    else:
+        metrics[key] = edit(metrics[key])
+    runs.save_npz(str(path), metrics)
+
+
+def nan_last(v):
+    return np.concatenate([v[:-1], [np.nan]])
+
+
+METRIC_DAMAGE = [
+    ("test_loss_position", lambda v: v[:-1], "holds float64 of shape [4]; expected real numbers of shape [5] (T = 5"),
+    ("test_loss_position", lambda v: v[None], "holds float64 of shape [1, 5]; expected real numbers of shape [5]"),
+    ("test_loss_position", lambda v: v[0], "holds float64 of shape []; expected real numbers of shape [5]"),
+    ("test_loss_position", lambda v: v.astype(complex), "holds complex128 of shape [5]; expected real numbers"),
+    ("test_loss_position", None, "no entry 'test_loss_position'; expected a finished run's metrics"),
+    ("test_loss_position", nan_last, "is nan at position 4, which the summary reads; expected"),
+    ("test_loss_position", lambda v: np.concatenate([v[:-1], [np.inf]]), "is inf at position 4, which"),
+    ("baseline_gd1", None, "no entry 'baseline_gd1'"),
+    ("baseline_gd1", lambda v: np.concatenate([v, v]), "holds float64 of shape [10]; expected real numbers of shape [5]"),
+    ("baseline_least_squares", nan_last, "is nan at position 4"),
+    ("baseline_least_squares", None, "no entry 'baseline_least_squares'"),
+]
+
+
+@pytest.mark.parametrize("key, edit, says", METRIC_DAMAGE)
+def test_a_damaged_metric_of_a_point_is_one_line_and_no_summary(finished, tmp_path, capsys, key, edit, says):
+    """Every entry of metrics.npz the summary reads is checked (present, real, shape [T], finite
+    where it is averaged): a bad one is one line naming the file and the entry, exit 1, and
+    summary.json is not written."""
+    folder = copy_of(finished, tmp_path)
+    path = folder / "block" / "lr=0.02" / "metrics.npz"
+    damaged(path, key, edit)
+    err = refused(TINY_ARGV + GRID + ["--summary"], folder, 1, capsys)
+    assert err.startswith(f"{path}: ") and key in err and says in err, err
+
+
+def test_the_metrics_of_other_experiments_rows_are_checked(tmp_path, capsys):
+    """The population row reads the last training loss; the augmented row its depth's GD
+    baseline (gd_k=L, while L <= gd_steps)."""
+    population = ["population", "--quiet", "--steps", "2", "--T", "5", "--sweep", "lr=0.01"]
+    cases = [(population, "lr=0.01", "train_loss", nan_last, "is nan at position 2"),
+             (population, "lr=0.01", "train_loss",
+              lambda v: v[:0], "holds float64 of shape [0]; expected real numbers of shape [n >= 1]"),
+             (tiny("--sweep", "layers=2", experiment="augmented"), "layers=2", "baseline_gd2", None,
+              "no entry 'baseline_gd2'"),
+             (tiny("--sweep", "layers=2", experiment="augmented"), "layers=2", "baseline_gd2", nan_last,
+              "is nan at position 4")]
+    for i, (argv, sub, key, edit, says) in enumerate(cases):
+        folder = tmp_path / str(i)
+        assert sweep.main(argv + ["--runs_dir", str(folder)]) == 0
+        capsys.readouterr()
+        path = folder / argv[0] / sub / "metrics.npz"
+        damaged(path, key, edit)
+        before = folder_bytes(folder)
+        assert sweep.main(argv + ["--runs_dir", str(folder), "--summary"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"sweep.py: {path}: ") and says in err, err
+        assert folder_bytes(folder) == before
+
+
+def test_a_point_damaged_after_its_training_stops_the_summary(finished, tmp_path, capsys, monkeypatch):
+    """A sweep reads the points it trained back as --summary does: a metric damaged between
+    the training and the summary is one line, exit 1, and summary.json is not rewritten."""
+    folder = copy_of(finished, tmp_path)
+    path = folder / "block" / "lr=0.01" / "metrics.npz"
+    run = train.run
+
+    def run_then_damaged(experiment, preset, base, sub, *args, **kw):
+        result = run(experiment, preset, base, sub, *args, **kw)
+        if sub == "lr=0.01":
+            damaged(path, "test_loss_position", nan_last)
+        return result
+    damaged(path, "test_loss_position", nan_last)  # the bytes the sweep will leave
+    monkeypatch.setattr(train, "run", run_then_damaged)
+    err = refused(TINY_ARGV + GRID, folder, 1, capsys)
+    assert err.startswith(f"{path}: entry 'test_loss_position' is nan at position 4, which the summary reads")
+
+
+def test_an_interrupted_sweep_says_what_to_run_in_sweep_py_options(finished, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in a point's training, or while workers train: one line, exit 130, naming the
+    sweep's own --resume rather than train.py's or figures.py's commands."""
+    folder = copy_of(finished, tmp_path)
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "_train", interrupted)  # train.run says what is on disk, then the sweep
+    err = refused(TINY_ARGV + GRID + ["--resume"], folder, 130, capsys)
+    point = folder / "block" / "lr=0.01"
+    assert err == (f"interrupted by SIGINT; point lr=0.01: {point} holds this run's last checkpoint; the same "
+                   f"sweep.py command with --resume continues its points from their last checkpoints")
+    wait, calls = sweep.multiprocessing.connection.wait, []
+
+    def interrupted_once(*args, **kw):  # the first wait for a worker (not the joins that stop them)
+        calls.append(1)
+        return interrupted() if len(calls) == 1 else wait(*args, **kw)
+    monkeypatch.setattr(sweep.multiprocessing.connection, "wait", interrupted_once)
+    err = refused(TINY_ARGV + GRID + ["--jobs", "2"], folder, 130, capsys)
+    assert err == ("interrupted by SIGINT; its worker processes are stopped; every finished point and checkpoint "
+                   "is intact; the same sweep.py command with --resume continues its points from their last "
+                   "checkpoints")
