@@ -179,6 +179,13 @@ def runtime_cell(seconds, cached):
     return f"{seconds:.1f}" + (" (partly cached)" if cached == "some" else "")
 
 
+def _cell(x):
+    """Whether x can be a summary value: a number, text, None, or a flat list of those."""
+    if isinstance(x, list):
+        return all(_cell(v) and not isinstance(v, list) for v in x)
+    return x is None or isinstance(x, (str, int, float))
+
+
 def recorded_summary(out_dir, file="summary.json"):
     """The figures recorded in OUT/summary.json ({} if none), checked for what it holds (FileFault)."""
     path = os.path.join(out_dir, file)
@@ -191,7 +198,9 @@ def recorded_summary(out_dir, file="summary.json"):
                 and isinstance(r.get("note"), str) and isinstance(r.get("cached", ""), str)
                 and isinstance(r.get("seconds"), number) and not isinstance(r.get("seconds"), bool)
                 and all(isinstance(row, dict) and {"quantity", "value", "expected", "source"} <= set(row)
-                        for row in r["rows"]) for r in recorded.values())):
+                        and isinstance(row["quantity"], str) and isinstance(row["source"], str)
+                        and _cell(row["value"]) and _cell(row["expected"]) for row in r["rows"])
+                for r in recorded.values())):
             raise runs.FileFault(f"{path}: not a summary of figures (an object of figures, each with "
                                  f"a preset and rows); delete it or give another --out")
     return recorded
@@ -199,13 +208,19 @@ def recorded_summary(out_dir, file="summary.json"):
 
 def write_summary(out_dir, results, preset):
     """Merge results {figure: {"rows", "seconds", "note"}} into OUT/summary.json and
-    rewrite OUT/summary.md from all figures recorded there (both atomically)."""
+    rewrite OUT/summary.md from all figures recorded there (both atomically, both built
+    before either is written), holding OUT's lock: figures.py processes on one --out wait
+    for each other's read-merge-write instead of losing rows."""
+    with runs.locked(out_dir, wait=True):
+        return _write_summary(out_dir, results, preset)
+
+
+def _write_summary(out_dir, results, preset):
     recorded = recorded_summary(out_dir)
     for name, res in results.items():
         recorded[name] = {"preset": preset, "seconds": res.get("seconds"), "cached": res.get("cached", "none"),
                           "note": res.get("note", ""),
                           "rows": [{k: _plain(v) for k, v in r.items()} for r in res.get("rows", [])]}
-    runs.save_text(os.path.join(out_dir, "summary.json"), json.dumps(recorded, indent=1))  # in the order recorded
     lines = ["# Reproduced quantities", "",
              "Each value below is computed by `figures.py`; the expected column is a closed form "
              "of paper.md (section 4), or a value published by the authors where the source says so. "
@@ -226,6 +241,8 @@ def write_summary(out_dir, results, preset):
             r = recorded[name]
             cells = (name, r["preset"], runtime_cell(r.get("seconds"), r.get("cached", "none")), r["note"])
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    summary_json = json.dumps(recorded, indent=1)  # in the order recorded
+    runs.save_text(os.path.join(out_dir, "summary.json"), summary_json)
     runs.save_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
     return recorded
 

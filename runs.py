@@ -497,7 +497,7 @@ def _holder(path):
 
 
 @contextlib.contextmanager
-def locked(run_dir):
+def locked(run_dir, wait=False):
     """Hold run_dir's lock while the block runs: one process per run folder. The lock is an
     flock on run_dir/.lock, taken before anything in the folder is read or written and
     released by the kernel when its holder dies (kill -9 leaves no stale lock); a process
@@ -505,7 +505,8 @@ def locked(run_dir):
     holder's pid if another process holds it, and on a file system that does not enforce
     flock (some NFS mounts), where two processes could not be kept apart. Taking it removes the
     temporary files an earlier holder left (remove_temporaries); a run_dir that is a link is
-    refused (make_folder)."""
+    refused (make_folder). wait=True waits for another holder instead (a step of
+    milliseconds, such as figures.py's read-merge-write of its summary)."""
     make_folder(run_dir)
     key = os.path.realpath(run_dir)
     if key in _HELD:  # taken again inside the block that holds it
@@ -521,7 +522,7 @@ def locked(run_dir):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"the lock {path} is not a regular file; remove it")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise ValueError(f"{run_dir} is in use by another process{_holder(path)}; wait for it "
                              f"to end or use another --name") from None

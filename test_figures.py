@@ -17,7 +17,7 @@ import icar
 import runs
 import theory
 import train
-from conftest import HERE, TINY, rng
+from conftest import HERE, TINY, folder_bytes, rng
 
 
 def png_ok(path):
@@ -427,3 +427,43 @@ def test_pretrain_trains_the_stacks_side_by_side_as_one_process_would(tmp_path, 
             assert (tmp_path / "side" / name / f).read_bytes() == (tmp_path / "alone" / name / f).read_bytes(), (name, f)
     figures.trained(side, figures.r1_specs("quick"))
     assert [t["reused"] for t in side.timings] == [True] * 6 and all(t["seconds"] > 0 for t in side.timings)
+
+
+def test_figures_processes_on_one_out_keep_each_others_summary_rows(tmp_path):
+    """Three processes write the summary of one --out at once: every figure's rows remain
+    (each read-merge-write holds OUT's lock)."""
+    import subprocess
+    import sys
+    code = ("import figures, os, sys, time\n"
+            "name = sys.argv[1]\n"
+            "open(sys.argv[3] + name, 'w').close()\n"              # ready; then all start at once
+            "while not os.path.exists(sys.argv[3] + 'go'):\n"
+            "    time.sleep(0.005)\n"
+            "for k in range(60):\n"
+            "    figures.write_summary(sys.argv[2], {name: {'rows': [figures.row(name, f'q{k}', k)], 'seconds': 1.0,"
+            " 'note': ''}}, 'quick')\n")
+    out, gate = tmp_path / "out", str(tmp_path) + "/"
+    procs = [subprocess.Popen([sys.executable, "-c", code, name, str(out), gate], cwd=HERE)
+             for name in ("fig1", "fig3", "r1")]
+    import time
+    while not all(os.path.exists(gate + name) for name in ("fig1", "fig3", "r1")):
+        time.sleep(0.01)
+    open(gate + "go", "w").close()
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    tmp_path = out
+    import figures
+    recorded = figures.recorded_summary(str(tmp_path))
+    assert sorted(recorded) == ["fig1", "fig3", "r1"]
+    assert all(r["rows"][0]["quantity"] == "q59" for r in recorded.values())
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, [[1, 2]], True and {"x": None}])
+def test_a_summary_value_that_is_not_a_cell_is_refused_before_anything_is_written(tmp_path, value):
+    import figures
+    (tmp_path / "summary.json").write_text(json.dumps({"fig1": {"preset": "quick", "seconds": 1.0, "note": "",
+                                                                "rows": [{"quantity": "q", "value": value,
+                                                                          "expected": None, "source": ""}]}}))
+    before = folder_bytes(tmp_path)
+    with pytest.raises(runs.FileFault, match="not a summary of figures"):
+        figures.write_summary(str(tmp_path), {"r1": {"rows": [], "seconds": 1.0, "note": ""}}, "quick")
+    assert {k: v for k, v in folder_bytes(tmp_path).items() if k != ".lock"} == before
