@@ -51,6 +51,10 @@ checks this code and measures nothing):
 It prints a table, writes gpu_check.json into --out (default $OUT or the current folder),
 and exits 1 if any comparison fails.
 """
+if __name__ == "__main__":  # a signal while the modules load: one line, nothing written (then run_command's handlers)
+    import os as _os, signal as _signal
+    for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(_s, lambda n, _: (_os.write(2, f"bench.py: interrupted by {_signal.Signals(n).name} while starting; nothing was written\n".encode()), _os._exit(128 + n)))
 import datetime
 import importlib.metadata
 import os

@@ -27,6 +27,10 @@ loads those arrays):
     r1     trained one-step-GD step size and loss against T next to eta* and L* (R1)
     r2r3   best population loss of M2 against H next to (d - H)_+ and (d - 2H)_+ (R2, R3)
 """
+if __name__ == "__main__":  # a signal while the modules load: one line, nothing written (then run_command's handlers)
+    import os as _os, signal as _signal
+    for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(_s, lambda n, _: (_os.write(2, f"figures.py: interrupted by {_signal.Signals(n).name} while starting; nothing was written\n".encode()), _os._exit(128 + n)))
 import argparse
 import concurrent.futures
 import contextlib
@@ -249,7 +253,7 @@ def _write_summary(out_dir, results, preset):
 
 def progress(name, message, quiet=False):
     if not quiet:
-        print(f"[{name}] {message}", file=sys.stderr, flush=True)
+        runs.say(f"[{name}] {message}")
 
 
 # ----------------------------------------------------------------------------- fig1

@@ -549,12 +549,38 @@ def locked(run_dir, wait=False):
 
 # ----------------------------------------------------------------------------- command lines
 
+def say(line):
+    """Write one line to stderr. A reader that has gone away (a closed pipe, a closed stream)
+    silences it for the rest of the process instead of stopping the command: progress and
+    error lines are reports, never the reason a job fails or stops early."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):  # BrokenPipeError is an OSError
+        _silence_stderr()
+
+
+def _silence_stderr():
+    """stderr to /dev/null from now on (file descriptor 2 too, for the interpreter's own writes)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    except OSError:
+        pass
+    sys.stderr = open(os.devnull, "w")
+
+
 class Progress:
     """One updating line on a terminal, plain periodic lines otherwise, nothing when quiet."""
 
-    def __init__(self, total, quiet, stream=sys.stderr):
+    def __init__(self, total, quiet, stream=None):
         self.total, self.quiet, self.stream = total, quiet, stream
-        self.tty = stream.isatty()
+        try:
+            self.tty = (sys.stderr if stream is None else stream).isatty()
+        except (AttributeError, ValueError, OSError):  # a closed stream
+            self.tty = False
         self.first = None  # (step, time) of the first report: rates exclude start-up
 
     def show(self, step, train, test, final=False):
@@ -568,11 +594,14 @@ class Progress:
         if done > 0 and elapsed > 0:  # no rate before a second report
             rate = done / elapsed
             line += f"  {rate:.1f} steps/s  left {(self.total - step) / rate:.0f} s"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(78) + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        stream = sys.stderr if self.stream is None else self.stream
+        try:
+            stream.write("\r" + line.ljust(78) + ("\n" if final else "") if self.tty else line + "\n")
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # its reader went away: no more progress
+            self.quiet = True
+            if self.stream is None:
+                _silence_stderr()
 class Parser(argparse.ArgumentParser):
     """argparse whose bad argument raises ValueError, which one_line_errors prints as one line
     with exit status 2."""
@@ -618,19 +647,19 @@ def one_line_errors(prefix, command):
         if e.table is not None:
             print(e.table)
         for line in e.lines:
-            print(f"{prefix}: {line}", file=sys.stderr)
+            say(f"{prefix}: {line}")
         return 1
     except ValueError as e:
-        print(f"{prefix}: {e}", file=sys.stderr)
+        say(f"{prefix}: {e}")
         return getattr(e, "exit_status", 2)
     except (FileFault, OSError, MemoryError) as e:
-        print(f"{prefix}: {fault_line(e)}", file=sys.stderr)
+        say(f"{prefix}: {fault_line(e)}")
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (run_command's handlers)
         signum = getattr(e, "signum", signal.SIGINT)
         why = e.args[0] if e.args else ("every file already written is intact (train.py --resume "
                                         "and figures.py continue from the last checkpoint)")
-        print(f"{prefix}: interrupted by {signal.Signals(signum).name}; {why}", file=sys.stderr)
+        say(f"{prefix}: interrupted by {signal.Signals(signum).name}; {why}")
         return 128 + signum
 
 
@@ -687,9 +716,11 @@ def run_command(main):
     (`python train.py --help | head`)."""
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # after the scripts' start-up handlers
     try:
         status = main()
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None: started with standard output closed
+            sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
         status = 0

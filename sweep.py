@@ -21,6 +21,10 @@ sweep of another grid or other settings under the same --name is refused before 
 (another --name, or delete that summary.json). A sweep holds runs/NAME's lock, and reads each
 point back under the point's lock and its metrics checked, before it writes summary.json.
 """
+if __name__ == "__main__":  # a signal while the modules load: one line, nothing written (then run_command's handlers)
+    import os as _os, signal as _signal
+    for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(_s, lambda n, _: (_os.write(2, f"sweep.py: interrupted by {_signal.Signals(n).name} while starting; nothing was written\n".encode()), _os._exit(128 + n)))
 import itertools
 import json
 import multiprocessing
@@ -235,7 +239,7 @@ def _run_points(experiment, preset, base, plan, resume, quiet, jobs, cluster, sl
     failed = {}
     for sub, point in plan:
         if not quiet:
-            print(f"-- {experiment} {sub}", file=sys.stderr)
+            runs.say(f"-- {experiment} {sub}")
         try:
             train.run(experiment, preset, base, sub, resumes[sub], quiet, **overrides, **point)
         except (ValueError, runs.FileFault, OSError, MemoryError) as e:
@@ -258,7 +262,7 @@ def _run_in_workers(experiment, preset, base, plan, resumes, quiet, jobs, overri
     is killed, each worker notices within 0.2 s and exits (_watch_parent)."""
     workers = min(jobs, len(plan))
     threads = max(1, fused.cores() // workers)
-    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    say = (lambda line: None) if quiet else runs.say
     failed, running, todo = {}, {}, list(plan)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
     try:
@@ -325,7 +329,7 @@ def _run_on_cluster(experiment, preset, base, plan, resumes, quiet, cluster, slu
     failure line}. An interrupted parent leaves its jobs running."""
     import submitit
     here, folder = os.path.dirname(os.path.abspath(__file__)), os.path.join(base, ".submitit")
-    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    say = (lambda line: None) if quiet else runs.say
     executor = submitit.AutoExecutor(folder, cluster=cluster)
     setup = [f"export PYTHONPATH={shlex.quote(here)}${{PYTHONPATH:+:$PYTHONPATH}}"]  # a job imports train
     own = {f"slurm_{k}": v for k, v in slurm.items()} if cluster == "slurm" else {

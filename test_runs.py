@@ -12,6 +12,7 @@ import fcntl
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -899,3 +900,44 @@ def test_results_get_the_mode_open_would_give(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+# ---- readers that go away, signals while starting ------------------------------------------
+
+def test_a_closed_stdout_or_stderr_never_fails_a_finished_run(tmp_path):
+    """Standard output or error closed before the start (`>&-`, `2>&-`): the run finishes,
+    writes its files and exits 0 (its report and progress lines go nowhere)."""
+    args = " ".join(["block", "--runs_dir", str(tmp_path / "{}"), *argv_of(SMALL), "--steps", "3"])
+    for name, redirect in (("out", ">&-"), ("err", "2>&- >/dev/null")):
+        p = subprocess.run(f"{shlex.quote(sys.executable)} train.py {args.format(name)} {redirect}", shell=True,
+                           cwd=HERE, capture_output=name == "out")
+        assert p.returncode == 0, (name, p.stderr)
+        assert (tmp_path / name / "block" / "params.npz").exists(), name
+
+
+def test_a_reader_of_progress_lines_that_goes_away_does_not_stop_figures(tmp_path):
+    """figures.py's progress lines piped into a reader that leaves after one line: every
+    figure is still made, exit status 0."""
+    cmd = (f"{shlex.quote(sys.executable)} figures.py fig1 fig6 --out {shlex.quote(str(tmp_path / 'out'))} "
+           f"--runs {shlex.quote(str(tmp_path / 'runs'))} 2>&1 >/dev/null | head -1; exit ${{PIPESTATUS[0]}}")
+    p = subprocess.run(["bash", "-c", cmd], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.count("\n") == 1
+    assert {f for f in os.listdir(tmp_path / "out")} >= {"fig1.png", "fig6.png", "summary.md"}
+
+
+def test_a_signal_while_the_modules_load_is_one_line_and_writes_nothing(tmp_path):
+    """SIGTERM as soon as train.py has taken the signal (before numpy and the project load):
+    one line, exit 143, no folder made."""
+    p = subprocess.Popen([sys.executable, "train.py", "block", "--runs_dir", str(tmp_path / "runs")], cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def catches_sigterm():
+        with open(f"/proc/{p.pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        return mask >> (signal.SIGTERM - 1) & 1
+    wait_for(catches_sigterm)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 143
+    assert err.splitlines() == ["train.py: interrupted by SIGTERM while starting; nothing was written"]
+    assert not os.path.exists(tmp_path / "runs")

@@ -14,6 +14,10 @@ fingerprint), checkpoint.npz, params.npz and metrics.npz (loss curves, test loss
 position next to evaluate.baselines, evaluate.probe, and weight_blocks or mechanism where
 EXPERIMENTS asks). A resumed run ends bit-identical to an uninterrupted one.
 """
+if __name__ == "__main__":  # a signal while the modules load: one line, nothing written (then run_command's handlers)
+    import os as _os, signal as _signal
+    for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(_s, lambda n, _: (_os.write(2, f"train.py: interrupted by {_signal.Signals(n).name} while starting; nothing was written\n".encode()), _os._exit(128 + n)))
 import contextlib
 import math
 import os

@@ -24,6 +24,10 @@ fixed start instead of reading s_0 (start_lookup) a start lookup.
 Aggregation over seeds (aggregate_rows): rows of figures.py from every seed -> one row per
 quantity, numbers as the median with [min, max] and every seed's value, text as counts.
 """
+if __name__ == "__main__":  # a signal while the modules load: one line, nothing written (then run_command's handlers)
+    import os as _os, signal as _signal
+    for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(_s, lambda n, _: (_os.write(2, f"verdicts.py: interrupted by {_signal.Signals(n).name} while starting; nothing was written\n".encode()), _os._exit(128 + n)))
 import collections
 import numbers
 import os
