@@ -90,7 +90,7 @@ def cached(runs_dir, name, compute, retrain, settings, ctx=None, code=("figures.
     (a JSON-able dict of everything else that determines the result); it also keeps the
     seconds that compute() took."""
     folder = os.path.join(runs_dir, f"figures-{name}")
-    with runs.locked(folder):  # one process per cache folder
+    with runs.locked(folder, hint="use another --runs folder"):  # one process per cache folder
         return _cached(os.path.join(folder, "data.npz"), name, compute, retrain, settings, ctx, code)
 
 
@@ -476,7 +476,7 @@ def train_cached(ctx, experiment, name, **overrides):
     already there (runs.load_run) when its config.json holds the same settings and was made by
     the same code (runs.code_fingerprint of train.CODE). Training seconds are kept in RUNS/NAME/seconds.json."""
     run_dir = os.path.join(ctx.runs, name)
-    with runs.locked(run_dir):  # one process per run folder, before its files are read
+    with runs.locked(run_dir, hint="use another --runs folder"):  # one process per run folder, before its files are read
         return _train_cached(ctx, experiment, name, run_dir, overrides)
 
 
@@ -516,7 +516,7 @@ def stack_cached(ctx, experiment, name, overrides):
     quiet = ctx.quiet or getattr(ctx, "worker", False)  # side by side: no step lines
     with contextlib.ExitStack() as held:
         for d in dirs.values():  # one process per run folder, before its files are read
-            held.enter_context(runs.locked(d))
+            held.enter_context(runs.locked(d, hint="use another --runs folder"))
         out, todo = {}, {}
         for s, d in dirs.items():
             want = dict(train.config(experiment, ctx.preset, **overrides, seed=s), experiment=experiment,

@@ -497,7 +497,7 @@ def _holder(path):
 
 
 @contextlib.contextmanager
-def locked(run_dir, wait=False):
+def locked(run_dir, wait=False, hint="use another --name"):
     """Hold run_dir's lock while the block runs: one process per run folder. The lock is an
     flock on run_dir/.lock, taken before anything in the folder is read or written and
     released by the kernel when its holder dies (kill -9 leaves no stale lock); a process
@@ -506,7 +506,8 @@ def locked(run_dir, wait=False):
     flock (some NFS mounts), where two processes could not be kept apart. Taking it removes the
     temporary files an earlier holder left (remove_temporaries); a run_dir that is a link is
     refused (make_folder). wait=True waits for another holder instead (a step of
-    milliseconds, such as figures.py's read-merge-write of its summary)."""
+    milliseconds, such as figures.py's read-merge-write of its summary). hint: what the
+    refusal suggests, in the words of the command that asks (its own options)."""
     make_folder(run_dir)
     key = os.path.realpath(run_dir)
     if key in _HELD:  # taken again inside the block that holds it
@@ -525,7 +526,7 @@ def locked(run_dir, wait=False):
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise ValueError(f"{run_dir} is in use by another process{_holder(path)}; wait for it "
-                             f"to end or use another --name") from None
+                             f"to end or {hint}") from None
         except OSError as e:  # no locks at all on this file system (ENOLCK on some NFS mounts)
             raise ValueError(f"cannot lock {run_dir} ({e.strerror or e}); use a local folder") from None
         probe = os.open(path, os.O_RDWR | os.O_NOFOLLOW)

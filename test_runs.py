@@ -336,8 +336,8 @@ def test_a_locked_folder_refuses_resume_sweep_points_and_figures(tmp_path):
         with pytest.raises(runs.SweepIncomplete, match="in use by another process"):
             sweep.sweep("block", {"seed": [0]}, runs_dir=str(tmp_path), name="sweep", quiet=True, **TINY)
         ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True, timings=[])
-        with pytest.raises(ValueError, match="in use by another process"):
-            figures.train_cached(ctx, "block", "block", **TINY)
+        with pytest.raises(ValueError, match=r"in use by another process .*; wait for it to end or use another --runs folder$"):
+            figures.train_cached(ctx, "block", "block", **TINY)  # figures.py has --runs, not --name
     finally:
         holder.kill()
         holder.wait()

@@ -182,6 +182,23 @@ def test_a_diverged_member_stops_alone(tmp_path, monkeypatch):
     _same_run(runs.load_run(str(tmp_path / "d-seed1")), lone, exact=True)
 
 
+def test_a_start_that_fails_before_any_file_leaves_no_folder(tmp_path, monkeypatch):
+    """Out of memory while sampling the data: no run folder left behind; a folder that was
+    there before is kept."""
+    def no_memory(cfg):
+        raise MemoryError
+    monkeypatch.setattr(train, "datasets", no_memory)
+    with pytest.raises(MemoryError):
+        train.run("block", runs_dir=str(tmp_path), name="a", quiet=True, **TINY)
+    with pytest.raises(MemoryError):
+        train.run_seeds("block", [0, 1], runs_dir=str(tmp_path), name="s", quiet=True, **TINY)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "b").mkdir()
+    with pytest.raises(MemoryError):
+        train.run("block", runs_dir=str(tmp_path), name="b", quiet=True, **TINY)
+    assert os.listdir(tmp_path) == ["b"]
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
     with pytest.raises(ValueError, match=r"\['lr'\]"):
@@ -244,7 +261,7 @@ def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsy
     monkeypatch.setattr(train, "check_run", lambda experiment, cfg: None)
     with pytest.raises(icar.Diverged, match=r"at step 0, before any update.*nothing was saved"):
         train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, init_scale=1e200))
-    assert os.listdir(tmp_path / "block") == [".lock"]  # the folder's lock, nothing of the run
+    assert not (tmp_path / "block").exists()  # nothing of the run, not even its folder
     assert train.main(["population", "--lr", "1e9", "--runs_dir", str(tmp_path), "--quiet"]) == 1
     assert "population loss became" in capsys.readouterr().err
 

@@ -521,6 +521,16 @@ def _run_members(experiment, preset, members, resume, quiet):
     for _, run_dir in members:
         if resume and not os.path.isdir(run_dir):
             raise ValueError(f"--resume: no run folder {run_dir}; run without --resume first")
+    made = [d for _, d in members if not os.path.lexists(d)]  # removed again if nothing is saved
+    try:
+        return _run_held(experiment, preset, members, resume, quiet)
+    finally:  # a start that failed before any file (out of memory, a bad file) leaves no folder
+        for d in made:
+            if os.path.isdir(d) and not os.path.islink(d) and set(os.listdir(d)) <= {".lock"}:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_held(experiment, preset, members, resume, quiet):
     with contextlib.ExitStack() as held:
         for _, run_dir in members:  # one process per run folder, before anything in it is read
             held.enter_context(runs.locked(run_dir))
