@@ -550,6 +550,8 @@ def main(argv=None):
         if not 1 <= repeats <= MAX_REPEATS:
             raise ValueError(f"--repeats must be 1 to {MAX_REPEATS}, got {repeats}")
         workloads = WORKLOADS if args.workloads is None else _workloads(args.workloads)
+        if args.json is not None and not args.json:
+            raise ValueError("--json needs a file name, got ''")
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json {args.json!r}: no such folder")
         if args.json and os.path.isdir(args.json):

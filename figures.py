@@ -32,12 +32,12 @@ if __name__ == "__main__":  # a signal while the modules load: one line, nothing
     for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
         _signal.signal(_s, lambda n, _: (_os.write(2, f"figures.py: interrupted by {_signal.Signals(n).name} while starting; nothing was written\n".encode()), _os._exit(128 + n)))
 import argparse
-import concurrent.futures
 import contextlib
 import hashlib
-import multiprocessing
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -1497,18 +1497,27 @@ def pretrain(ctx, names):
     progress("all", f"training {len(todo)} stacks of {len(ctx.seeds)} seeds in {workers} processes "
                     f"({threads} thread{'s' if threads > 1 else ''} each)", ctx.quiet)
     plain = argparse.Namespace(**{k: v for k, v in vars(ctx).items() if k != "timings"}, worker=True)
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_worker_init, initargs=(os.getpid(),))
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(os.getpid(),))
     try:
-        for failed in pool.map(_pretrain_one, [plain] * len(todo), todo, [threads] * len(todo)):
+        for failed in pool.imap(_pretrain_args, [(plain, spec, threads) for spec in todo]):
             if failed:  # its figure trains it again in this process and reports it
                 progress("all", f"a worker failed: {failed}", ctx.quiet)
-    finally:  # interrupted: the workers stop with their parent
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
+    except BaseException:  # interrupted: the workers stop now (their checkpoints stay), not after their stacks
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _pretrain_args(args):
+    return _pretrain_one(*args)
 
 
 def _worker_init(parent):
-    """A pretrain worker exits at once when its parent is gone (killed with -9)."""
+    """A pretrain worker leaves Ctrl-C to its parent (which stops it) and exits at once when
+    its parent is gone (killed with -9)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     def watch():
         while os.getppid() == parent:
             time.sleep(0.2)
@@ -1606,8 +1615,11 @@ def make_figures(args):
     reference = None
     if args.compare is not None:  # read before the figures rewrite OUT/summary.json
         if not os.path.isfile(args.compare):
-            raise ValueError(f"--compare: no such file {args.compare!r}")
-        reference = recorded_summary(os.path.dirname(os.path.abspath(args.compare)), os.path.basename(args.compare))
+            raise ValueError(f"--compare: {args.compare!r} is not a file (expected a summary.json of figures.py)")
+        try:
+            reference = recorded_summary(os.path.dirname(os.path.abspath(args.compare)), os.path.basename(args.compare))
+        except runs.FileFault as e:
+            raise runs.FileFault(f"--compare: {str(e).split('; delete it')[0]}") from None
     runs.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     pretrain(ctx, names)

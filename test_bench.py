@@ -53,7 +53,8 @@ def test_bench_rejects_unknown_workload(capsys):
 def test_bench_reports_bad_arguments_in_one_line():
     for argv in (["--repeats", "x"], ["--repeats", "0"], ["--repeats", "1e20"], ["--workloads", ""],
                  ["--workloads", "nonaug,nonaug"], ["--json", "a", "--json", "b"], ["--device", "tpu"],
-                 ["--dry", "--repeats", "3"], ["--out", "."], ["--dry", "--device", "numpy"]):
+                 ["--dry", "--repeats", "3"], ["--out", "."], ["--dry", "--device", "numpy"], ["--json", ""],
+                 ["--workloads", "quick-nonag"]):
         out = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
         assert out.returncode == 2 and out.stderr.startswith("bench.py: "), (argv, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and argv[0] in out.stderr, (argv, out.stderr)

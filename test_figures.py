@@ -467,3 +467,39 @@ def test_a_summary_value_that_is_not_a_cell_is_refused_before_anything_is_writte
     with pytest.raises(runs.FileFault, match="not a summary of figures"):
         figures.write_summary(str(tmp_path), {"r1": {"rows": [], "seconds": 1.0, "note": ""}}, "quick")
     assert {k: v for k, v in folder_bytes(tmp_path).items() if k != ".lock"} == before
+
+
+def test_sigterm_while_workers_train_stops_them_at_once(tmp_path):
+    """figures.py signalled (only its own pid, as kill or a scheduler does) while its workers
+    train: one line, exit 143 within seconds, no worker left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, "figures.py", "r1", "--seeds", "2", "--quiet", "--runs", str(tmp_path / "runs"),
+                          "--out", str(tmp_path / "out")], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs"):  # the workers have started
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.1)
+    time.sleep(1.0)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and time.time() - t0 < 10
+    assert err.splitlines()[-1].startswith("figures.py: error: interrupted by SIGTERM")
+    ps = subprocess.run(["pgrep", "-f", str(tmp_path / "runs")], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
+def test_compare_names_its_reference_and_what_is_wrong(tmp_path, capsys):
+    import figures
+    out = ["fig1", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--quiet", "--compare"]
+    assert figures.main(out + [str(tmp_path)]) == 2
+    assert "--compare: " in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert figures.main(out + [str(tmp_path / "list.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compare: " in err and "list.json: not a summary of figures" in err
+    assert "--out" not in err and "delete it" not in err

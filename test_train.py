@@ -153,7 +153,8 @@ def test_seeds_on_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["block-seed0", "block-seed1", "block-seed4"]
     assert out.count("saved in") == 3
-    for bad, why in (("3-1", "ranges from low to high"), ("a", "integers >= 0"), ("0-5000", "at most 1024")):
+    for bad, why in (("3-1", "ranges from low to high"), ("a", "integers >= 0"), ("0-5000", "at most 1024"),
+                     ("\u00b2", "--seeds must be seeds like"), ("0-\u00b2", "--seeds must be seeds like")):
         assert train.main([*argv, "--seeds", bad]) == 2
         assert why in capsys.readouterr().err
     assert train.main([*argv, "--seeds", "0-1", "--seed", "2"]) == 2

@@ -3,7 +3,9 @@ raw-token construction, least squares on the first k transitions, the same assum
 fixed start), each verdict shown to fail when one of its conditions fails, the aggregation
 over seeds, and the command line on finished runs (one line and exit 2 for anything else).
 Sizes: the quick M4 law (d = 5, T = 20, Haar W) on 128 sequences."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -113,11 +115,23 @@ def test_the_command_line_gives_a_verdict_per_run_and_one_line_otherwise(tmp_pat
     (tmp_path / "damaged").mkdir()
     for f in ("config.json", "params.npz", "metrics.npz"):
         (tmp_path / "damaged" / f).write_bytes(b"")
-    for argv, code, message in (([], 2, "name one or more run folders"),
+    damaged = []  # a finished run whose files say something else: one line naming the file, exit 1
+    for name, change in (("t_text", lambda c, p: c.update(T="14")), ("no_attention", lambda c, p: c.pop("attention")),
+                         ("heads", lambda c, p: c.update(heads=4)), ("nan", lambda c, p: p.update({"W_out": p["W_out"] * np.nan})),
+                         ("cut", lambda c, p: p.update({"W_out": p["W_out"][:1]}))):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        params = dict(np.load(tmp_path / name / "params.npz"))
+        change(config, params)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        np.savez(tmp_path / name / "params.npz", **params)
+        file = "params.npz" if name in ("nan", "cut", "heads") else "config.json"  # heads: shapes disagree
+        damaged.append(([str(tmp_path / name)], 1, f"{name}/{file}: "))
+    for argv, code, message in damaged + [([], 2, "name one or more run folders"),
                                 ([str(tmp_path / "none")], 2, "is not a finished run"),
                                 ([str(tmp_path / "p")], 2, "has no model of sequences to test"),
                                 ([str(tmp_path / "short")], 2, "the causal tests need T >= 10"),
-                                ([str(tmp_path / "damaged")], 1, "damaged/config.json: not valid JSON")):
+                                ([str(tmp_path / "damaged")], 1, "damaged/config.json: not valid JSON")]:
         assert verdicts.main(argv) == code, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("verdicts.py: ") and message in err, err

@@ -21,6 +21,7 @@ if __name__ == "__main__":  # a signal while the modules load: one line, nothing
 import contextlib
 import math
 import os
+import re
 import shutil
 import sys
 import typing
@@ -434,7 +435,8 @@ def parse_seeds(text):
     seeds = set()
     for part in str(text).split(","):
         lo, dash, hi = part.strip().partition("-")
-        if not (lo.isdigit() and (hi.isdigit() if dash else True)) or (dash and int(hi) < int(lo)):
+        digits = re.compile("[0-9]+")
+        if not (digits.fullmatch(lo) and (digits.fullmatch(hi) if dash else True)) or (dash and int(hi) < int(lo)):
             raise ValueError(f"--seeds must be seeds like 0-7, 0,3,5 or 0-3,8 (integers >= 0, ranges "
                              f"from low to high), got {text!r}")
         seeds.update(range(int(lo), int(hi if dash else lo) + 1))

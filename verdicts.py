@@ -264,16 +264,43 @@ COLUMNS = ("own", "other", "switch", "replaced", "first")
 def describe(run_dir, seed=None):
     """(measures, verdict) of the finished run in run_dir (runs.load_run), its causal tests on
     fresh sequences drawn from `seed` (default: the run's own seed)."""
-    res = runs.load_run(run_dir)
-    experiment = res["config"].get("experiment")
-    if experiment not in train.EXPERIMENTS:
-        raise ValueError(f"{run_dir} is a run of {experiment!r}, which has no model of sequences to test; "
-                         f"allowed: runs of {', '.join(train.EXPERIMENTS)}")
-    if res["config"].get("T", 0) < 2 * max(CAUSAL["replaced"]) + 2:
+    res = checked_run(run_dir)
+    if res["config"]["T"] < 2 * max(CAUSAL["replaced"]) + 2:
         raise ValueError(f"{run_dir} has T = {res['config'].get('T')}; the causal tests need T >= "
                          f"{2 * max(CAUSAL['replaced']) + 2} (a switch at t = {CAUSAL['switch']}, late positions r >= T/2)")
     m = measures(causal_tests(res, res["config"]["seed"] if seed is None else seed))
     return m, verdict(m)
+
+
+def checked_run(run_dir):
+    """runs.load_run(run_dir), its settings checked as train.config checks them and its
+    parameters against the shapes of its model, all finite: FileFault naming the file
+    otherwise (a damaged run, exit 1); ValueError for a finished run with no model of
+    sequences (the population loss)."""
+    res = runs.load_run(run_dir)
+    saved, path = res["config"], os.path.join(run_dir, "config.json")
+    experiment = saved.get("experiment")
+    if experiment == train.POPULATION:
+        raise ValueError(f"{run_dir} is a run of {experiment!r}, which has no model of sequences to test; "
+                         f"allowed: runs of {', '.join(train.EXPERIMENTS)}")
+    if experiment not in train.EXPERIMENTS:
+        raise runs.FileFault(f"{path}: not the settings of a run (experiment {experiment!r})")
+    try:
+        options = {k: v for k, v in saved.items() if k in train.OPTIONS and k != "mu" or (k == "mu" and saved.get("family") == "angle")}
+        cfg = train.config(experiment, saved.get("preset", "quick"), **options)
+    except (ValueError, TypeError) as e:
+        raise runs.FileFault(f"{path}: not the settings of a run ({e})") from None
+    missing = sorted(set(cfg) - set(saved))
+    if missing:
+        raise runs.FileFault(f"{path}: not the settings of a run (no {', '.join(missing)})")
+    want = {k: v.shape for k, v in runs.flatten(train.init_model(experiment, cfg, np.random.default_rng(0))).items()}
+    have = runs.flatten(res["params"])
+    path = os.path.join(run_dir, "params.npz")
+    if {k: np.shape(v) for k, v in have.items()} != want:
+        raise runs.FileFault(f"{path}: its parameters do not have the shapes of the model of its config.json")
+    if not all(np.all(np.isfinite(v)) for v in have.values()):
+        raise runs.FileFault(f"{path}: a parameter is not finite")
+    return dict(res, config=dict(saved, **cfg))
 
 
 def table(rows):
