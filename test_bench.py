@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 
 import bench
@@ -70,3 +72,30 @@ def test_gpu_check_dry_run_on_the_stand_in(tmp_path):
     models = [c["model"] for c in report["comparisons"]]
     assert report["all_ok"] and report["dry"] and len(models) == 18
     assert sum(m.startswith("M4 plain") for m in models) == 4  # icar.transformer beside fused
+
+
+def test_flop_counts_of_the_other_branches_by_hand():
+    """Without positions (the mask once, no positional scores), fused's executed products
+    (z = (x, 1) of size D = d_in + 1 in the first layer, E + 1 after; linear attention over
+    causal_blocks(3) = (0, 2), (2, 3): 2 * 2 + 1 * 3 = 7 pairs), and complex M3 data."""
+    plain = icar.transformer_config(d_in=1, d_out=1, T=3, heads=1, repeat=2, positional=False)
+    qkv, scores_av, mask, w_o, heads_sum, readout = 3 * 2 * 2 * 3 * 2 * 2, 2 * 2 * 2 * 9 * 2, 2 * 9, 2 * 2 * 3 * 4, 2 * 3 * 2, 2 * 2 * 3 * 2
+    assert bench.transformer_flops(plain, 2, 3) == 3 * (qkv + scores_av + mask + w_o + heads_sum + readout)
+    cfg = icar.transformer_config(d_in=1, d_out=1, T=3, heads=1, repeat=2, positional=True, layers=2)
+    n, T, E, H, pairs = 2, 3, 2, 1, 7
+    positional = 4 * T * E * H * E + 2 * H * T * T * E + 2 * n * H * pairs  # embeddings; weights times scores
+    layers = [2 * n * T * D * H * D + 4 * n * H * pairs * D + 2 * n * T * H * D * E + positional for D in (2, 3)]
+    assert bench.transformer_flops(cfg, n, T, executed=True) == 3 * (sum(layers) + 2 * n * T * E * 1)
+    assert bench.pe_only_flops(2, 3, 1) == 3 * (2 * 2 * 9 * 2 + (6 + 8) * 2 * 3)
+
+
+def test_the_gpu_check_fails_a_device_whose_numbers_differ(monkeypatch):
+    """compare() flags every model whose loss or gradients on the device are off by more than
+    TOL (here a device that scales its inputs by 1 + 1e-6), and says the check failed."""
+    real = bench.cases
+    monkeypatch.setattr(bench, "cases", lambda rng: {k: v for k, v in real(rng).items() if k.startswith(("M1", "M3"))})
+    rows, ok = bench.compare(np, np.asarray)
+    assert ok and len(rows) == 6 and all(r["ok"] for r in rows)
+    off = types.SimpleNamespace(asarray=lambda a: np.asarray(a) * (1 + 1e-6))
+    rows, ok = bench.compare(off, np.asarray)
+    assert not ok and len(rows) == 6 and not any(r["ok"] for r in rows)

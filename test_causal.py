@@ -313,6 +313,20 @@ def test_fresh_query_probe_reads_one_gd_step_and_its_step_size(data):
     np.testing.assert_allclose(found["err_W"][K:], 0.0, atol=1e-10)
 
 
+def test_fresh_query_probe_compares_with_the_optimal_step_for_the_transitions_before_s_r(data):
+    """Its gd1 reference at r is eta_r C_{r-1}, eta_r the optimal one-step size for the r - 1
+    transitions before s_r (optimal_gd_step shifted by one, 0 at r = 0): for M1 (Gamma = ETA
+    C_{r-1}) err_gd1 is |ETA - eta_r| / eta_r; an explicit eta is used as given."""
+    s, W = data
+    x = s[:32]
+    eta = np.concatenate([[0.0], evaluate.optimal_gd_step(x, 1)[:-1]])
+    found = evaluate.fresh_query_probe(m1(), x, np.random.default_rng(6), W[:32])
+    assert np.isnan(found["err_gd1"][0]) and np.isnan(found["err_gd1"][1])  # C_{r-1} = 0
+    np.testing.assert_allclose(found["err_gd1"][2:], np.abs(ETA - eta[2:]) / eta[2:], rtol=1e-9)
+    given = evaluate.fresh_query_probe(m1(), x, np.random.default_rng(6), W[:32], eta=np.full(T, ETA))
+    np.testing.assert_allclose(given["err_gd1"][2:], 0.0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 _S, _W = icar.sample_sequences(np.random.default_rng(9), 4, 5, 2, "haar")
@@ -351,3 +365,22 @@ def test_the_query_probe_of_figs_5_and_7_reads_one_gd_step_on_m1_and_the_constru
     r = np.arange(1, T)
     np.testing.assert_allclose(found["Gamma"][:, r], C[:, r] / r[None, :, None, None], atol=1e-9)
     np.testing.assert_allclose(found["cos_gd1"][1:], 1.0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- score's references
+
+def test_score_takes_the_optimal_step_of_each_k_and_equals_the_baselines_on_clean_data(data):
+    """Without eta, score's k-step GD reference uses the optimal step for k steps (not the
+    one-step size for every k): on clean data its references are evaluate.baselines'."""
+    s, W = data
+    sc = evaluate.score(m1(), s, gd_steps=3)
+    base = evaluate.baselines(s, W, gd_steps=3)
+    assert set(sc) == {"model", "least_squares", "gd1", "gd2", "gd3", "zero"}
+    for key in ("least_squares", "gd1", "gd2", "gd3", "zero"):
+        np.testing.assert_allclose(sc[key], base[key], rtol=1e-12, atol=1e-15, err_msg=key)
+    x, y = s[:, :-1], s[:, 1:]
+    C, S = evaluate.context_sums(x)
+    one_step_size = evaluate.optimal_gd_step(s, 1)
+    for k in (2, 3):  # the one-step size is a different reference: the test can tell
+        other = evaluate.position_loss(evaluate.gd_prediction(C, S, x, one_step_size, k), y)
+        assert np.max(np.abs(other - sc[f"gd{k}"])) > 1e-3, k

@@ -503,3 +503,126 @@ def test_compare_names_its_reference_and_what_is_wrong(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--compare: " in err and "list.json: not a summary of figures" in err
     assert "--out" not in err and "delete it" not in err
+
+
+# ---- the starts figure: its runs, its cache, its rows --------------------------------------
+
+@pytest.mark.parametrize("preset", ["quick", "paper"])
+def test_starts_specs_train_each_model_from_its_own_start_and_reuse_figs_5_and_7(preset):
+    """Each (kind, L, start) run starts from `start` and differs from the other start's run in
+    s1 alone; the fixed-start runs are the very runs (name and settings) of Figs. 5 and 7."""
+    import figures
+    import verdicts
+    specs = figures.starts_specs(preset)
+    assert len({name for _, name, _ in specs.values()}) == len(specs)
+    raw7 = figures.fig7_specs(preset)[0]
+    for (kind, L, start), (experiment, name, overrides) in specs.items():
+        cfg = train.config(experiment, preset, **overrides)
+        assert cfg["s1"] == start and cfg["layers"] == L, (kind, L, start)
+        assert experiment == {"raw": "nonaug", "aug": "augmented"}[kind]
+        other_experiment, _, other_overrides = specs[kind, L, verdicts.OTHER[start]]
+        other = train.config(other_experiment, preset, **other_overrides)
+        assert {k for k in cfg if cfg[k] != other[k]} == {"s1"}
+        if start == "fixed":
+            same = raw7[L, figures.FIG7[preset]["depth_heads"]] if kind == "raw" else figures.fig5_specs(preset)[L]
+            assert same[:2] == (experiment, name) and train.config(same[0], preset, **same[2]) == cfg
+
+
+def test_the_starts_cache_key_holds_each_runs_settings(tmp_path, monkeypatch):
+    """run_starts keeps the causal tests of each run in the cache and computes them again for a
+    run whose result settings changed (any one: the run's settings are in the key), only for it."""
+    import figures
+    import verdicts
+    ctx = argparse.Namespace(runs=str(tmp_path), preset="quick", retrain=False, quiet=True, seeds=[0], timings=[])
+    specs = figures.starts_specs("quick")
+
+    def results(changed=None, **change):
+        out = {}
+        for key, (experiment, name, overrides) in specs.items():
+            cfg = dict(train.config(experiment, "quick", **overrides, seed=0), experiment=experiment, preset="quick")
+            if key == changed:
+                cfg.update(change)
+            out[key] = {0: {"config": cfg, "dir": os.path.join(str(tmp_path), train.seed_folder(name, 0)),
+                            "metrics": {}, "params": {}}}
+        return out
+
+    computed = []
+    monkeypatch.setattr(verdicts, "causal_tests", lambda r, s: computed.append(r["config"]) or {"x": np.zeros(1)})
+
+    class Done(Exception):
+        pass
+
+    def done(tests):  # the tests are all cached before any is measured: stop there
+        raise Done
+
+    monkeypatch.setattr(verdicts, "measures", done)
+
+    def run(res):
+        monkeypatch.setattr(figures, "trained", lambda ctx, specs: res)
+        computed.clear()
+        with pytest.raises(Done):
+            figures.run_starts(ctx)
+        return list(computed)
+
+    assert len(run(results())) == len(specs)
+    assert run(results()) == []
+    for change in (dict(lr=0.02), dict(n_train=1000), dict(sigma=0.1), dict(family="orthogonal", d=4)):
+        again = run(results(("raw", 2, "random"), **change))
+        assert len(again) == 1 and all(again[0][k] == v for k, v in change.items()), change
+    assert len(run(results())) == 1                                          # back to the first settings
+
+
+def test_starts_rows_read_the_share_of_tokens_0_to_4_on_late_outputs_as_verdicts_does():
+    """The influence share row of the starts figure is verdicts.measures' "first": tokens 0-4
+    (columns) over the outputs r >= T / 2 (rows), nothing else."""
+    import figures
+    import verdicts
+    T = 10
+    tests = {f"{d}_{k}": np.r_[np.full(T // 2, 100.0), np.full(T // 2, v)]
+             for d in ("clean", "other", "switch", "replaced") for k, v in (("model", 2.0), ("gd1", 4.0))}
+    influence = np.zeros((T, T))
+    influence[T // 2:] = np.arange(1.0, T + 1)                               # column t weighs t + 1
+    influence[:T // 2] = 50.0                                                 # early outputs: not read
+    tests.update(influence=influence, probe_cos_W=np.zeros(T), probe_cos_gd1=np.zeros(T),
+                 ablated=np.ones((1, 2)), full=1.0)
+    rows = figures.starts_rows({("aug", 1, "fixed"): tests}, {("aug", 1, "fixed"): {}})
+    share = [r for r in rows if "share of the influence of tokens 0-4 on outputs r >= 5" in r["quantity"]]
+    assert len(share) == 1
+    assert share[0]["value"] == pytest.approx(15 / 55) == verdicts.measures(tests)["first"]
+    loss = [r for r in rows if "test MSE on its own law" in r["quantity"]]
+    assert loss[0]["value"] == 2.0 and loss[0]["expected"] == 4.0
+
+
+def test_expectations_hold_at_their_bounds_and_fail_past_them():
+    """figures.EXPECT's checks over seeds: "at least 2 of 5" holds at 2 of 5, not at 1; a
+    median "at least 2" holds at exactly 2; an expectation of a model not run is left out."""
+    import figures
+
+    def found(lookups, switches):
+        return {("raw", 2, "fixed"): [{"verdict": "start lookup" if i < lookups else "none", "switch": v}
+                                      for i, v in enumerate(switches)]}
+    rows = figures.expectation_rows(found(2, [1.0, 2.0, 3.0, 2.0, 1.5]))
+    assert [r["value"] for r in rows] == ["holds (2 of 5)", "holds (2)"]
+    assert [r["expected"] for r in rows] == [">= 0.4", ">= 2"]
+    rows = figures.expectation_rows(found(1, [1.0, 1.9, 3.0, 1.9, 1.5]))
+    assert [r["value"] for r in rows] == ["FAILS (1 of 5)", "FAILS (1.9)"]
+    never = [r for r in figures.expectation_rows({("raw", 2, "random"): [
+        {"verdict": v, "other": 1.0} for v in ("none", "none", "whole-context learner", "none", "none")]})
+        if "never a start lookup" in r["quantity"]]
+    assert len(never) == 1 and never[0]["value"] == "holds (0 of 5)"
+
+
+def test_compare_names_every_verdict_row_that_differs_or_that_one_summary_lacks():
+    import figures
+
+    def summary(rows):
+        return {"starts": {"rows": [{"quantity": q, "value": v} for q, v in rows.items()]}}
+    q1, q2, q3 = "x: verdict (verdicts.py)", "expected of y", "z: verdict (verdicts.py)"
+    reference = summary({q1: "none: 5 of 5", q2: "holds (3 of 5)", "a number": 1.0})
+    now = summary({q1: "none: 5 of 5", q2: "FAILS (1 of 5)", q3: "start lookup: 1 of 1", "a number": 2.0})
+    lines = figures.compare(reference, now, ["starts"])
+    assert len(lines) == 2
+    assert lines[0] == f"differs: starts | {q2}: holds (3 of 5) in the reference, FAILS (1 of 5) now"
+    assert lines[1] == f"differs: starts | {q3}: absent in the reference, start lookup: 1 of 1 now"
+    assert figures.compare(now, reference, ["starts"])[1].endswith("start lookup: 1 of 1 in the reference, absent now")
+    assert figures.compare(reference, reference, ["starts"]) == []

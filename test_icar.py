@@ -905,6 +905,27 @@ def test_pe_only_trajectory_is_gradient_descent_on_the_population_loss():
         P = P - eta * g(P)
 
 
+def test_gd_path_is_explicit_gradient_descent_on_singular_rows_too():
+    """theory.gd_path against the GD loop p <- p - eta (2 M p - 2 b) from p = 0, row by row,
+    on rows whose M is singular (a sample with fewer sequences than positions) with b off its
+    range: along a zero eigenvalue GD moves by 2 eta b each step."""
+    rng = np.random.default_rng(31)
+    rows = [None]
+    for r in range(1, 4):
+        X = rng.standard_normal((1, r + 1))                                   # rank 1
+        rows.append((X.T @ X, rng.standard_normal(r + 1)))
+    rows.append((np.zeros((5, 5)), rng.standard_normal(5)))                   # M = 0
+    eta, K = 0.05, 12
+    path = theory.gd_path(rows, eta=eta, steps=np.arange(K + 1))               # [K+1, T, T]
+    for r in range(1, len(rows)):
+        M, b = rows[r]
+        p = np.zeros(r + 1)
+        for k in range(K + 1):
+            np.testing.assert_allclose(path[k, r, :r + 1], p, rtol=1e-9, atol=1e-12, err_msg=f"row {r}, step {k}")
+            p = p - eta * (2 * M @ p - 2 * b)
+    np.testing.assert_allclose(path[K, 4, :5], 2 * eta * K * rows[4][1], rtol=1e-12)
+
+
 @pytest.mark.parametrize("mu", [6.0, 1.0])
 def test_pe_only_gd_converges_to_solution(mu):
     """Sampled GD reaches pe_only_solution; full-circle angles (mu = 1) give p_T = 1."""
@@ -1368,6 +1389,64 @@ def test_fig3_rows_are_computed_from_the_parameters(family, H):
     assert not np.isclose(moved["p_(T-1) / p_T"]["value"], ratio["expected"])
 
 
+@pytest.mark.parametrize("family, H", [("unitary", 2), ("orthogonal", 1)])
+def test_fig3_expected_final_loss_is_the_minimum_summed_over_the_t_minus_1_prefixes(family, H):
+    """Below the threshold (min_loss > 0) the expected final loss is (T - 1) min_loss, the loss
+    that theory.population_loss (a sum over the prefixes r = 1..T-1) gives at a minimiser."""
+    import figures
+    d, T = 4, 6
+    star = theory.minimiser(d, H, family, c=-1.3, T=T)
+    loss = theory.population_loss(star["B"].T @ star["A"], star["P"], family)
+    rows = {r["quantity"].split(": ", 1)[1]: r for r in
+            figures.fig3_rows("x", family, star["A"], star["B"], star["P"], np.array([loss]))}
+    final = rows["final population loss (sum over T-1 prefixes)"]
+    assert final["value"] == pytest.approx(final["expected"], rel=1e-9)
+    assert final["expected"] == (T - 1) * theory.min_loss(d, H, family) == 10.0
+
+
+def test_fig3_rows_read_the_last_row_of_p():
+    """p_T and p_(T-1) are P[T-1, T-1] and P[T-1, T-2] (the longest prefix), whatever the
+    other rows hold."""
+    import figures
+    d, H, T = 4, 4, 6
+    star = theory.minimiser(d, H, "unitary", c=-1.3, T=T)
+    P = np.tril(rng(5).standard_normal((T, T)))
+    P[-1, -1], P[-1, -2] = 0.5, 0.25
+    loss = theory.population_loss(star["B"].T @ star["A"], P, "unitary")
+    rows = {r["quantity"].split(": ", 1)[1]: r["value"] for r in
+            figures.fig3_rows("x", "unitary", star["A"], star["B"], P, np.array([loss]))}
+    assert rows["p_T"] == 0.5 and rows["p_(T-1) / p_T"] == 0.5
+    assert rows["c * p_T"] == pytest.approx(-1.3 * 0.5, rel=1e-12)
+
+
+def test_fig6_population_path_takes_the_step_of_the_mean_over_t_minus_1_positions():
+    """train.py averages M3's loss over the T - 1 positions r >= 1: each row's population
+    quadratic sees the step lr / (T - 1). On 20000 sequences the sample path (the training
+    set's moments, step lr) lies within sampling error (7e-5) of that population path; with
+    lr / T it would be 7e-3 away."""
+    import figures
+    cfg = dict(train.config("pe-only", T=6, mu=50.0, n_train=20000, n_test=8, n_probe=0, steps=60,
+                            target_loss=0.0), experiment="pe-only")
+    res = {"config": cfg, "params": {"P": np.zeros((6, 6))}, "metrics": {"train_loss": np.zeros(61)}}
+    panel, _ = figures.fig6_panel(res, 50.0)
+    assert np.max(np.abs(panel["closed_row"] - panel["sample_row"])) < 1e-3 < np.max(np.abs(panel["closed_row"]))
+
+
+def test_r2r3_reports_the_final_population_loss_per_prefix():
+    """compute_r2r3's loss is the mean over the T - 1 prefixes of population_loss_per_prefix at
+    the parameters train_population ends with (the same generator per family, H and start)."""
+    import figures
+    d, T, lr, steps = 2, 4, 1e-2, 5
+    data = figures.compute_r2r3(d, T, 2, (lr, steps), (lr, steps), seed=3)
+    for f, family in enumerate(("unitary", "orthogonal")):
+        for H in (1, 2):
+            for k in range(2):
+                p, _ = theory.train_population(H, d, T, family, lr, steps, np.random.default_rng([3, f, H, k]))
+                per_prefix = theory.population_loss_per_prefix(p["B"].T @ p["A"], p["P"], family)
+                assert len(per_prefix) == T - 1
+                assert data["loss"][f, H - 1, k] == pytest.approx(float(np.mean(per_prefix)), rel=1e-12)
+
+
 def test_fig1_orbits_stay_on_circles():
     import figures
     s, W = figures.trajectories_3d(rng(7), 4, 25)
@@ -1522,6 +1601,34 @@ def test_readout_r2_is_nan_for_a_constant_target_and_handles_complex_data():
     assert np.isnan(r2[:2]).all() and np.allclose(r2[2:], 1, atol=1e-6)
     z = icar.sample_sequences(rng, 200, T, d, "unitary")[0][:, :-1]
     np.testing.assert_allclose(evaluate.readout_r2(params, cfg, z[:100], z[100:])[1:], 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("layernorm", [False, True])
+def test_readout_r2_is_a_least_squares_fit_with_bias_scored_on_held_out_inputs(layernorm):
+    """readout_r2 against lstsq per position on [first-layer output, 1], on inputs with a
+    nonzero mean (s + 1) through a random first layer with random biases; without LayerNorm
+    the fit without the bias column is worse (the test can tell)."""
+    d, T, n = 3, 6, 200
+    cfg = icar.transformer_config(d_in=d, d_out=d, T=T, heads=2, repeat=2, positional=True, residual=False,
+                                  attention="softmax", layernorm=layernorm)
+    g = rng(21)
+    params = icar.init_params("transformer", g, cfg=cfg)
+    layer = params["layers"][0]
+    for key in ("b_Q", "b_K", "b_V", "b_O", "ln_b"):
+        layer[key] = g.standard_normal(np.shape(layer[key]))
+    x = _haar_inputs(2 * n, T, d, 3) + 1.0                                   # targets of mean 1
+    r2 = evaluate.readout_r2(params, cfg, x[:n], x[n:])
+    h = np.asarray(icar.transformer_layer(layer, np.concatenate([x, x], -1), cfg, params["pos"]))  # [2n, T, 2d]
+    want, without = [np.nan], [np.nan]
+    for r in range(1, T):
+        for bias, out in ((True, want), (False, without)):
+            Z = np.concatenate([h[:, r], np.ones((2 * n, 1))], -1) if bias else h[:, r]
+            coef = np.linalg.lstsq(Z[:n], x[:n, r - 1], rcond=None)[0]
+            sse = np.sum((Z[n:] @ coef - x[n:, r - 1]) ** 2)
+            out.append(1 - sse / np.sum((x[n:, r - 1] - x[n:, r - 1].mean(0)) ** 2))
+    np.testing.assert_allclose(r2, want, rtol=1e-8, atol=1e-10)
+    if not layernorm:  # (LayerNorm's outputs hold a constant: sum_e (h_e - ln_b_e) / ln_g_e = 0)
+        assert np.max(np.asarray(want[1:]) - without[1:]) > 0.05
 
 
 def test_nonaug_run_adds_mechanism_metrics_and_leaves_the_others_bit_identical(tmp_path, monkeypatch):

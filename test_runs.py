@@ -876,9 +876,11 @@ def test_a_stale_stage_is_replaced_and_a_stale_set_aside_is_refused(tmp_path, ca
     before = finished_run(tmp_path)
     (tmp_path / "block" / ".fresh").mkdir()
     (tmp_path / "block" / ".fresh" / "config.json").write_text("{}")
+    (tmp_path / "block" / ".fresh" / "stale.npz").write_bytes(b"an earlier start's file")
     argv = ["block", "--runs_dir", str(tmp_path), "--quiet", "--seed", "3",
             *[a for k, v in TINY.items() for a in (f"--{k}", str(v))]]
     assert train.main(argv) == 0 and not (tmp_path / "block" / ".fresh").exists()
+    assert sorted(os.listdir(tmp_path / "block")) == sorted(k.split("/", 1)[1] for k in before)  # nothing stale
     assert runs.load_run(str(tmp_path / "block"))["config"]["seed"] == 3
     (tmp_path / "block" / ".replaced").mkdir()
     (tmp_path / "block" / ".replaced" / "params.npz").write_bytes(before["block/params.npz"])
@@ -941,3 +943,74 @@ def test_a_signal_while_the_modules_load_is_one_line_and_writes_nothing(tmp_path
     assert p.returncode == 143
     assert err.splitlines() == ["train.py: interrupted by SIGTERM while starting; nothing was written"]
     assert not os.path.exists(tmp_path / "runs")
+
+
+# ---- small pieces every command relies on --------------------------------------------------
+
+def test_a_fresh_stage_is_empty_whatever_an_earlier_start_left_there(tmp_path):
+    stage = tmp_path / ".fresh"
+    stage.mkdir()
+    (stage / "params.npz").write_bytes(b"old")
+    (stage / "sub").mkdir()
+    (stage / "sub" / "x").write_text("x")
+    assert runs.fresh_stage(str(tmp_path)) == str(stage)
+    assert os.path.isdir(stage) and os.listdir(stage) == []
+    assert runs.fresh_stage(str(tmp_path)) == str(stage) and os.listdir(stage) == []  # none there: made
+
+
+def test_the_settings_digest_does_not_depend_on_key_order():
+    a = {"lr": 0.1, "T": 5, "family": "haar", "nested": {"x": 1, "y": [1, 2]}}
+    b = {"nested": {"y": [1, 2], "x": 1}, "family": "haar", "T": 5, "lr": 0.1}
+    assert list(a) != list(b) and runs.digest(a) == runs.digest(b)
+    assert runs.digest(a) != runs.digest(dict(a, T=6)) and len(runs.digest(a)) == 40
+    cfg = train.config("block", **TINY)  # a run's settings, read back from JSON in another order
+    assert runs.digest(dict(reversed(list(cfg.items())))) == runs.digest(cfg)
+
+
+def test_each_option_and_each_flag_is_refused_the_second_time(tmp_path, capsys):
+    parser = runs.Parser()
+    parser.add_argument("--flag", action=runs.Once, flag=True)
+    parser.add_argument("--value", action=runs.Once)
+    assert vars(parser.parse_args([])) == {"flag": None, "value": None}
+    assert vars(parser.parse_args(["--flag", "--value", "3"])) == {"flag": True, "value": "3"}
+    for argv in (["--flag", "--flag"], ["--value", "1", "--value", "1"], ["--flag", "--value", "1", "--flag"]):
+        with pytest.raises(ValueError, match="is given twice"):
+            parser.parse_args(argv)
+    import figures
+    for main, argv in ((train.main, ["block", "--quiet", "--quiet"]), (train.main, ["block", "--resume", "--resume"]),
+                       (sweep.main, ["block", "--sweep", "seed=0,1", "--list", "--list"]),
+                       (sweep.main, ["block", "--sweep", "seed=0,1", "--summary", "--summary"]),
+                       (bench.main, ["--dry", "--dry"]), (bench.main, ["--no-tune-allocator", "--no-tune-allocator"]),
+                       (figures.main, ["fig1", "--quiet", "--quiet"]), (figures.main, ["fig1", "--retrain", "--retrain"])):
+        flag = argv[-1]
+        assert main(argv + ["--runs_dir" if main in (train.main, sweep.main) else "--out", str(tmp_path / "x")]
+                    if main is not bench.main else argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag} is given twice" in err, (argv, err)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_unflatten_keeps_the_order_of_a_long_list():
+    tree = {"layers": [{"W": np.full(2, float(i))} for i in range(12)], "pos": np.ones(3)}
+    back = runs.unflatten(flat(tree))
+    assert [float(layer["W"][0]) for layer in back["layers"]] == [float(i) for i in range(12)]
+
+
+def test_json_as_deep_as_allowed_is_read_and_one_level_more_is_refused(tmp_path):
+    path = tmp_path / "deep.json"
+    for depth, ok in ((runs.JSON_DEPTH, True), (runs.JSON_DEPTH + 1, False)):
+        path.write_text("[" * (depth - 1) + "1" + "]" * (depth - 1))
+        if ok:
+            assert runs.nesting(runs.load_json(str(path))) == depth
+        else:
+            with pytest.raises(runs.FileFault, match=f"nested deeper than {runs.JSON_DEPTH} levels"):
+                runs.load_json(str(path))
+
+
+def test_the_npz_bound_counts_every_entry_together(tmp_path):
+    """Two entries of 800 bytes each: within a bound of 1600, over one of 1000 (neither alone is)."""
+    path = str(tmp_path / "two.npz")
+    runs.save_npz(path, {"a": np.zeros(100), "b": np.ones(100)})
+    assert set(runs.load_npz(path, max_bytes=1600)) == {"a", "b"}
+    with pytest.raises(runs.FileFault, match=r"entry 'b' declares 100 entries"):
+        runs.load_npz(path, max_bytes=1000)

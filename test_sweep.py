@@ -49,6 +49,34 @@ def test_sweeps_check_every_point_first_and_show_the_swept_key(tmp_path, capsys)
     assert table.split()[0] == "lr" and "0.02" in table
 
 
+def test_summary_rows_average_the_loss_positions_and_record_only_the_fixed_settings(tmp_path):
+    """M2 (position 0 has no query) is summarised over r >= 1, or the last position with
+    loss=last; an augmented depth L = gd_steps is put next to gd_steps-step GD; summary.json's
+    settings are the fixed ones, without the swept option."""
+    small = dict(TINY, d=2, n_probe=0)
+    results, _ = sweep.sweep("diagonal", {"loss": ["all", "last"]}, runs_dir=str(tmp_path), quiet=True, **small)
+    saved = json.loads((tmp_path / "diagonal" / "summary.json").read_text())
+    for result, row in zip(results, saved["rows"]):
+        at = slice(1, None) if result["config"]["loss"] == "all" else slice(-1, None)
+        for key, metric in (("test_loss", "test_loss_position"), ("gd1", "baseline_gd1"),
+                            ("least_squares", "baseline_least_squares")):
+            assert row[key] == pytest.approx(float(np.mean(result["metrics"][metric][at])), rel=1e-12), key
+    fixed = set(train.config("diagonal", **small)) - {"loss"} - train.NOT_RESULT
+    assert set(saved["settings"]) == fixed | {"experiment", "preset"} and saved["grid"] == {"loss": ["all", "last"]}
+    results, _ = sweep.sweep("augmented", {"layers": [1, 2]}, runs_dir=str(tmp_path), quiet=True,
+                             **dict(small, gd_steps=2, batch=0, steps=2))
+    rows = json.loads((tmp_path / "augmented" / "summary.json").read_text())["rows"]
+    assert rows[1]["gd_k=L"] == pytest.approx(float(np.mean(results[1]["metrics"]["baseline_gd2"])), rel=1e-12)
+
+
+def test_a_swept_option_may_be_spelled_with_a_dash_as_on_train_py(tmp_path, capsys):
+    argv = ["block", "--T", "5", "--runs_dir", str(tmp_path), "--sweep", "n-train=16,32", "--list"]
+    assert sweep.main(argv) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2 and "--n_train 16" in commands[0] and "n_train=32" in commands[1]
+    assert not os.listdir(tmp_path)
+
+
 # ---- sweeps beyond one process: --jobs, --list, --summary
 
 SWEEP_ARGV = ["block", "--T", "5", "--n_train", "64", "--n_test", "32", "--n_probe", "0", "--steps", "6",

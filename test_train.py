@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+import evaluate
 import icar
 import runs
 import sweep
@@ -41,6 +42,15 @@ def test_adam_matches_scalar_reference_and_gd_is_one_line():
     assert state["t"] == 3
     q = train.gd_update(params, grads[0], 0.5)
     assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf"), -float("inf")])
+def test_optimisers_refuse_a_learning_rate_that_is_not_finite_and_positive(lr):
+    params = {"a": np.ones(2)}
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        train.gd_update(params, params, lr)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        train.adam_update(params, params, train.adam_init(params), lr)
 
 
 # ---- resume, divergence, dtypes ----------------------------------------------------------
@@ -200,6 +210,19 @@ def test_a_start_that_fails_before_any_file_leaves_no_folder(tmp_path, monkeypat
     assert os.listdir(tmp_path) == ["b"]
 
 
+def test_changed_settings_sees_a_setting_on_either_side_alone():
+    """A result setting that only the saved run has (or only the wanted one) is a change; the
+    settings that may change on --resume and the versions are not."""
+    want = train.config("block", **TINY)                                      # no mu: not family angle
+    assert "mu" not in want and train.changed_settings(want, dict(want)) == []
+    assert train.changed_settings(dict(want, mu=50.0), want) == ["mu"]          # saved only
+    assert train.changed_settings(want, dict(want, mu=50.0)) == ["mu"]          # wanted only
+    assert train.changed_settings(dict(want, lr=1.0, extra=1), want) == ["extra", "lr"]
+    saved = dict(want, versions={"code": "x"}, checkpoint_every=7)
+    del saved["log_every"]
+    assert train.changed_settings(saved, want) == []
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     train.run("block", runs_dir=str(tmp_path), quiet=True, **dict(TINY, n_probe=0))
     with pytest.raises(ValueError, match=r"\['lr'\]"):
@@ -270,6 +293,87 @@ def test_divergence_at_the_first_step_and_on_the_population_loss(tmp_path, capsy
 def test_pe_only_in_float32_trains_in_float32(tmp_path):
     result = train.run("pe-only", runs_dir=str(tmp_path), quiet=True, **dict(TINY, dtype="float32"))
     assert result["params"]["P"].dtype == np.float32
+
+
+# ---- what one training step and the metrics read -------------------------------------------
+
+def _plain_loss(experiment, cfg, params, s):
+    """icar's own model of `experiment` (not the fused one that training runs) at params on
+    s [n, T+1, d], over the positions of the training loss."""
+    x = s[:, :-1]
+    f = {"block": lambda: icar.augmented_linear(params, icar.augment(x)),
+         "diagonal": lambda: icar.diagonal_heads(params, x), "pe-only": lambda: icar.pe_only(params, x),
+         "augmented": lambda: icar.transformer(params, icar.augment(x), train.model_config(cfg, experiment)),
+         "nonaug": lambda: icar.transformer(params, x, train.model_config(cfg, experiment))}[experiment]()
+    at = slice(-1, None) if cfg["loss"] == "last" else slice(1 if experiment in ("diagonal", "pe-only") else 0, None)
+    return float(icar.mse(f[:, at], s[:, 1:][:, at]))
+
+
+@pytest.mark.parametrize("experiment, extra", [
+    ("diagonal", dict(d=2, heads=2)), ("pe-only", dict(family="unitary", d=2)), ("pe-only", dict(mu=5.0)),
+    ("block", dict(d=2, loss="last")), ("block", dict(d=2, family="unitary")),
+    ("augmented", dict(d=2, family="unitary")), ("nonaug", dict(d=2, heads=2, family="unitary")),
+    ("nonaug", dict(d=2, heads=2, family="haar")), ("nonaug", dict(d=2, heads=2, loss="last"))])
+def test_the_first_training_loss_is_the_models_loss_at_its_initial_parameters(tmp_path, experiment, extra):
+    """train_loss[0] (full batch) equals icar's model at the initial parameters on the training
+    data, over the loss's positions: r >= 1 for M2 and M3 (position 0 has no query), only the
+    last with loss="last"; complex data (unitary) and the M4 stack path included."""
+    settings = dict(TINY, batch=0, steps=1, **extra)
+    cfg = train.config(experiment, **settings)
+    res = train.run(experiment, runs_dir=str(tmp_path), quiet=True, **settings)
+    params = train.init_model(experiment, cfg, train._generators(cfg["seed"])[2])
+    s = train.datasets(cfg)[0]
+    assert res["metrics"]["train_loss"][0] == pytest.approx(_plain_loss(experiment, cfg, params, s), rel=1e-10)
+
+
+def test_the_last_step_is_logged_with_the_test_loss_of_the_saved_parameters(tmp_path):
+    """steps = 5 with log_every = 2: test losses at steps 0, 2, 4 and at the last step 5, whose
+    value is the saved model's loss on the test set (positions of the training loss)."""
+    settings = dict(TINY, d=2, steps=5, log_every=2)
+    res = train.run("diagonal", runs_dir=str(tmp_path), quiet=True, **settings)
+    m = res["metrics"]
+    assert list(m["test_step"]) == [0, 2, 4, 5] and len(m["test_loss"]) == 4
+    cfg = train.config("diagonal", **settings)
+    s_test = train.datasets(cfg)[1]
+    assert m["test_loss"][-1] == pytest.approx(_plain_loss("diagonal", cfg, res["params"], s_test), rel=1e-10)
+
+
+def test_each_epoch_visits_every_training_sequence_once(tmp_path, monkeypatch):
+    """Minibatches of one epoch are a partition of the training set (a permutation cut into
+    n_train / batch pieces), and the next epoch starts a new permutation."""
+    seen = []
+    ex = train.EXPERIMENTS["block"]
+
+    def recording(cfg):
+        predict = ex.predictor(cfg)
+        return lambda params, x: (seen.append(np.array(x)), predict(params, x))[1]
+    monkeypatch.setitem(train.EXPERIMENTS, "block", ex._replace(predictor=recording))
+    settings = dict(TINY, n_train=64, batch=16, steps=11)
+    train.run("block", runs_dir=str(tmp_path), quiet=True, **settings)
+    s = train.datasets(train.config("block", **settings))[0][:, :-1]
+    index = {x.tobytes(): i for i, x in enumerate(s)}
+    batches = [[index[x.tobytes()] for x in b] for b in seen if len(b) == 16]  # not the 2 of check_run nor the test set
+    assert len(batches) == 12
+    for epoch in range(3):
+        rows = [i for b in batches[4 * epoch:4 * epoch + 4] for i in b]
+        assert sorted(rows) == list(range(64)), epoch
+    assert batches[0] != batches[4]
+
+
+def test_the_probe_compares_with_the_one_step_gd_of_the_baselines(tmp_path):
+    """The probe's gd1 reference takes baseline_gd1's step (the optimal step on the whole test
+    set), not one refitted on the n_probe sequences it probes."""
+    settings = dict(TINY, d=2, n_test=32, n_probe=4)
+    res = train.run("block", runs_dir=str(tmp_path), quiet=True, **settings)
+    cfg = train.config("block", **settings)
+    _, s_test, W_test = train.datasets(cfg)
+    s = s_test[:4]
+    want = evaluate.probe(evaluate.query_predictor(res["params"], s[:, :-1]), s, W_test[:4],
+                          eta=evaluate.optimal_gd_step(s_test, 1))
+    for k in ("err_W", "cos_W", "err_ls", "err_gd1", "cos_gd1"):
+        np.testing.assert_allclose(res["metrics"]["probe_" + k], want[k], rtol=1e-10, err_msg=k)
+    refitted = evaluate.probe(evaluate.query_predictor(res["params"], s[:, :-1]), s, W_test[:4])
+    assert np.nanmax(np.abs(refitted["err_gd1"] - want["err_gd1"])) > 1e-5  # the test can tell
 
 
 # ---- the command line --------------------------------------------------------------------
@@ -371,7 +475,7 @@ def test_bad_command_lines_give_one_line_and_touch_no_file(tmp_path, capsys):
     ("steps", [1, train.MAX_INT], [0, train.MAX_INT + 1]), ("T", [2], [1]), ("d", [1], [0]),
     ("n_train", [1], [0]), ("gd_steps", [1, train.MAX_GD_STEPS], [0, train.MAX_GD_STEPS + 1]),
     ("seed", [0, train.MAX_INT], [-1, train.MAX_INT + 1]), ("sigma", [0.0], [-1e-9, float("inf")]),
-    ("lr", [1e-300], [0.0, float("nan")]), ("batch", [0, 4096], [-1, 4097]), ("n_probe", [0, 512], [-1, 513]),
+    ("lr", [1e-300], [0.0, float("nan"), float("inf")]), ("batch", [0, 4096], [-1, 4097]), ("n_probe", [0, 512], [-1, 513]),
     ("checkpoint_every", [1], [0]), ("log_every", [1], [0]), ("init_scale", [1e-300], [0.0]),
     ("target_loss", [0.0], [-1.0]),
 ])

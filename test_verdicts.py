@@ -135,3 +135,63 @@ def test_the_command_line_gives_a_verdict_per_run_and_one_line_otherwise(tmp_pat
         assert verdicts.main(argv) == code, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("verdicts.py: ") and message in err, err
+
+
+def test_the_thresholds_are_inclusive():
+    """"fits" is at most WORKS times one-step GD and "fails" at least FAILS times it: a ratio
+    exactly at a threshold counts (the verdict rule of the module docstring)."""
+    works, fails = verdicts.THRESHOLDS["works"], verdicts.THRESHOLDS["fails"]
+    assert verdicts.verdict(dict(BASE["start lookup"], own=works, other=fails)) == "start lookup"
+    assert verdicts.verdict(dict(BASE["whole-context learner"], own=works, other=works, switch=works,
+                                 replaced=works)) == "whole-context learner"
+    assert verdicts.verdict(dict(BASE["early-context estimator"], other=works, switch=fails, replaced=fails,
+                                 first=verdicts.THRESHOLDS["early"])) == "early-context estimator"
+
+
+@pytest.mark.parametrize("T", [8, 9])
+def test_measures_start_at_position_t_over_2(T):
+    """Late positions are r >= T // 2: the first of them counts as much as the others."""
+    late = np.arange(T) >= T // 2
+    model = np.where(late, np.arange(T) - T // 2 + 1.0, 100.0)             # 1, 2, ... from r = T // 2
+    tests = {f"{d}_{k}": v for d in ("clean", "other", "switch", "replaced")
+             for k, v in (("model", model), ("gd1", np.where(late, 4.0, 1.0)))}
+    influence = np.ones((T, T))
+    influence[T // 2, :5] = 10.0                                             # the first late output
+    m = verdicts.measures(dict(tests, influence=influence))
+    assert m["own"] == pytest.approx(np.mean(model[late]) / 4.0) and m["own_model"] == np.mean(model[late])
+    n = T - T // 2
+    assert m["first"] == pytest.approx((50 + 5 * (n - 1)) / (50 + 5 * (n - 1) + (T - 5) * n))
+
+
+def test_the_battery_scores_the_data_it_names():
+    """clean: the sequences drawn first from the generator [seed, 16]; replaced: the same with
+    tokens 1-4 taken from the previous sequence of the batch (np.roll over sequences)."""
+    cfg = law("random")
+    predict = verdicts.gd_step_model(0.05)
+    out, _, (s, _) = verdicts.battery(predict, cfg, 3)
+    drawn, _ = train.sample(cfg, np.random.default_rng([3, 16]), verdicts.CAUSAL["n"])
+    np.testing.assert_array_equal(s, drawn)
+    for name, data in (("clean", drawn), ("replaced", evaluate.replace_tokens(drawn, np.roll(drawn, 1, axis=0),
+                                                                              [1, 2, 3, 4]))):
+        want = evaluate.score(predict, data, gd_steps=1)
+        for k in ("model", "gd1", "least_squares", "zero"):
+            np.testing.assert_allclose(out[f"{name}_{k}"], want[k], rtol=1e-12, err_msg=(name, k))
+
+
+def test_construction_similarity_on_hand_made_attention():
+    """An exact previous-token head and a causal mean in the last layer (weight 1/(r+1) on
+    t = 0..r, where the construction puts 1/r on t = 1..r: total variation 1/(r+1)), with
+    predictions of one GD step (explained exactly)."""
+    T, H = 6, 2
+    r = np.arange(1, T)
+    prev = np.zeros((T, T))
+    prev[r, r - 1] = 1.0
+    prev[0, 0] = 1.0
+    first = np.stack([np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None], prev])  # head 1: previous token
+    last = np.broadcast_to(np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None], (H, T, T))
+    s, _ = train.sample(law("random"), np.random.default_rng(4), 64)
+    sim = verdicts.construction_similarity(s, verdicts.gd_step_model(0.3), first, last, np.array([0.7, 0.9]))
+    assert sim["sim_prev_head"] == 1 and sim["sim_prev_cos"] == pytest.approx(1.0, abs=1e-12)
+    assert sim["sim_current"] == pytest.approx(np.mean(1 / np.arange(2, T + 1)), rel=1e-12)  # head 0's t = r
+    assert sim["sim_last_tv"] == pytest.approx(np.mean(1 / (r + 1)), rel=1e-12)
+    assert sim["sim_gd_explained"] == pytest.approx(1.0, abs=1e-12) and sim["sim_prev_ablated"] == 0.9
