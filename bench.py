@@ -251,7 +251,7 @@ class _QuickStack:
 
     def __init__(self, name, S, use_autograd, overrides):
         cfg = train.config(name, "quick", **overrides)
-        self.cfg, self.mcfg, self.ex = cfg, train.model_config(cfg, name), train.EXPERIMENTS[name]
+        self.cfg, self.mcfg, self.name = cfg, train.model_config(cfg, name), name
         members = [train.config(name, "quick", **overrides, seed=k) for k in range(S)]
         self.data = [train.datasets(m)[0] for m in members]                      # [n, T+1, d] each
         inits = [train.init_model(name, m, train._generators(m["seed"])[2]) for m in members]
@@ -267,10 +267,7 @@ class _QuickStack:
         if self.lone is not None:
             loss, grads = self.lone(self.params, batches[0])
         else:
-            sb = numpy.stack(batches)                                          # [S, b, T+1, d]
-            S, b, T1, d = sb.shape
-            x = numpy.reshape(self.ex.tokens(numpy.reshape(sb[:, :, :-1], (S * b, T1 - 1, d))), (S, b, T1 - 1, -1))
-            loss, grads = fused.stack_loss_and_grad(self.params, x, sb[:, :, 1:], self.mcfg)
+            loss, grads = fused.stack_loss_and_grad(self.params, *train.stacked_batch(self.name, batches), self.mcfg)
         self.params, self.opt = train.adam_update(self.params, grads, self.opt, self.cfg["lr"])
         return loss
 

@@ -598,6 +598,15 @@ def _population(cfg):
             "min_loss": theory.min_loss(cfg["d"], cfg["heads"], cfg["family"])}, params
 
 
+def stacked_batch(experiment, batches):
+    """(tokens [S, b, T, d_in], targets [S, b, T, d]) of an M4 experiment from each member's
+    minibatch of sequences [b, T+1, d]: what fused.stack_loss_and_grad takes."""
+    sb = numpy.stack(batches)                                           # [S, b, T+1, d]
+    S, b, T1, d = sb.shape
+    tokens = EXPERIMENTS[experiment].tokens(numpy.reshape(sb[:, :, :-1], (S * b, T1 - 1, d)))
+    return numpy.reshape(tokens, (S, b, T1 - 1, -1)), sb[:, :, 1:]
+
+
 def _stack(trees, xp):
     """Parameter trees of one structure -> one tree with a leading member axis."""
     return tree_map(lambda *leaves: xp.stack(leaves), *trees)
@@ -641,10 +650,7 @@ def _train(experiment, members, quiet):
     def stack_step(params, batches, active):
         """(losses [S], stacked gradients) of the active members on their batches."""
         if fast:  # M4 at the quick scale: one computation for the stack (fused.stack_loss_and_grad)
-            sb = numpy.stack(batches)                                       # [S, b, T+1, d]
-            k, b, T1, d = sb.shape
-            tokens = numpy.reshape(ex.tokens(numpy.reshape(sb[:, :, :-1], (k * b, T1 - 1, d))), (k, b, T1 - 1, -1))
-            return fused.stack_loss_and_grad(params, tokens, sb[:, :, 1:], mcfg, positions)
+            return fused.stack_loss_and_grad(params, *stacked_batch(experiment, batches), mcfg, positions)
         out = [step_fns[j](_member(params, i), s) for i, (j, s) in enumerate(zip(active, batches))]
         return [float(loss) for loss, _ in out], _stack([g for _, g in out], xp)
 
