@@ -512,7 +512,8 @@ def stack_cached(ctx, experiment, name, overrides):
     (train.seed_folder): each member reused when finished with the same settings and code,
     resumed when interrupted, else trained, the missing ones as one stack (train.run_seeds).
     Each member's seconds.json keeps its share of the stack's training time."""
-    dirs = {s: os.path.join(ctx.runs, train.seed_folder(name, s)) for s in ctx.seeds}
+    seeds = point_seeds(ctx, name)
+    dirs = {s: os.path.join(ctx.runs, train.seed_folder(name, s)) for s in seeds}
     quiet = ctx.quiet or getattr(ctx, "worker", False)  # side by side: no step lines
     with contextlib.ExitStack() as held:
         for d in dirs.values():  # one process per run folder, before its files are read
@@ -551,7 +552,13 @@ def stack_cached(ctx, experiment, name, overrides):
                                    {"seconds": share, "config_sha1": hashlib.sha1(f.read()).hexdigest()})
                 _record(ctx, share, 0.0, False)
                 out[s] = res
-        return {s: out[s] for s in ctx.seeds}
+        return {s: out[s] for s in seeds}
+
+
+def point_seeds(ctx, name):
+    """The seeds a trained point `name` runs at: ctx.seeds, or its first one for the points
+    of ONE_SEED[preset] (said on their figure)."""
+    return ctx.seeds[:1] if name in ONE_SEED.get(ctx.preset, ()) else ctx.seeds
 
 
 def trained(ctx, specs):
@@ -560,9 +567,9 @@ def trained(ctx, specs):
 
 
 def by_seed(results):
-    """{key: {seed: x}} -> {seed: {key: x}}."""
-    seeds = next(iter(results.values())).keys()
-    return {s: {k: v[s] for k, v in results.items()} for s in seeds}
+    """{key: {seed: x}} -> {seed: {key: x}}, a key under the seeds it has (ONE_SEED)."""
+    seeds = list(dict.fromkeys(s for v in results.values() for s in v))
+    return {s: {k: v[s] for k, v in results.items() if s in v} for s in seeds}
 
 
 def _seed_text(ctx):
@@ -1084,22 +1091,27 @@ FIG7 = {"quick": dict(heads={1: (1, 2, 4, 8, 16, 32), 2: (2, 4, 8)}, depth_heads
 DEPTH_STYLE = {1: ("C3", "o-"), 2: ("C1", "s-"), 3: ("C4", "^-")}
 
 
-def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7", seed=None):
+def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7", seed=None, single=None):
     """Fig. 7: M4 on raw tokens. raw: {(L, H): metrics, or a list of every seed's}; aug: {L:
     the same} of the augmented model of the same depth; attention [H, T, T]: first-layer
     positional weights of the (L = 2, depth_heads) model. Panels of one model show the seed
-    `seed` (index `pick` of the lists: the median one); losses show every seed."""
+    `seed` (index `pick` of the lists: the median one); losses show every seed. single {(L, H):
+    seed}: the points trained at one seed only (figures.ONE_SEED), said on the figure."""
+    single = single or {}
     every = {k: _seeds_of(v) for k, v in raw.items()}
     pick = 0 if seed is None else seed[1]
     which = "" if seed is None else f", seed {seed[0]}"
-    raw = {k: v[pick] for k, v in every.items()}  # the single-model panels
+    raw = {k: v[0] if k in single else v[pick] for k, v in every.items()}  # the single-model panels
+    which_of = {k: f", seed {single[k]} (one seed)" if k in single else which for k in raw}
     fig, axes = plt.subplots(2, 4, figsize=(23, 10))
     ax = axes[0, 0]
     for L in sorted({L for L, _ in raw}):
         Hs = sorted(H for L2, H in raw if L2 == L)
         if len(Hs) > 1 or L in (1, 2):
             colour, style = DEPTH_STYLE.get(L, ("k", "o-"))
-            seed_curve(ax, Hs, [[mean_loss(m) for m in every[L, H]] for H in Hs], style, colour, f"raw tokens, L = {L}")
+            alone = ", ".join(f"H = {H}: seed {single[L, H]} only" for H in Hs if (L, H) in single)
+            seed_curve(ax, Hs, [[mean_loss(m) for m in every[L, H]] for H in Hs], style, colour,
+                       f"raw tokens, L = {L}" + (f" ({alone})" if alone else ""))
     any_run = every[min(every)]
     for key, colour, style, label in (("baseline_gd1", "C0", "--", "one-step GD"),
                                       ("baseline_gd2", "C0", ":", "two-step GD"),
@@ -1119,7 +1131,7 @@ def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7", seed=None)
     plot_loss_against_depth(ax, {L: every[L, depth_heads] for L in Ls}, f"raw tokens, H = {depth_heads}",
                             "layers L", "k = L steps of GD")
     best = (2, depth_heads) if (2, depth_heads) in raw else min(raw, key=lambda k: mean_loss(raw[k]))
-    plot_loss_per_position(axes[0, 2], raw[best], f"test loss per position, L = {best[0]}, H = {best[1]}{which}")
+    plot_loss_per_position(axes[0, 2], raw[best], f"test loss per position, L = {best[0]}, H = {best[1]}{which_of[best]}")
     heatmap(axes[0, 3], lower(attention.mean(axis=0)),
             f"first-layer positional attention, L = 2, H = {depth_heads}{which}\n(mean over heads)",
             "key position t", "query position r", symmetric=False)
@@ -1145,9 +1157,9 @@ def plot_fig7(raw, aug, depth_heads, attention, out_dir, name="fig7", seed=None)
     ax.set_ylabel("$R^2$ of $s_{r-1}$ read linearly from layer 1 at r")
     ax.set_title(f"previous token in the first layer's output (held out){which}")
     ax.legend(fontsize=8)
-    plot_probe(axes[1, 2], raw[best], f"query-path probe (evaluate.probe), L = {best[0]}, H = {best[1]}{which}")
+    plot_probe(axes[1, 2], raw[best], f"query-path probe (evaluate.probe), L = {best[0]}, H = {best[1]}{which_of[best]}")
     one = (1, max(H for L, H in raw if L == 1))
-    plot_probe(axes[1, 3], raw[one], f"query-path probe (evaluate.probe), L = 1, H = {one[1]}{which}")
+    plot_probe(axes[1, 3], raw[one], f"query-path probe (evaluate.probe), L = 1, H = {one[1]}{which_of[one]}")
     fig.suptitle("Fig. 7: Transformer M4 on raw tokens $s_t$ (positional softmax attention), Haar W, "
                  "the authors' fixed start: one layer does not fit; two do, by looking up the first "
                  "tokens (figure starts)", fontsize=13)
@@ -1198,17 +1210,22 @@ def run_fig7(ctx):
     raw, aug = by_seed(trained(ctx, raw_specs)), by_seed(trained(ctx, aug_specs))  # {seed: {key: result}}
     metrics = {s: {k: r["metrics"] for k, r in raw[s].items()} for s in ctx.seeds}
     aug_m = {s: {L: r["metrics"] for L, r in aug[s].items()} for s in ctx.seeds}
-    rows = verdicts.aggregate_rows({s: fig7_rows(metrics[s], aug_m[s], H0) for s in ctx.seeds})
+    rows = [dict(r, source=(r["source"] + "; " if r["source"] else "") + f"seed {r['seeds'][0]} only (figures.ONE_SEED)")
+            if len(r["seeds"]) < len(ctx.seeds) else r
+            for r in verdicts.aggregate_rows({s: fig7_rows(metrics[s], aug_m[s], H0) for s in ctx.seeds})]
     mid = verdicts.median_seed({s: mean_loss(metrics[s][2, H0]) for s in ctx.seeds})
     params = raw[mid][2, H0]["params"]
     T = len(metrics[mid][2, H0]["test_loss_position"])
     attention = icar.positional_attention(params["layers"][0], params["pos"][:T])  # [H, T, T]
     cfg = raw[mid][2, H0]["config"]
-    every = {k: [metrics[s][k] for s in ctx.seeds] for k in raw_specs}
+    every = {k: [metrics[s][k] for s in ctx.seeds if k in metrics[s]] for k in raw_specs}
     every_aug = {L: [aug_m[s][L] for s in ctx.seeds] for L in aug_specs}
-    return (plot_fig7(every, every_aug, H0, attention, ctx.out, seed=(mid, ctx.seeds.index(mid))), rows,
+    single = {k: point_seeds(ctx, raw_specs[k][1])[0] for k in raw_specs
+              if len(point_seeds(ctx, raw_specs[k][1])) < len(ctx.seeds)}
+    return (plot_fig7(every, every_aug, H0, attention, ctx.out, seed=(mid, ctx.seeds.index(mid)), single=single), rows,
             f"train.py nonaug, {cfg['steps']} Adam steps, T = {cfg['T']}, {cfg['n_train']} sequences, "
-            f"{cfg['dtype']}, seeds {_seed_text(ctx)} (single-model panels: seed {mid}, the median L = 2 loss); "
+            f"{cfg['dtype']}, seeds {_seed_text(ctx)} (single-model panels: seed {mid}, the median L = 2 loss"
+            + "".join(f"; L = {L}, H = {H}: seed {s} only" for (L, H), s in sorted(single.items())) + "); "
             f"augmented models as in Fig. 5")
 
 
@@ -1457,6 +1474,9 @@ def run_fig4(ctx):
 
 # the seeds of every trained model (issue of seeds: 5 at the quick scale, 3 at the authors')
 SEEDS = {"quick": 5, "paper": 3}
+# trained points that stay at one seed (the first) to fit the time budget: the authors'-scale
+# Fig. 7 one-layer 64-head model (26 minutes a seed here); its figure says so
+ONE_SEED = {"quick": (), "paper": ("fig7-L1-H64-paper",)}
 # figure -> its trained stacks {key: (experiment, name, overrides)}: what pretrain trains side by side
 SPECS = {"fig5": lambda p: fig5_specs(p), "fig7": lambda p: {**fig7_specs(p)[0], **fig7_specs(p)[1]},
          "starts": lambda p: starts_specs(p), "r1": lambda p: r1_specs(p)}

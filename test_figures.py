@@ -626,3 +626,32 @@ def test_compare_names_every_verdict_row_that_differs_or_that_one_summary_lacks(
     assert lines[1] == f"differs: starts | {q3}: absent in the reference, start lookup: 1 of 1 now"
     assert figures.compare(now, reference, ["starts"])[1].endswith("start lookup: 1 of 1 in the reference, absent now")
     assert figures.compare(reference, reference, ["starts"]) == []
+
+
+def test_a_one_seed_point_trains_at_the_first_seed_only_and_its_figure_says_so(tmp_path, monkeypatch):
+    """figures.ONE_SEED (the authors'-scale Fig. 7 L = 1, H = 64): that point trains at the
+    first seed alone, the others at every seed; by_seed keeps each point under the seeds it
+    has, and Fig. 7 says which point is one seed."""
+    import figures
+    monkeypatch.setitem(figures.R1_SIZES, "quick", dict(d=2, Ts=(4, 6), train=dict(n_train=32, n_test=16, steps=3)))
+    monkeypatch.setitem(figures.ONE_SEED, "quick", ("r1-T6-quick",))
+    ctx = argparse.Namespace(preset="quick", runs=str(tmp_path / "runs"), retrain=False, quiet=True,
+                             seeds=[3, 4], jobs=1, timings=[])
+    got = figures.by_seed(figures.trained(ctx, figures.r1_specs("quick")))
+    assert sorted(os.listdir(tmp_path / "runs")) == ["r1-T4-quick-seed3", "r1-T4-quick-seed4", "r1-T6-quick-seed3"]
+    assert {s: sorted(v) for s, v in got.items()} == {3: [4, 6], 4: [4]}
+    cfg = icar.transformer_config(d_in=2, d_out=2, T=6, heads=2, repeat=2, positional=True, residual=False)
+    p = icar.init_params("transformer", rng(15), cfg=cfg)
+    att = icar.positional_attention(p["layers"][0], p["pos"][:6])
+    made = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out_dir, name: made.setdefault(name, fig))
+    one = lambda k: dict(fake_metrics(6, 2, seed=k), mech_prev_share=rng(k).random(2),
+                         mech_readout_r2=np.r_[np.nan, rng(k).random(5)])
+    raw = {(1, 1): [one(1), one(2)], (1, 2): [one(3)], (2, 2): [one(4), one(5)]}
+    figures.plot_fig7(raw, {1: [one(6), one(7)], 2: [one(8), one(9)]}, 2, att, str(tmp_path), seed=(4, 1),
+                      single={(1, 2): 3})
+    texts = [t.get_text() for ax in made["fig7"].axes for t in
+             (ax.get_legend().get_texts() if ax.get_legend() else [])] + [ax.get_title() for ax in made["fig7"].axes]
+    assert any("H = 2: seed 3 only" in t for t in texts)
+    assert any(t.startswith("query-path probe") and "L = 1, H = 2, seed 3 (one seed)" in t for t in texts)
+    assert any("L = 2, H = 2, seed 4" in t for t in texts)
