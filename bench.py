@@ -257,6 +257,7 @@ class _QuickStack:
         inits = [train.init_model(name, m, train._generators(m["seed"])[2]) for m in members]
         self.params = inits[0] if use_autograd else train._stack(inits, numpy)
         self.opt, self.i, self.batch = train.adam_init(self.params), 0, cfg["batch"]
+        self.adam = None if use_autograd else train.FlatAdam()  # the training loop's Adam (the lone step's before)
         predict = train.predictor(name, cfg)
         self.lone = value_and_grad(lambda p, s: icar.mse(predict(p, s[:, :-1]), s[:, 1:])) if use_autograd else None
 
@@ -268,7 +269,10 @@ class _QuickStack:
             loss, grads = self.lone(self.params, batches[0])
         else:
             loss, grads = fused.stack_loss_and_grad(self.params, *train.stacked_batch(self.name, batches), self.mcfg)
-        self.params, self.opt = train.adam_update(self.params, grads, self.opt, self.cfg["lr"])
+        if self.adam is None:
+            self.params, self.opt = train.adam_update(self.params, grads, self.opt, self.cfg["lr"])
+        else:
+            self.params, self.opt = self.adam.step(self.params, grads, self.opt, self.cfg["lr"])
         return loss
 
 

@@ -284,6 +284,14 @@ def stackable(cfg, n, dtype):
     return numpy.dtype(dtype).kind == "f" and n * cfg["heads"] * cfg["T"] ** 2 <= STACK_ENTRIES
 
 
+@functools.lru_cache(maxsize=8)
+def _keep(T):
+    """The causal mask [T, T] (t <= r), read-only: made once per T, not once per slice."""
+    keep = numpy.tril(numpy.ones((T, T), dtype=bool))
+    keep.flags.writeable = False
+    return keep
+
+
 def _softmax(z, keep):
     """Softmax over the last axis where keep (icar.softmax: shifted by the kept maximum)."""
     w = numpy.exp(numpy.where(keep, z - numpy.max(numpy.where(keep, z, -numpy.inf), axis=-1, keepdims=True),
@@ -340,7 +348,7 @@ def _chunk(params, shared, x, y, cfg, positions, count):
     this slice adds: per layer gradients in Gc, U, the positional weights and LayerNorm)."""
     S, m, T, d_in = x.shape
     E, H, rep = cfg["repeat"] * d_in, cfg["heads"], cfg["repeat"]
-    keep = numpy.tril(numpy.ones((T, T), dtype=bool))              # [T, T]
+    keep = _keep(T)                                                 # [T, T]
     ones = numpy.ones((S, m, T, 1), dtype=x.dtype)
     avg = numpy.full((E, 1), 1.0 / E, dtype=x.dtype)               # LayerNorm's means (icar.layernorm)
     h = numpy.concatenate([x] * rep, axis=-1)                      # [S, m, T, E]
@@ -432,7 +440,7 @@ def stack_loss_and_grad(params, x, y, cfg, positions=slice(None)):
     The parameters' own chain rule (folds, G, U, positions) runs once per step."""
     S, n, T, d_in = x.shape
     E, H, rep = cfg["repeat"] * d_in, cfg["heads"], cfg["repeat"]
-    keep = numpy.tril(numpy.ones((T, T), dtype=bool))
+    keep = _keep(T)
     p = params["pos"][:, :T] if cfg["positional"] else None          # [S, T, E]
     shared = [_layer_shared(layer, p, cfg, (d_in if i == 0 else E) + 1, rep if i == 0 else 1, T, keep)
               for i, layer in enumerate(params["layers"])]

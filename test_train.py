@@ -44,6 +44,35 @@ def test_adam_matches_scalar_reference_and_gd_is_one_line():
     assert np.array_equal(q["a"], params["a"] - 0.5 * grads[0]["a"])
 
 
+def test_flat_adam_is_adam_update_bit_for_bit_and_repacks_trees_it_did_not_return():
+    """train.FlatAdam (the training loop's Adam: one vector for every parameter) gives
+    adam_update's bits step after step, its trees keep the key order of the parameters, and
+    trees it did not return (members retired: indexed copies) are packed afresh."""
+    rng = np.random.default_rng(1)
+    params = {"z": rng.standard_normal((3, 2)), "a": rng.standard_normal(3),
+              "layers": [{"w": rng.standard_normal((3, 2, 2)), "b": rng.standard_normal((3, 1))}] * 2}
+    grad = lambda: train.tree_map(lambda p: rng.standard_normal(p.shape) * 10.0 ** rng.integers(-3, 3), params)
+    ref, ref_state = params, train.adam_init(params)
+    flat, state, adam = params, train.adam_init(params), train.FlatAdam()
+    for k in range(5):
+        g = grad()
+        ref, ref_state = train.adam_update(ref, g, ref_state, 0.03)
+        flat, state = adam.step(flat, g, state, 0.03)
+        if k == 2:  # a member retired: indexed copies of every tree
+            keep = np.array([0, 2])
+            cut = lambda tree: train.tree_map(lambda p: p[keep], tree)
+            ref, ref_state = cut(ref), dict(ref_state, m=cut(ref_state["m"]), v=cut(ref_state["v"]))
+            flat, state = cut(flat), dict(state, m=cut(state["m"]), v=cut(state["v"]))
+            params = cut(params)
+        assert list(flat) == list(ref) == ["z", "a", "layers"] and list(flat["layers"][1]) == ["w", "b"]
+        for tree, want in ((flat, ref), (state["m"], ref_state["m"]), (state["v"], ref_state["v"])):
+            for x, y in zip(train.tree_leaves(tree), train.tree_leaves(want)):
+                assert x.shape == y.shape and np.array_equal(x, y)
+        assert state["t"] == ref_state["t"] == k + 1
+    with pytest.raises(ValueError, match="does not match its parameter"):
+        adam.step(flat, dict(flat, a=np.ones(5)), state, 0.03)
+
+
 @pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf"), -float("inf")])
 def test_optimisers_refuse_a_learning_rate_that_is_not_finite_and_positive(lr):
     params = {"a": np.ones(2)}
@@ -51,6 +80,8 @@ def test_optimisers_refuse_a_learning_rate_that_is_not_finite_and_positive(lr):
         train.gd_update(params, params, lr)
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         train.adam_update(params, params, train.adam_init(params), lr)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        train.FlatAdam().step(params, params, train.adam_init(params), lr)
 
 
 # ---- resume, divergence, dtypes ----------------------------------------------------------
@@ -64,8 +95,8 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
     kw = dict(TINY, **extra)
     full = train.run(experiment, runs_dir=str(tmp_path), name="full", quiet=True, **kw)
 
-    name = "gd_update" if full["config"]["optimizer"] == "gd" else "adam_update"
-    update, calls = getattr(train, name), []
+    owner, name = (train, "gd_update") if full["config"]["optimizer"] == "gd" else (train.FlatAdam, "step")
+    update, calls = getattr(owner, name), []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -73,10 +104,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, experiment, extra):
             raise KeyboardInterrupt
         return update(*args, **kwargs)
 
-    monkeypatch.setattr(train, name, interrupted)
+    monkeypatch.setattr(owner, name, interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.run(experiment, runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
-    monkeypatch.setattr(train, name, update)
+    monkeypatch.setattr(owner, name, update)
     assert not os.path.exists(tmp_path / "cut" / "params.npz")
     resumed = train.run(experiment, runs_dir=str(tmp_path), name="cut", resume=True, quiet=True,
                         **kw)
@@ -137,7 +168,7 @@ def test_each_stack_member_equals_the_lone_run_with_its_seed(tmp_path, experimen
 def test_a_resumed_stack_equals_an_uninterrupted_one(tmp_path, monkeypatch, experiment):
     kw = dict(TINY, **STACKED[experiment])
     full = train.run_seeds(experiment, [0, 1], runs_dir=str(tmp_path), name="full", quiet=True, **kw)
-    update, calls = train.adam_update, []
+    update, calls = train.FlatAdam.step, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -145,10 +176,10 @@ def test_a_resumed_stack_equals_an_uninterrupted_one(tmp_path, monkeypatch, expe
             raise KeyboardInterrupt
         return update(*args, **kwargs)
 
-    monkeypatch.setattr(train, "adam_update", interrupted)
+    monkeypatch.setattr(train.FlatAdam, "step", interrupted)
     with pytest.raises(KeyboardInterrupt, match="hold their runs' last checkpoints"):
         train.run_seeds(experiment, [0, 1], runs_dir=str(tmp_path), name="cut", quiet=True, **kw)
-    monkeypatch.setattr(train, "adam_update", update)
+    monkeypatch.setattr(train.FlatAdam, "step", update)
     assert not os.path.exists(tmp_path / "cut-seed0" / "params.npz")
     # one member resumed alone first: the stack then continues from two different steps
     train.run(experiment, runs_dir=str(tmp_path), name="cut-seed1", quiet=True, seed=1, resume=True, **kw)

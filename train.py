@@ -237,6 +237,76 @@ def adam_update(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
     return params, {"m": m, "v": v, "t": t}
 
 
+class FlatAdam:
+    """adam_update on one vector that holds every parameter: the same operations on every
+    entry (the same bits), a dozen array operations a step instead of a dozen per parameter
+    array (at the quick scale Adam on ~25 small arrays costs a fifth of a step).
+
+    step(params, grads, state, lr) -> (params, state) as adam_update, the returned trees views
+    into the vectors it keeps; given back what it returned last, it goes on from its vectors,
+    given any other trees (the first step, members retired) it packs them first."""
+
+    def __init__(self, b1=0.9, b2=0.999, eps=1e-8):
+        self.b1, self.b2, self.eps, self.last = b1, b2, eps, None
+
+    @staticmethod
+    def _pack(tree):
+        leaves = tree_leaves(tree)
+        xp = icar.array_module(leaves[0])
+        return xp.concatenate([xp.reshape(x, (-1,)) for x in leaves])
+
+    def _views(self, vector):
+        """A tree of the template's structure (its key order) whose leaves view `vector`."""
+        bounds = iter(zip(self.offsets[:-1], self.offsets[1:], self.shapes))
+        def fill(t):
+            if isinstance(t, dict):
+                filled = {k: fill(t[k]) for k in sorted(t)}  # tree_leaves' order
+                return {k: filled[k] for k in t}
+            if isinstance(t, (list, tuple)):
+                return [fill(v) for v in t]
+            a, b, shape = next(bounds)
+            return vector[a:b].reshape(shape)
+        return fill(self.template)
+
+    def _checked(self, tree):
+        """tree packed, ValueError unless its leaves have the parameters' shapes."""
+        leaves = tree_leaves(tree)
+        if [x.shape for x in leaves] != self.shapes:
+            for x, shape in zip(leaves, self.shapes):
+                _same(numpy.empty(shape, dtype=bool), x)
+            raise ValueError(f"a tree of {len(leaves)} arrays does not match the {len(self.shapes)} parameters")
+        xp = icar.array_module(leaves[0])
+        return xp.concatenate([xp.reshape(x, (-1,)) for x in leaves])
+
+    def step(self, params, grads, state, lr):
+        _check_lr(lr)
+        if self.last is None or params is not self.last[0] or state is not self.last[1]:
+            self.template = params
+            self.shapes = [x.shape for x in tree_leaves(params)]
+            self.offsets = numpy.cumsum([0] + [math.prod(shape) for shape in self.shapes]).tolist()
+            self.P, self.M, self.V = self._pack(params), self._checked(state["m"]), self._checked(state["v"])
+        G = self._checked(grads)
+        b1, b2, t = self.b1, self.b2, state["t"] + 1
+        # adam_update's operations in its order, in place where nothing else holds the result
+        self.M *= b1
+        self.M += (1 - b1) * G
+        g2 = (1 - b2) * G
+        g2 *= G
+        self.V *= b2
+        self.V += g2
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t  # bias corrections, Python floats
+        den = self.V / c2
+        icar.array_module(den).sqrt(den, out=den)  # what ** 0.5 computes
+        den += self.eps
+        step = self.M / c1
+        step *= lr
+        step /= den
+        self.P = self.P - step  # a new vector: the parameters handed out before stay as they were
+        params, state = self._views(self.P), {"m": self._views(self.M), "v": self._views(self.V), "t": t}
+        self.last = (params, state)
+        return params, state
+
+
 # ----------------------------------------------------------------------------- experiments
 
 def _augmented_m4(cfg):
@@ -671,7 +741,7 @@ def _train(experiment, members, quiet):
     opt = (None if cfg["optimizer"] == "gd" else
            {"m": _stack([st["opt"]["m"] for st in states], xp), "v": _stack([st["opt"]["v"] for st in states], xp),
             "t": states[0]["opt"]["t"]})
-    active, results = list(range(S)), [None] * S
+    active, results, adam = list(range(S)), [None] * S, FlatAdam()
     progress = runs.Progress(cfg["steps"], quiet)
     with numpy.errstate(over="ignore", invalid="ignore"):
         while active:
@@ -737,7 +807,7 @@ def _train(experiment, members, quiet):
             if opt is None:
                 params = gd_update(params, grads, cfg["lr"])
             else:
-                params, opt = adam_update(params, grads, opt, cfg["lr"])
+                params, opt = adam.step(params, grads, opt, cfg["lr"])
             step += 1
     out = []
     for m, st, result, (_, _, W_test), s in zip(members, states, results, data, s_test):
