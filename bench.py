@@ -564,7 +564,8 @@ def main(argv=None):
         if args.json:
             runs.save_json(args.json, result)
         return 0
-    return runs.one_line_errors("bench.py", command)
+    return runs.one_line_errors("bench.py", command, "bench.py writes its files (--json, the GPU "
+                                "check's gpu_check.json) when it ends: none was written")
 
 
 if __name__ == "__main__":

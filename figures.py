@@ -1627,19 +1627,29 @@ def make_figures(args):
     ctx = argparse.Namespace(**vars(args))
     if "fig4" in args.figures and fig4_missing(args.embeddings):  # asked for by name: an error
         raise ValueError(f"missing {', '.join(fig4_missing(args.embeddings))}; {FIG4_INSTALL}")
-    for option in ("out", "runs"):
-        writable_folder(getattr(args, option), option)
-    for name in [f"{n}.{ext}" for n in names for ext in ("png", "pdf")] + ["summary.json", "summary.md"]:
-        runs.check_regular(os.path.join(args.out, name), "every file figures.py writes")  # before drawing
-    recorded_summary(args.out)  # a damaged summary is found before the first figure
+    presets = {r["preset"] for r in recorded_summary(args.out).values()}  # a damaged summary: found now
+    if presets - {args.preset}:  # one summary, one scale: rows of two presets would read as one table
+        raise ValueError(f"--out {args.out!r} holds figures of the {sorted(presets - {args.preset})[0]} preset "
+                         f"(its summary.json); give --preset {args.preset} another --out folder")
     reference = None
     if args.compare is not None:  # read before the figures rewrite OUT/summary.json
+        if not set(COMPARED) & set(names):
+            raise ValueError(f"--compare compares the verdicts and expectations of {', '.join(COMPARED)}, "
+                             f"not among the figures asked for ({', '.join(names)})")
         if not os.path.isfile(args.compare):
             raise ValueError(f"--compare: {args.compare!r} is not a file (expected a summary.json of figures.py)")
         try:
             reference = recorded_summary(os.path.dirname(os.path.abspath(args.compare)), os.path.basename(args.compare))
         except runs.FileFault as e:
             raise runs.FileFault(f"--compare: {str(e).split('; delete it')[0]}") from None
+        theirs = {reference[n]["preset"] for n in COMPARED if n in reference} - {args.preset}
+        if theirs:
+            raise ValueError(f"--compare: {args.compare!r} holds the {sorted(theirs)[0]} preset's verdicts, "
+                             f"not those of --preset {args.preset}")
+    for option in ("out", "runs"):
+        writable_folder(getattr(args, option), option)
+    for name in [f"{n}.{ext}" for n in names for ext in ("png", "pdf")] + ["summary.json", "summary.md"]:
+        runs.check_regular(os.path.join(args.out, name), "every file figures.py writes")  # before drawing
     runs.set_up_process()  # one BLAS thread, freed memory kept between steps
     start = time.perf_counter()
     pretrain(ctx, names)
@@ -1670,6 +1680,9 @@ def make_figures(args):
     return 0
 
 
+COMPARED = ("starts",)  # the figures with verdict and expectation rows
+
+
 def verdict_rows(summary, names):
     """{(figure, quantity): value} of the rows that state a verdict or an expectation: the
     rows --compare compares (numbers move with a machine's rounding; these should not)."""
@@ -1688,7 +1701,9 @@ def compare(reference, now, names):
 def main(argv=None):
     """Command line; returns the exit status (2: bad arguments or missing extras)."""
     return runs.one_line_errors("figures.py: error", lambda: make_figures(
-        parse_args(sys.argv[1:] if argv is None else list(argv))))
+        parse_args(sys.argv[1:] if argv is None else list(argv))),
+        "every file already written is intact (figures.py again reuses the finished runs and "
+        "resumes the interrupted ones from their last checkpoint)")
 
 
 if __name__ == "__main__":

@@ -634,12 +634,16 @@ class SweepIncomplete(Exception):
         self.lines, self.table = lines, table
 
 
-def one_line_errors(prefix, command):
+INTERRUPTED = "every file already written is intact"
+
+
+def one_line_errors(prefix, command, interrupted=INTERRUPTED):
     """command() -> exit status, with every error one line on stderr after prefix: 2 for a bad
     argument (ValueError), 1 for a ValueError whose class says `exit_status = 1` (a diverged
     run: the settings were valid), failed sweep points or a fault of the machine or of a
-    file, 128 + the signal's number for an interruption (130 for Ctrl-C). The command lines of
-    train, sweep, bench and figures."""
+    file, 128 + the signal's number for an interruption (130 for Ctrl-C; the line ends with
+    `interrupted`, what the command left, unless the interruption says it). The command lines
+    of train, sweep, bench, figures and verdicts."""
     try:
         return command()
     except BrokenPipeError:  # the reader of stdout went away: run_command ends quietly
@@ -658,8 +662,7 @@ def one_line_errors(prefix, command):
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (run_command's handlers)
         signum = getattr(e, "signum", signal.SIGINT)
-        why = e.args[0] if e.args else ("every file already written is intact (train.py --resume "
-                                        "and figures.py continue from the last checkpoint)")
+        why = e.args[0] if e.args else interrupted
         say(f"{prefix}: interrupted by {signal.Signals(signum).name}; {why}")
         return 128 + signum
 

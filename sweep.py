@@ -25,6 +25,7 @@ if __name__ == "__main__":  # a signal while the modules load: one line, nothing
     import os as _os, signal as _signal
     for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
         _signal.signal(_s, lambda n, _: (_os.write(2, f"sweep.py: interrupted by {_signal.Signals(n).name} while starting; nothing was written\n".encode()), _os._exit(128 + n)))
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -323,21 +324,65 @@ def _check_cluster(cluster, slurm, jobs):
                          "or use --cluster local")
 
 
+@contextlib.contextmanager
+def _environment(**values):
+    """os.environ with `values` set (None: unset) inside the block, as it was after it."""
+    before = {k: os.environ.get(k) for k in values}
+    def put(items):
+        for k, v in items.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    put(values)
+    try:
+        yield
+    finally:
+        put(before)
+
+
+@contextlib.contextmanager
+def _stderr_to(path):
+    """Standard error (file descriptor 2, what a process started inside inherits) appended to
+    `path` inside the block (None: as it is): a local job's controller writes its lines, and a
+    traceback when cancelled, there rather than on the terminal."""
+    if path is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    saved, log = os.dup(2), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    try:
+        os.dup2(log, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(log)
+
+
 def _run_on_cluster(experiment, preset, base, plan, resumes, quiet, cluster, slurm, overrides):
     """Run the points of plan as submitit jobs (one job array on SLURM), each _point in a
     process of its own, its logs in base/.submitit; wait for them all and return {point:
-    failure line}. An interrupted parent leaves its jobs running."""
+    failure line}. Interrupted, it leaves SLURM jobs running and stops local ones (SIGINT)."""
     import submitit
     here, folder = os.path.dirname(os.path.abspath(__file__)), os.path.join(base, ".submitit")
     say = (lambda line: None) if quiet else runs.say
     executor = submitit.AutoExecutor(folder, cluster=cluster)
-    setup = [f"export PYTHONPATH={shlex.quote(here)}${{PYTHONPATH:+:$PYTHONPATH}}"]  # a job imports train
-    own = {f"slurm_{k}": v for k, v in slurm.items()} if cluster == "slurm" else {
-        "timeout_min": 7 * 24 * 60}  # submitit stops a local job after 2 minutes by default
-    executor.update_parameters(name=os.path.basename(base), **{f"{cluster}_setup": setup}, **own)
-    with executor.batch():
-        jobs = [(sub, executor.submit(_point, experiment, preset, os.path.abspath(base), sub, resumes[sub],
-                                      {**overrides, **point})) for sub, point in plan]
+    # a job imports train: PYTHONPATH starts with this folder, set in the job script on SLURM and
+    # in the environment a local job inherits (no shell between the job and cancel's SIGINT)
+    if cluster == "slurm":
+        own = {f"slurm_{k}": v for k, v in slurm.items()}
+        own["slurm_setup"] = [f"export PYTHONPATH={shlex.quote(here)}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    else:
+        own = {"timeout_min": 7 * 24 * 60}  # submitit stops a local job after 2 minutes by default
+    executor.update_parameters(name=os.path.basename(base), **own)
+    path = here + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    with _environment(PYTHONPATH=path if cluster == "local" else os.environ.get("PYTHONPATH")), \
+            _stderr_to(os.path.join(folder, "local-jobs.log") if cluster == "local" else None):
+        with executor.batch():
+            jobs = [(sub, executor.submit(_point, experiment, preset, os.path.abspath(base), sub, resumes[sub],
+                                          {**overrides, **point})) for sub, point in plan]
     t0, subs, failed = time.perf_counter(), {job.job_id: sub for sub, job in jobs}, {}
     for sub, job in jobs:
         say(f"-- {experiment} {sub}: submitted (job {job.job_id})")
@@ -352,8 +397,14 @@ def _run_on_cluster(experiment, preset, base, plan, resumes, quiet, cluster, slu
                 failed[sub] = why
             say(f"-- {experiment} {sub}: {'failed' if why else 'finished'} ({time.perf_counter() - t0:.1f} s)")
     except KeyboardInterrupt as e:
-        e.args = (f"the submitted jobs go on (logs in {folder}); once they end, --summary collects the "
-                  f"sweep, or --resume reruns its unfinished points",)
+        if cluster == "local":  # jobs on this machine stop with the command that started them
+            for _, job in jobs:  # SIGINT (submitit passes SIGTERM by): each keeps its last checkpoint
+                job.cancel(check=False)
+            e.args = (f"its local jobs are stopped, each with its last checkpoint (logs in {folder}); the "
+                      f"same sweep.py command with --resume continues its points from their last checkpoints",)
+        else:
+            e.args = (f"the submitted jobs go on (logs in {folder}); once they end, --summary collects the "
+                      f"sweep, or --resume reruns its unfinished points",)
         raise
     return failed
 
@@ -528,7 +579,8 @@ def main(argv=None):
             print(sweep(experiment, grid, jobs=1 if jobs is None else jobs, cluster=cluster, slurm=slurm,
                         **flags, **overrides)[1])
         return 0
-    return runs.one_line_errors("sweep.py", command)
+    return runs.one_line_errors("sweep.py", command, "every file already written is intact (the same "
+                                "sweep.py command with --resume continues from each point's last checkpoint)")
 
 
 if __name__ == "__main__":

@@ -495,7 +495,7 @@ def test_sigterm_while_workers_train_stops_them_at_once(tmp_path):
 
 def test_compare_names_its_reference_and_what_is_wrong(tmp_path, capsys):
     import figures
-    out = ["fig1", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--quiet", "--compare"]
+    out = ["starts", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--quiet", "--compare"]
     assert figures.main(out + [str(tmp_path)]) == 2
     assert "--compare: " in capsys.readouterr().err
     (tmp_path / "list.json").write_text("[1, 2]")
@@ -655,3 +655,27 @@ def test_a_one_seed_point_trains_at_the_first_seed_only_and_its_figure_says_so(t
     assert any("H = 2: seed 3 only" in t for t in texts)
     assert any(t.startswith("query-path probe") and "L = 1, H = 2, seed 3 (one seed)" in t for t in texts)
     assert any("L = 2, H = 2, seed 4" in t for t in texts)
+
+
+def test_compare_without_verdicts_to_compare_and_two_presets_in_one_out_are_refused(tmp_path, capsys):
+    """--compare of figures that have no verdict rows would pass whatever happened: refused;
+    so is a reference of the other preset, and an --out whose summary holds the other preset's
+    figures (one table would mix two scales): one line, exit 2, nothing written."""
+    import figures
+    args = ["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--quiet"]
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"starts": {"preset": "quick", "seconds": 1.0, "note": "", "rows": []}}))
+    assert figures.main(["fig1", "fig3"] + args + ["--compare", str(ref)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compare compares the verdicts and expectations of starts" in err
+    assert figures.main(["starts", "--preset", "paper"] + args + ["--compare", str(ref)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds the quick preset's verdicts, not those of --preset paper" in err
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "runs")
+    assert figures.main(["fig1"] + args) == 0                      # a quick summary in out/
+    before = (tmp_path / "out" / "summary.json").read_bytes()
+    assert figures.main(["fig1", "--preset", "paper"] + args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds figures of the quick preset" in err and "another --out" in err
+    assert (tmp_path / "out" / "summary.json").read_bytes() == before
+    assert figures.main(["fig1"] + args) == 0                      # the same preset: merged as before

@@ -1018,3 +1018,22 @@ def test_the_npz_bound_counts_every_entry_together(tmp_path):
     assert set(runs.load_npz(path, max_bytes=1600)) == {"a", "b"}
     with pytest.raises(runs.FileFault, match=r"entry 'b' declares 100 entries"):
         runs.load_npz(path, max_bytes=1000)
+
+
+@pytest.mark.parametrize("module,own", [("train", "train.py --resume"), ("sweep", "sweep.py command with --resume"),
+                                        ("figures", "figures.py again"), ("bench", "bench.py writes its files"),
+                                        ("verdicts", "verdicts.py writes no file")])
+def test_an_interruption_line_names_only_its_own_command(module, own, monkeypatch, capsys):
+    """Ctrl-C in any command line: one line, exit 130, saying what that command left and
+    naming no other command."""
+    import importlib
+    mod = importlib.import_module(module)
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    real = runs.one_line_errors
+    monkeypatch.setattr(runs, "one_line_errors", lambda prefix, command, *rest: real(prefix, stop, *rest))
+    assert mod.main([]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted by SIGINT" in err[0] and own in err[0], err
+    others = {"train.py", "sweep.py", "figures.py", "bench.py", "verdicts.py"} - {module + ".py"}
+    assert not any(name in err[0] for name in others), err

@@ -234,6 +234,45 @@ def test_resume_through_local_cluster_jobs_after_a_finished_sweep_changes_nothin
     capsys.readouterr()
 
 
+def test_ctrl_c_stops_the_local_cluster_jobs_with_their_checkpoints(tmp_path):
+    """Ctrl-C in a sweep of --cluster local: the jobs it started on this machine stop too
+    (submitit lets a job pass SIGTERM by; the sweep sends SIGINT), one line, exit 130, and
+    --resume continues each point from its checkpoint."""
+    pytest.importorskip("submitit")
+    import signal
+    import time
+    argv = [a for a in CLUSTER_ARGV if a != "--quiet"]
+    argv[argv.index("--steps") + 1] = "200000"                       # minutes: still running when stopped
+    parent = subprocess.Popen([sys.executable, os.path.join(HERE, "sweep.py")] + argv + [
+        "--runs_dir", str(tmp_path), "--cluster", "local"], stderr=subprocess.PIPE, text=True, cwd=HERE)
+    jobs, lines = [], []
+    while len(jobs) < 2:
+        lines.append(parent.stderr.readline())
+        assert lines[-1], lines
+        jobs += [int(j) for j in re.findall(r"submitted \(job (\d+)\)", lines[-1])]
+    checkpoints = [tmp_path / "block" / f"lr={lr}" / "checkpoint.npz" for lr in ("0.01", "0.02")]
+    deadline = time.monotonic() + 120
+    while not all(c.exists() for c in checkpoints):                 # each job is training
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGINT)
+    err = parent.communicate(timeout=60)[1]
+    assert parent.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("sweep.py: interrupted by SIGINT; its local jobs are stopped")
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in jobs):
+        assert time.monotonic() < deadline, [pid for pid in jobs if alive(pid)]
+        time.sleep(0.2)
+    assert all(c.exists() for c in checkpoints)
+
+
 def test_bad_cluster_options_give_one_line_exit_2_and_touch_no_file(tmp_path, capsys, monkeypatch):
     pytest.importorskip("submitit")
     argv = CLUSTER_ARGV[:-1] + ["--runs_dir", str(tmp_path)]

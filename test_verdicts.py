@@ -89,6 +89,22 @@ def test_measures_read_late_positions_and_the_first_five_tokens():
     assert m["first"] == pytest.approx(15 / 18)
 
 
+def test_no_ratio_to_a_one_step_gd_that_fits_exactly_and_the_verdict_is_none():
+    """Where one-step GD's loss is rounding (the pe-only law: ~1e-31), model / gd1 would print
+    1e29: the ratio is NaN, shown "-" with a line that says why, and the verdict is "none"."""
+    T = 8
+    tests = {f"{d}_{k}": np.full(T, v) for d in ("clean", "other", "switch", "replaced")
+             for k, v in (("model", 0.05), ("gd1", 1e-31))}
+    tests["other_gd1"] = np.full(T, 0.05 * 1e-11)                            # above the floor: a ratio
+    m = verdicts.measures(dict(tests, influence=np.ones((T, T))))
+    assert np.isnan(m["own"]) and np.isnan(m["switch"]) and m["other"] == pytest.approx(1e11)
+    assert m["own_gd1"] == 1e-31 and verdicts.verdict(m) == "none"
+    lines = verdicts.table([("pe", m, verdicts.verdict(m))]).splitlines()
+    assert lines[1].split() == ["pe", "-", "100000000000.000", "-", "-", "0.625", "none"]
+    assert lines[2].startswith("-: one-step GD fits that data exactly")
+    assert len(verdicts.table([("x", dict(m, own=1.0, other=1.0, switch=1.0, replaced=1.0), "none")]).splitlines()) == 2
+
+
 def test_aggregate_rows_gives_medians_ranges_and_counts():
     rows = {s: [{"figure": "f", "quantity": "loss", "value": v, "expected": e, "source": "x"},
                 {"figure": "f", "quantity": "nearest", "value": w, "expected": None, "source": "x"}]

@@ -952,7 +952,8 @@ def main(argv=None):
         else:
             print(report(run(experiment, **flags, **overrides)))
         return 0
-    return runs.one_line_errors("train.py", command)
+    return runs.one_line_errors("train.py", command, "every file already written is intact "
+                                "(train.py --resume continues from the last checkpoint)")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,10 @@ def construction_similarity(s, predict, first, last, ablated_first):
 THRESHOLDS = dict(works=1.5, fails=2.0, early=0.5)
 VERDICTS = ("start lookup", "early-context estimator", "whole-context learner", "none")
 FIRST = 5  # tokens 0-4: the "first tokens" of the influence share
+# one-step GD whose loss is below this fraction of the model's fits the data exactly (the
+# pe-only law, a single angle, is learnt from one transition: GD's loss is ~1e-31): a ratio
+# to it reads rounding, so there is none (NaN, shown "-"), and no verdict but "none"
+EXACT = 1e-12
 
 
 def measures(tests):
@@ -129,7 +133,8 @@ def measures(tests):
     out = {}
     for key, data in (("own", "clean"), ("other", "other"), ("switch", "switch"), ("replaced", "replaced")):
         model, gd1 = float(np.mean(tests[f"{data}_model"][late])), float(np.mean(tests[f"{data}_gd1"][late]))
-        out[key], out[key + "_model"], out[key + "_gd1"] = model / gd1, model, gd1
+        ratio = model / gd1 if gd1 > EXACT * model else float("nan")  # one-step GD exact: no ratio
+        out[key], out[key + "_model"], out[key + "_gd1"] = ratio, model, gd1
     influence = np.asarray(tests["influence"])[late]
     out["first"] = float(np.sum(influence[:, :FIRST]) / np.sum(influence))
     return out
@@ -309,9 +314,12 @@ def table(rows):
     head = (f"{'run':<28} {'own':>7} {'other':>7} {'switch':>7} {'replaced':>8} {'first':>6}  verdict  "
             f"(losses / one-step GD's, mean over r >= T/2; first: influence share of tokens 0-4)")
     lines = [head]
+    cell = lambda x, w: f"{x:{w}.3f}" if np.isfinite(x) else f"{'-':>{w}}"
     for name, m, v in rows:
-        lines.append(f"{name:<28} {m['own']:7.3f} {m['other']:7.3f} {m['switch']:7.3f} {m['replaced']:8.3f} "
-                     f"{m['first']:6.3f}  {v}")
+        lines.append(f"{name:<28} {cell(m['own'], 7)} {cell(m['other'], 7)} {cell(m['switch'], 7)} "
+                     f"{cell(m['replaced'], 8)} {cell(m['first'], 6)}  {v}")
+    if any(not np.isfinite(m[k]) for _, m, _ in rows for k in ("own", "other", "switch", "replaced")):
+        lines.append(f"-: one-step GD fits that data exactly (its loss under {EXACT:g} of the model's): no ratio")
     return "\n".join(lines)
 
 
@@ -338,7 +346,7 @@ def main(argv=None):
             rows.append((os.path.basename(os.path.normpath(run_dir)), m, v))
         print(table(rows))
         return 0
-    return runs.one_line_errors("verdicts.py", command)
+    return runs.one_line_errors("verdicts.py", command, "verdicts.py writes no file: nothing was changed")
 
 
 if __name__ == "__main__":
